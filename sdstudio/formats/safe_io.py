@@ -1,0 +1,139 @@
+"""Atomic writes (tmp file, fsync, rename) and safe reads (safetensors unless the user opts in to pickle).
+
+A killed process or a full disk leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import UserError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse to open directories
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _disk_full(path: Path, exc: OSError) -> UserError:
+    return UserError(f"The disk is full while writing {path.name}: free some space and try again "
+                     f"(nothing was overwritten).")
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a saved model should be readable like any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise _disk_full(path, exc) from exc
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> Path:
+    """Save a dict of tensors as .safetensors, atomically. Metadata values must be strings."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return atomic_write_bytes(path, save(clean, metadata=meta))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Build a folder in a temporary sibling, then swap it into place; on error, the old folder stays."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(final.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise _disk_full(final, exc) from exc
+        raise
+
+
+def load_state_dict(path: Path | str, allow_pickle: bool = False, device: str = "cpu") -> dict:
+    """Load tensors from .safetensors; a pickle (.ckpt/.pt/.bin) only when the user opted in, and then with
+    `weights_only=True` so that it cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: check the path.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=device)
+        except Exception as exc:  # safetensors raises several types for a corrupt header
+            raise UserError(f"{path.name} is not a valid .safetensors file ({exc}); re-download it.") from exc
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(f"{path.name} is a pickle file, which can run code when loaded: convert it to "
+                            f".safetensors, or opt in with allow_pickle (--allow-pickle) if you trust it.")
+        import torch
+
+        try:
+            sd = torch.load(str(path), map_location=device, weights_only=True)
+        except Exception as exc:
+            raise UserError(f"{path.name} could not be loaded safely (weights_only=True): {exc}") from exc
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        return sd
+    raise UserError(f"{path.name}: unsupported file type {path.suffix!r}; use a .safetensors file.")
+
+
+def read_safetensors_metadata(path: Path | str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_safetensors_keys(path: Path | str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())

@@ -1,0 +1,290 @@
+"""Job: background thread + commands in (stop, pause, resume, sample now, save now) + events out.
+
+This is the only module that makes threads. A job's work function receives a `JobContext`; it emits
+events through `ctx.emit(...)` and checks `ctx.commands` often (every step, every cached item). The UI polls
+`job.log.snapshot()`; it never waits on the work. State lives in the Job, not in a browser session, so a page
+reload reconnects through `JobManager.latest()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import UserError
+from .events import Event, Failed, Finished, Preview, Progress, Saved, Status, Step
+
+log = logging.getLogger("sdstudio.jobs")
+
+
+class Stopped(Exception):
+    """Raised inside a job's work when the user pressed Stop; the job then ends as 'stopped', not failed."""
+
+
+class Commands:
+    """Thread-safe commands from the UI/CLI to a running job."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._lock = threading.Lock()
+        self._requests: set[str] = set()
+
+    # -- sent by the UI --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self._running.set()  # a paused job must wake up to stop
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def request(self, what: str) -> None:
+        """Ask for a one-off action at the next check: "sample" or "save"."""
+        with self._lock:
+            self._requests.add(what)
+
+    # -- read by the work ------------------------------------------------------------------------------
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def take(self, what: str) -> bool:
+        """True once per request of `what`."""
+        with self._lock:
+            if what in self._requests:
+                self._requests.discard(what)
+                return True
+            return False
+
+    def check(self, on_pause: Callable[[], None] | None = None) -> None:
+        """Call often from the work: raises Stopped on stop, blocks while paused."""
+        if not self._running.is_set():
+            if on_pause:
+                on_pause()
+            while not self._running.wait(0.1):
+                pass
+        if self._stop.is_set():
+            raise Stopped()
+
+
+class RunLog:
+    """Every event a job emitted, kept in memory, with a cheap snapshot for the UI to poll."""
+
+    def __init__(self, max_steps_kept: int = 100_000) -> None:
+        self._lock = threading.Lock()
+        self._events: list[Event] = []
+        self._steps: list[Step] = []
+        self._previews: list[Preview] = []
+        self._saved: list[Saved] = []
+        self._last_status: Status | None = None
+        self._last_progress: Progress | None = None
+        self._end: Finished | Failed | None = None
+        self._max = max_steps_kept
+
+    def add(self, ev: Event) -> None:
+        with self._lock:
+            if isinstance(ev, Step):
+                self._steps.append(ev)
+                if len(self._steps) > self._max:
+                    del self._steps[: len(self._steps) - self._max]
+                return
+            self._events.append(ev)
+            if isinstance(ev, Status):
+                self._last_status = ev
+            elif isinstance(ev, Progress):
+                self._last_progress = ev
+            elif isinstance(ev, Preview):
+                self._previews.append(ev)
+            elif isinstance(ev, Saved):
+                self._saved.append(ev)
+            elif isinstance(ev, (Finished, Failed)):
+                self._end = ev
+
+    def snapshot(self) -> dict:
+        """A plain-data view of the job for a UI poll: cheap, consistent, safe to share across threads."""
+        with self._lock:
+            last = self._steps[-1] if self._steps else None
+            return {
+                "status": self._last_status.message if self._last_status else "",
+                "stage": self._last_status.stage if self._last_status else "",
+                "progress": (self._last_progress.done, self._last_progress.total, self._last_progress.stage,
+                             self._last_progress.message) if self._last_progress else None,
+                "steps": [(s.step, s.loss, s.lr) for s in self._steps],
+                "last_step": last,
+                "previews": [p for p in self._previews],
+                "saved": [s for s in self._saved],
+                "end": self._end,
+                "events": len(self._events) + len(self._steps),
+            }
+
+    def events(self) -> list[Event]:
+        with self._lock:
+            return list(self._events)
+
+
+@dataclass
+class JobContext:
+    """What a job's work function gets: a way to speak and a way to listen."""
+
+    emit: Callable[[Event], None]
+    commands: Commands
+    job: "Job"
+
+
+@dataclass
+class Job:
+    """One unit of background work. Create through JobManager.start()."""
+
+    name: str
+    kind: str  # "train", "caption", "regularize", "generate", ...
+    work: Callable[[JobContext], object]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    commands: Commands = field(default_factory=Commands)
+    log: RunLog = field(default_factory=RunLog)
+    listeners: list[Callable[[Event], None]] = field(default_factory=list)
+    started_at: float = 0.0
+    ended_at: float | None = None
+    result: object = None
+    _thread: threading.Thread | None = None
+
+    # 1. Emit: record, then tell each listener. A listener's fault (a UI bug, a closed pipe) never reaches
+    #    the work: a 3-hour run must not die because a plot failed to draw.
+    def emit(self, ev: Event) -> None:
+        self.log.add(ev)
+        for fn in list(self.listeners):
+            with contextlib.suppress(Exception):
+                fn(ev)
+
+    @property
+    def state(self) -> str:
+        end = self.log.snapshot()["end"]
+        if end is None:
+            return "paused" if self.commands.paused else ("running" if self.started_at else "new")
+        if isinstance(end, Failed):
+            return "failed"
+        return "stopped" if end.stopped else "finished"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        ctx = JobContext(emit=self.emit, commands=self.commands, job=self)
+        try:
+            self.result = self.work(ctx)
+            if self.log.snapshot()["end"] is None:
+                self.emit(Finished(message="done"))
+        except Stopped:
+            self.emit(Finished(message="stopped", stopped=True))
+        except UserError as exc:
+            self.emit(Failed(message=str(exc)))
+        except MemoryError as exc:
+            self.emit(Failed(message="Out of memory: lower the batch size or resolution, or turn on gradient "
+                             "checkpointing and the caches.", details=repr(exc)))
+        except Exception as exc:  # a bug or an environment fault: one sentence on screen, details in the log
+            details = traceback.format_exc()
+            log.error("job %s failed:\n%s", self.name, details)
+            self.emit(Failed(message=_explain(exc), details=details))
+        finally:
+            self.ended_at = time.time()
+            _free_memory()
+
+    def start(self) -> "Job":
+        self.started_at = time.time()
+        self._thread = threading.Thread(target=self._run, name=f"sdstudio-{self.kind}-{self.id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> "Job":
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self
+
+    def stop(self) -> None:
+        self.commands.stop()
+
+
+def _explain(exc: BaseException) -> str:
+    text = str(exc)
+    if "out of memory" in text.lower():
+        return ("The GPU ran out of memory: lower the batch size or resolution, or turn on gradient checkpointing "
+                "and the caches.")
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+        return "The disk is full: free some space, then resume."
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class JobManager:
+    """Keeps the app's jobs. One heavy job (training, generation on the GPU) runs at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: list[Job] = []
+
+    def start(self, name: str, kind: str, work: Callable[[JobContext], object], *, exclusive: bool = True,
+              listeners: list[Callable[[Event], None]] | None = None) -> Job:
+        """Start `work` in the background. With exclusive=True (the default), refuse while another exclusive
+        job runs, with a message that names it."""
+        with self._lock:
+            if exclusive:
+                busy = [j for j in self._jobs if j.running and getattr(j, "_exclusive", True)]
+                if busy:
+                    raise UserError(f"'{busy[0].name}' ({busy[0].kind}) is still running: stop it or wait for it "
+                                    f"to finish before starting another.")
+            job = Job(name=name, kind=kind, work=work, listeners=list(listeners or []))
+            job._exclusive = exclusive  # type: ignore[attr-defined]
+            self._jobs.append(job)
+        return job.start()
+
+    def latest(self, kind: str | None = None) -> Job | None:
+        with self._lock:
+            for job in reversed(self._jobs):
+                if kind is None or job.kind == kind:
+                    return job
+        return None
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return next((j for j in self._jobs if j.id == job_id), None)
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            return [j for j in self._jobs if j.running]
+
+
+def run_foreground(name: str, kind: str, work: Callable[[JobContext], object],
+                   listeners: list[Callable[[Event], None]] | None = None) -> Job:
+    """Run a job and wait for it, as the CLI does; Ctrl-C becomes a clean Stop (checkpoints kept)."""
+    job = Job(name=name, kind=kind, work=work, listeners=list(listeners or [])).start()
+    try:
+        while job.running:
+            job.join(0.2)
+    except KeyboardInterrupt:
+        job.stop()
+        job.join()
+    return job

@@ -1,0 +1,161 @@
+"""The built-in tiny model: the real SD-1.5 architecture, narrow, with random weights from a fixed seed.
+
+Every module name, LDM single-file key, kohya LoRA name and LoRA-Block-Weight index is the same as on a real
+SD 1.5, so every code path a real model takes (save/load, single file, LoRA keys, TI tokens) runs on it.
+It is built offline in about a second and makes the same bytes every time. It is also the offline demo model.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+SEED = 1234
+TINY_LABEL = "tiny (offline demo, random weights)"
+
+# SD 1.5's block layout, only narrower (see DESIGN.md, "The built-in tiny model").
+UNET_CONFIG = dict(
+    sample_size=8,  # 8 latents * vae scale 8 = 64 px by default
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=2,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+# SD 1.5's own scheduler settings.
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+)
+
+
+def bpe_path() -> Path:
+    """open_clip ships the CLIP BPE merges; we read the vocabulary from there, with no download."""
+    import open_clip
+
+    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte -> printable-unicode table (the same one GPT-2 uses).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """The exact vocab.json / merges.txt of openai/clip-vit-large-patch14, rebuilt from the BPE file."""
+    lines = gzip.open(bpe_path()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, configs) that transformers loads offline."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token,
+                        model_max_length=77)
+    tok.save_pretrained(str(folder))
+
+
+def build_components() -> dict:
+    """Build every component of the tiny pipeline in memory, deterministically."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # Each module gets its own seed, so changing one never changes the bytes of another.
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    torch.manual_seed(SEED + 1)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    torch.manual_seed(SEED + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), scheduler=scheduler)
+
+
+def write_tiny_model(out: Path | str) -> Path:
+    """Write the tiny model as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads offline."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    parts = build_components()
+    tok_dir = out / "tokenizer"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **parts)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / "sdstudio_tiny.json").write_text(json.dumps({"seed": SEED, "label": TINY_LABEL}), encoding="utf-8")
+    return out
+
+
+def tiny_model_dir() -> Path:
+    """The cached tiny model folder, built once per machine (under $SDSTUDIO_CACHE or ~/.cache/sdstudio)."""
+    from .. import __version__
+    from ..formats.safe_io import atomic_dir
+
+    root = Path(os.environ.get("SDSTUDIO_CACHE", Path.home() / ".cache" / "sdstudio"))
+    import diffusers
+    import transformers
+
+    # The folder name carries the library versions: a config written by one version is rebuilt for another.
+    folder = root / f"tiny-{__version__}-d{diffusers.__version__}-t{transformers.__version__}"
+    if not (folder / "model_index.json").exists():
+        with atomic_dir(folder) as tmp:
+            write_tiny_model(tmp)
+    return folder

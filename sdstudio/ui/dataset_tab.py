@@ -1,0 +1,10 @@
+"""The Dataset tab. (Placeholder until its issue lands: the owner replaces this module.)"""
+from __future__ import annotations
+
+import gradio as gr
+
+from .context import AppContext
+
+
+def build(ctx: AppContext) -> None:
+    gr.Markdown("The Dataset tab is being built.", elem_id="dataset-placeholder")

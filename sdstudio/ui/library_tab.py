@@ -1,0 +1,109 @@
+"""The Library tab: the models in the workspace by kind, the runs, the outputs; choose the base model."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+import pandas as pd
+
+from ..errors import UserError
+from ..library import scan_models, scan_outputs, scan_runs
+from ..models.loading import TINY, model_choices
+from .context import AppContext
+
+KIND_LABELS = {"lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding", "edlora": "EDLoRA",
+               "controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "checkpoint": "Checkpoint",
+               "unknown": "Unknown"}
+MODEL_COLUMNS = ["name", "type", "family", "size (MB)", "path"]
+
+
+def base_model_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """The base-model picker's choices: tiny first, then the checkpoints in the workspace."""
+    return [(label, ref if ref == TINY else ctx.workspace.relative(ref)) for label, ref in model_choices(ctx.workspace)]
+
+
+def current_base(ctx: AppContext) -> str:
+    return ctx.settings.load("app").get("base_model", TINY)
+
+
+def _models_frame(ctx: AppContext, kind_filter: str) -> pd.DataFrame:
+    rows = [[m.name, KIND_LABELS.get(m.kind, m.kind), m.family, m.size_mb, m.path] for m in scan_models(ctx.workspace)
+            if kind_filter in ("All", KIND_LABELS.get(m.kind))]
+    return pd.DataFrame(rows, columns=MODEL_COLUMNS)
+
+
+def _runs_frame(ctx: AppContext) -> pd.DataFrame:
+    rows = [[r.name, r.method, r.steps, None if r.last_loss is None else round(r.last_loss, 5), r.checkpoints,
+             ", ".join(r.artefacts)] for r in scan_runs(ctx.workspace)]
+    return pd.DataFrame(rows, columns=["run", "method", "steps", "last loss", "checkpoints", "files"])
+
+
+def build(ctx: AppContext) -> None:
+    with gr.Row():
+        base = gr.Dropdown(choices=base_model_choices(ctx), value=current_base(ctx), label="Base model",
+                           info="Used by Train and Playground unless they choose another. 'tiny' works offline.",
+                           allow_custom_value=True, elem_id="library-base-model", scale=3)
+        refresh = gr.Button("Refresh", elem_id="library-refresh", scale=0)
+    with gr.Row():
+        with gr.Column(scale=3):
+            kind = gr.Radio(["All"] + list(KIND_LABELS.values())[:-1], value="All", label="Type",
+                            elem_id="library-kind")
+            models = gr.Dataframe(_models_frame(ctx, "All"), interactive=False, label="Models",
+                                  elem_id="library-models", wrap=True)
+        with gr.Column(scale=2):
+            selected = gr.Textbox(label="Selected", interactive=False, elem_id="library-selected")
+            meta = gr.JSON(label="Metadata (ss_* and modelspec keys)", elem_id="library-meta")
+            use_base = gr.Button("Use as base", elem_id="library-use-base")
+    gr.Markdown("### Runs")
+    runs = gr.Dataframe(_runs_frame(ctx), interactive=False, elem_id="library-runs")
+    gr.Markdown("### Outputs")
+    outputs = gr.Gallery([str(p) for p in scan_outputs(ctx.workspace, 48)], columns=8, height=240,
+                         elem_id="library-outputs", label="Recent outputs")
+    ctx.components["library.base_model"] = base
+
+    def on_refresh(kind_filter):
+        return (gr.update(choices=base_model_choices(ctx)), _models_frame(ctx, kind_filter), _runs_frame(ctx),
+                [str(p) for p in scan_outputs(ctx.workspace, 48)])
+
+    refresh.click(on_refresh, [kind], [base, models, runs, outputs])
+    kind.change(lambda k: _models_frame(ctx, k), [kind], [models])
+
+    def on_select(frame: pd.DataFrame, evt: gr.SelectData):
+        row = frame.iloc[evt.index[0]]
+        entry = next((m for m in scan_models(ctx.workspace) if m.path == row["path"]), None)
+        meta = dict(entry.metadata) if entry else {}
+        for k, v in list(meta.items()):  # kohya stores nested JSON as strings (tag frequency, dataset dirs)
+            if isinstance(v, str) and v[:1] in "[{":
+                try:
+                    meta[k] = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+        return row["path"], meta
+
+    models.select(on_select, [models], [selected, meta])
+
+    def on_base(ref):
+        ref = (ref or "").strip() or TINY
+        if ref != TINY:
+            try:
+                ctx.workspace.resolve(ref, must_exist=True)
+            except UserError as exc:
+                gr.Warning(str(exc))
+                return gr.update(value=current_base(ctx))
+        ctx.settings.save("app", {**ctx.settings.load("app"), "base_model": ref})
+        gr.Info(f"Base model: {ref}")
+        return gr.update(value=ref)
+
+    base.change(on_base, [base], [base])
+
+    def on_use_base(path):
+        if not path:
+            gr.Warning("Select a checkpoint in the table first.")
+            return gr.update()
+        entry = next((m for m in scan_models(ctx.workspace) if m.path == path), None)
+        if entry is None or entry.kind != "checkpoint":
+            gr.Warning("Only a checkpoint can be a base model: select a row of type Checkpoint.")
+            return gr.update()
+        return gr.update(choices=base_model_choices(ctx), value=path)
+
+    use_base.click(on_use_base, [selected], [base])

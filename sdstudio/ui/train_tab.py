@@ -1,0 +1,10 @@
+"""The Train tab. (Placeholder until its issue lands: the owner replaces this module.)"""
+from __future__ import annotations
+
+import gradio as gr
+
+from .context import AppContext
+
+
+def build(ctx: AppContext) -> None:
+    gr.Markdown("The Train tab is being built.", elem_id="train-placeholder")

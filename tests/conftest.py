@@ -1,0 +1,134 @@
+"""Shared fixtures. Everything runs on CPU, offline, on the built-in tiny model."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+# Offline, quiet, and one shared tiny-model cache for the whole session (built once, ~5 s).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("SDSTUDIO_CACHE", str(ROOT / ".pytest_cache" / "sdstudio-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The cached tiny model folder (diffusers layout)."""
+    from sdstudio.models.tiny import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_dir):
+    """A loaded tiny base. Session-wide and read-only: a test that mutates weights loads its own."""
+    from sdstudio.models.loading import load_base
+
+    return load_base("tiny")
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from sdstudio.workspace import Workspace
+
+    return Workspace.open(tmp_path / "ws")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+class AppServer:
+    def __init__(self, home: Path, extra_args: list[str] | None = None) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home.parent / f"app-{self.port}.log"
+        env = dict(os.environ, SDSTUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--home", str(home), "--no-browser",
+             *(extra_args or [])],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        self._wait()
+
+    def _wait(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app exited early:\n{self.log.read_text()}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except Exception:
+                time.sleep(0.3)
+        raise RuntimeError(f"app did not answer in {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def app_server(tmp_path, tiny_dir):
+    """The real app, started as a user would (python app.py), on a free port with a fresh workspace."""
+    server = AppServer(tmp_path / "ws")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by playwright (never `playwright install`: it cannot download here)."""
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(30_000)
+    yield pg
+    ctx.close()
+
+
+def screenshot(page, name: str) -> Path:
+    """Save a screenshot under test-artifacts/ (the README uses the ones in docs/screenshots/)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
