@@ -1,0 +1,4 @@
+"""Every training method, imported explicitly (no directory scans). Add a line when you add a method."""
+# isort: off
+# The training-engine issue adds: lora, dreambooth, full.
+# The concepts issue adds: textual_inversion, pivotal, edlora (and lycoris / adalora when they land).
