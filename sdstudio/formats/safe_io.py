@@ -63,7 +63,14 @@ def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] |
     """Save a dict of tensors as .safetensors, atomically. Metadata values must be strings."""
     from safetensors.torch import save
 
-    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    clean, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # safetensors refuses tensors that share memory (tied weights): store a copy
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        clean[k] = t
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     return atomic_write_bytes(path, save(clean, metadata=meta))
 

@@ -1,0 +1,77 @@
+"""Jobs: stop, pause, refusal of a second job, and a UI fault that cannot kill a run."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sdstudio.errors import UserError
+from sdstudio.events import Failed, Finished, Step
+from sdstudio.jobs import JobManager
+
+
+def _counting_work(n=200, delay=0.005):
+    def work(ctx):
+        for i in range(n):
+            ctx.commands.check()
+            ctx.emit(Step(step=i + 1, total=n, loss=1.0 / (i + 1), lr=1e-4))
+            time.sleep(delay)
+        return "ok"
+    return work
+
+
+def test_runs_to_the_end():
+    job = JobManager().start("a", "train", _counting_work(20, 0))
+    job.join(10)
+    assert job.state == "finished" and job.result == "ok"
+    assert len(job.log.snapshot()["steps"]) == 20
+
+
+def test_stop_and_pause():
+    job = JobManager().start("a", "train", _counting_work())
+    time.sleep(0.1)
+    job.commands.pause()
+    time.sleep(0.1)
+    n = len(job.log.snapshot()["steps"])
+    time.sleep(0.2)
+    assert len(job.log.snapshot()["steps"]) <= n + 1 and job.state == "paused"
+    job.stop()  # a paused job must still stop
+    job.join(5)
+    assert job.state == "stopped"
+    assert isinstance(job.log.snapshot()["end"], Finished) and job.log.snapshot()["end"].stopped
+
+
+def test_second_exclusive_job_refused():
+    m = JobManager()
+    job = m.start("first", "train", _counting_work())
+    with pytest.raises(UserError, match="'first'.*still running"):
+        m.start("second", "train", _counting_work())
+    side = m.start("side", "caption", _counting_work(5, 0), exclusive=False)  # light work may run alongside
+    job.stop()
+    job.join(5)
+    side.join(5)
+    assert m.latest("train") is job and m.latest() is side
+
+
+def test_listener_fault_does_not_kill_the_run():
+    def broken_ui(ev):
+        raise RuntimeError("the plot failed to draw")
+
+    job = JobManager().start("a", "train", _counting_work(10, 0), listeners=[broken_ui])
+    job.join(10)
+    assert job.state == "finished"
+
+
+def test_errors_become_one_sentence():
+    def user_mistake(ctx):
+        raise UserError("The dataset folder is empty: add images.")
+
+    def bug(ctx):
+        raise ValueError("boom\nsecond line")
+
+    m = JobManager()
+    a = m.start("a", "train", user_mistake).join(5)
+    assert a.state == "failed" and a.log.snapshot()["end"].message == "The dataset folder is empty: add images."
+    b = m.start("b", "train", bug).join(5)
+    end = b.log.snapshot()["end"]
+    assert isinstance(end, Failed) and "\n" not in end.message and "Traceback" in end.details
