@@ -264,25 +264,33 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
     return report
 
 
-def _one(item: Item, path: Path, cfg: PrepareConfig, seen_sha, hashes, remover, buckets, folder: Path,
-         used_names: set[str], captions: dict[str, str]) -> None:
+def _check(item: Item, path: Path, cfg: PrepareConfig, seen_sha: dict, hashes: dict):
+    """Validate one file into `item`; returns the normalised image, or None when it is skipped."""
     info = inspect_image(path, cfg.background)
     if info.error:
         item.skip(info.error)
-        return
+        return None
     item.size = info.size
     if min(info.size) < cfg.min_side:
         item.skip(f"{info.size[0]}x{info.size[1]} is too small to train on (under {cfg.min_side} px)")
-        return
+        return None
     if info.sha256 in seen_sha:
         item.skip(f"exact duplicate of {seen_sha[info.sha256]}")
-        return
+        return None
     seen_sha[info.sha256] = item.source
     hashes[item.source] = info.dhash
     for note in info.notes:
         item.warn(note)
     if cfg.crop != "none" and min(info.size) < cfg.size:
         item.warn(f"small: {info.size[0]}x{info.size[1]} is under the {cfg.size} px target")
+    return info
+
+
+def _one(item: Item, path: Path, cfg: PrepareConfig, seen_sha, hashes, remover, buckets, folder: Path,
+         used_names: set[str], captions: dict[str, str]) -> None:
+    info = _check(item, path, cfg, seen_sha, hashes)
+    if info is None:
+        return
     box = cfg.manual_crops.get(item.source)
     image, notes = crop_image(info.image, cfg.crop, cfg.size, box=Box(*box) if box else None,
                               margin=cfg.face_margin, buckets=buckets)
@@ -463,3 +471,64 @@ def save_caption(out: Path, image: Path, text: str) -> Path:
     path = atomic_write_text(caption_path(image), text.strip() + "\n")
     write_metadata_jsonl(out)
     return path
+
+
+# -- a quick look before preparing (the Dataset tab's gallery) -----------------------------------------------------
+def scan(sources: Path | list[Path], out: Path, cfg: PrepareConfig, emit: Callable = lambda ev: None,
+         check: Callable = lambda: None, thumb_size: int = 256) -> list[dict]:
+    """Validate every source file without writing the dataset: statuses, reasons and a thumbnail per file
+    (in DS/.thumbs). Saved as DS/scan.json so that a page reload shows the same gallery."""
+    from PIL import Image, ImageDraw
+
+    out = Path(out)
+    thumbs = out / ".thumbs"
+    shutil.rmtree(thumbs, ignore_errors=True)
+    thumbs.mkdir(parents=True)
+    staging = out / ".scan"
+    shutil.rmtree(staging, ignore_errors=True)
+    candidates, items, _captions = collect(sources, staging)
+    rows: list[dict] = [{**asdict(i), "path": "", "thumb": ""} for i in items]
+    seen_sha: dict = {}
+    hashes: dict = {}
+    for n, (name, path) in enumerate(candidates, 1):
+        check()
+        item = Item(source=name)
+        try:
+            info = _check(item, path, cfg, seen_sha, hashes)
+        except Exception as exc:  # one odd file must not end the scan
+            info = None
+            item.skip(f"could not be processed ({type(exc).__name__})")
+        thumb = thumbs / f"{n:05d}.jpg"
+        if info is not None:
+            im = info.image.copy()
+            im.thumbnail((thumb_size, thumb_size))
+        else:  # a grey card with a cross stands in for a file that cannot be shown
+            im = Image.new("RGB", (thumb_size, thumb_size), (70, 70, 78))
+            d = ImageDraw.Draw(im)
+            d.line((40, 40, thumb_size - 40, thumb_size - 40), fill=(220, 90, 90), width=8)
+            d.line((40, thumb_size - 40, thumb_size - 40, 40), fill=(220, 90, 90), width=8)
+        im.save(thumb, quality=85)
+        rows.append({**asdict(item), "path": str(path), "thumb": str(thumb)})
+        emit(Progress(n, len(candidates), stage="scan", message=name))
+    dupes = find_near_duplicates({r["source"]: hashes[r["source"]] for r in rows if r["source"] in hashes},
+                                 cfg.near_duplicate_distance)
+    for r in rows:
+        if r["source"] in dupes:
+            r["reasons"].append(f"near-duplicate of {dupes[r['source']]}")
+            r["status"] = SKIPPED if cfg.skip_near_duplicates else (WARNING if r["status"] == KEPT else r["status"])
+    atomic_write_text(out / "scan.json", json.dumps(rows, indent=1, ensure_ascii=False))
+    return rows
+
+
+def read_scan(out: Path) -> list[dict]:
+    """The last scan's rows, with statuses updated from the last prepare's report when there is one."""
+    try:
+        rows = json.loads((Path(out) / "scan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    report = {i.source: i for i in read_report(out)}
+    for r in rows:
+        done = report.get(r["source"])
+        if done is not None:
+            r.update(status=done.status, reasons=done.reasons, output=done.output)
+    return rows
