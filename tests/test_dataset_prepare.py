@@ -245,3 +245,78 @@ def test_prepare_bad_settings(tmp_path, capsys, bad):
     src.mkdir()
     assert main(["prepare", str(src), "--out", str(tmp_path / "ds"), *bad]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_manual_crop_and_face_crop_through_prepare(tmp_path):
+    from sdstudio.data.crop import detect_faces
+    from sdstudio.data.prepare import PrepareConfig, prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    canvas = Image.new("RGB", (1200, 512), (0, 0, 0))
+    canvas.paste(photo("astronaut"), (688, 0))  # the face sits far right: a centre crop would miss it
+    canvas.save(src / "wide.png")
+    img = Image.new("RGB", (400, 200), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 100, 100))
+    img.save(src / "red_corner.png")
+    cfg = PrepareConfig(size=128, crop="face", class_word="person",
+                        manual_crops={"red_corner.png": (0, 0, 100, 100)})
+    report = prepare(src, tmp_path / "ds", cfg)
+    by = {i.source: i for i in report.items}
+    assert by["red_corner.png"].reasons[0].startswith("manual crop 100x100")
+    folder = tmp_path / "ds" / "img" / "10_person"
+    with Image.open(folder / "red_corner.png") as im:
+        assert im.size == (128, 128) and im.getpixel((64, 64)) == (255, 0, 0)
+    with Image.open(folder / "wide.png") as im:
+        assert detect_faces(im.convert("RGB").resize((512, 512))), "the face is inside the face crop"
+
+
+def test_stopped_prepare_leaves_the_old_dataset(tmp_path):
+    from sdstudio.data.prepare import PrepareConfig, prepare
+    from sdstudio.events import Progress
+    from sdstudio.jobs import JobManager
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(4):
+        noise(200 + k, (128, 128)).save(src / f"n{k}.png")
+    out = tmp_path / "ds"
+    prepare(src, out, PrepareConfig(size=64, class_word="old", repeats=1))
+    before = sorted(p.name for p in (out / "img" / "1_old").iterdir())
+
+    def stop_at_second(ev):
+        if isinstance(ev, Progress) and ev.stage == "prepare" and ev.done == 2:
+            job.stop()
+
+    job = JobManager().start("prep", "dataset", lambda jc: prepare(src, out, PrepareConfig(size=64, class_word="new"),
+                                                                  emit=jc.emit, check=jc.commands.check),
+                             listeners=[stop_at_second])
+    job.join(60)
+    assert job.state == "stopped"
+    assert [p.name for p in (out / "img").iterdir()] == ["1_old"]  # the half-built folder never replaced it
+    assert sorted(p.name for p in (out / "img" / "1_old").iterdir()) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".img")]
+
+
+def test_zip_limits_and_links(tmp_path):
+    from sdstudio.data.images import safe_extract_zip
+    from sdstudio.errors import UserError
+
+    z = tmp_path / "many.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for k in range(5):
+            zf.writestr(f"f{k}.png", png_bytes(noise(k, (8, 8))))
+    with pytest.raises(UserError, match="more than the 3 allowed"):
+        safe_extract_zip(z, tmp_path / "a", max_entries=3)
+    with pytest.raises(UserError, match="unpacks to"):
+        safe_extract_zip(z, tmp_path / "b", max_bytes=100)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    link = tmp_path / "link.zip"
+    with zipfile.ZipFile(link, "w") as zf:
+        info = zipfile.ZipInfo("evil_link.png")
+        info.external_attr = (0o120777 << 16)
+        zf.writestr(info, "/etc/passwd")
+        zf.writestr("ok.png", png_bytes(noise(1, (8, 8))))
+    written, skipped = safe_extract_zip(link, tmp_path / "c")
+    assert [p.name for p in written] == ["ok.png"]
+    assert skipped == [("evil_link.png", "a symbolic link inside the zip")]

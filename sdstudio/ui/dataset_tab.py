@@ -161,8 +161,10 @@ def preview(ctx: AppContext, name: str, index, crop: str, size: str, use_manual:
     from PIL import ImageDraw
 
     row = _selected_row(ctx, name, index)
-    if row is None or row["status"] == "skipped" or not row.get("path"):
-        return None, None, "Select a usable image in the gallery to preview its crop."
+    if row is None:
+        return None, None, "Select an image in the gallery to preview its crop."
+    if row["status"] == "skipped" or not row.get("path"):
+        return None, None, f"✗ `{row['source']}` is skipped: {'; '.join(row['reasons'])}"
     img = open_rgb(row["path"])
     try:
         target = int(size)
@@ -185,7 +187,8 @@ def preview(ctx: AppContext, name: str, index, crop: str, size: str, use_manual:
                     outline=(255, 80, 80), width=3)
     result.thumbnail((384, 384))
     text = "; ".join([n for n in [note, *notes] if n]) or f"{crop} crop to {target} px"
-    return shown, result, f"`{row['source']}`: {text}"
+    warn = f" · ⚠ {'; '.join(row['reasons'])}" if row["reasons"] else ""
+    return shown, result, f"`{row['source']}`: {text}{warn}"
 
 
 def progress_html(done: int, total: int, label: str) -> str:
