@@ -93,10 +93,13 @@ def build_corpus(root: Path) -> dict[str, str]:
     a.paste(255, (50, 50, 250, 250))
     rgba.putalpha(a)
     rgba.save(root / "alpha.png")
-    exp["alpha.png"] = "converted from RGBA"
+    exp["alpha.png"] = "transparent areas flattened"
     # 14. an LA PNG
     noise(50, (300, 300)).convert("LA").save(root / "grey_alpha.png")
     exp["grey_alpha.png"] = "converted from LA"
+    # 14b. an opaque RGBA screenshot converts silently
+    noise(55, (300, 300)).convert("RGBA").save(root / "opaque_rgba.png")
+    exp["opaque_rgba.png"] = "kept"
     # 15. unicode names
     noise(60, (300, 300)).save(root / "写真 ünïcödé.png")
     exp["写真 ünïcödé.png"] = "kept"
@@ -174,7 +177,7 @@ def test_prepare_bad_corpus(tmp_path, capsys):
     concept = out / "img" / "5_sks person"
     images = sorted(p.name for p in concept.glob("*.png"))
     kept = [n for n, r in report.items() if r["status"] != "skipped"]
-    assert len(images) == len(kept) == 13
+    assert len(images) == len(kept) == 14
     assert "写真 ünïcödé.png" in images
     for img in concept.glob("*.png"):
         with Image.open(img) as im:
@@ -188,9 +191,9 @@ def test_prepare_bad_corpus(tmp_path, capsys):
     import tomllib
 
     doc = tomllib.loads((out / "dataset.toml").read_text())
-    assert doc["counts"]["kept"] == 13 and doc["settings"]["crop"] == "centre"
+    assert doc["counts"]["kept"] == 14 and doc["settings"]["crop"] == "centre"
     assert {s["file"] for s in doc["skipped"]} == skipped
-    assert doc["summary"]["resolutions"] == {"256x256": 13}
+    assert doc["summary"]["resolutions"] == {"256x256": 14}
     assert not (out / ".import").exists()
 
 

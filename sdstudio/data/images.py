@@ -100,6 +100,7 @@ def inspect_image(path: Path | str, background: tuple[int, int, int] = (255, 255
         with Image.open(path) as im:  # cheap header read: format, mode, frames
             info.format, info.mode = im.format or "", im.mode
             frames = getattr(im, "n_frames", 1)
+            transparent = _has_transparency(im)
         info.image = open_rgb(path, background)
     except UserError as exc:
         info.error = _reason(str(exc), path.name)
@@ -116,13 +117,22 @@ def inspect_image(path: Path | str, background: tuple[int, int, int] = (255, 255
     info.size = info.image.size
     if frames > 1:
         info.notes.append(f"animated ({frames} frames): the first frame is used")
-    if info.mode in ("CMYK", "P", "PA", "LA", "L", "1", "I;16", "I;16B", "I;16L", "I", "F", "RGBA", "YCbCr"):
-        info.notes.append(f"converted from {info.mode} to RGB" + (" (alpha flattened)" if "A" in info.mode else ""))
+    # An opaque RGBA screenshot converts silently; real transparency and colour-model changes are worth a look.
+    if info.mode in ("CMYK", "P", "PA", "LA", "L", "1", "I;16", "I;16B", "I;16L", "I", "F", "YCbCr") or transparent:
+        info.notes.append(f"converted from {info.mode} to RGB"
+                          + (" (transparent areas flattened onto the background)" if transparent else ""))
     honest = FORMAT_EXTS.get(info.format, ())
     if honest and path.suffix.lower() not in honest:
         info.notes.append(f"is a {info.format} file named {path.suffix or '(no extension)'}")
     info.dhash = dhash(info.image)
     return info
+
+
+def _has_transparency(im) -> bool:
+    """True when some pixel is not fully opaque (loads the image; called only on modes that carry alpha)."""
+    if im.mode in ("RGBA", "LA", "PA"):
+        return im.getchannel("A").getextrema()[0] < 255
+    return im.mode == "P" and "transparency" in im.info
 
 
 def _reason(message: str, name: str) -> str:

@@ -79,18 +79,20 @@ def _source(ctx: AppContext, form: dict) -> Path:
     return ctx.workspace.resolve(text, must_exist=True)
 
 
-def import_uploads(ctx: AppContext, name: str, files: list[str]) -> Path:
-    """Copy uploaded files (zips unpacked safely) into workspace/inputs/<name>/; returns that folder."""
+def import_uploads(ctx: AppContext, name: str, files: list[str]) -> tuple[Path, list[str]]:
+    """Copy uploaded files (zips unpacked safely) into workspace/inputs/<name>/; returns that folder and the
+    zip entries that were refused."""
     folder = ctx.workspace.resolve(Path("inputs") / safe_name(name or "my-dataset"))
     folder.mkdir(parents=True, exist_ok=True)
+    refused = []
     for f in files or []:
         src = Path(f)
-        target = folder / Path(getattr(f, "orig_name", "") or src.name).name
         if src.suffix.lower() == ".zip":
-            safe_extract_zip(src, folder / src.stem)
+            _written, bad = safe_extract_zip(src, folder / safe_name(src.stem))
+            refused += [f"{src.name}:{entry} ({why})" for entry, why in bad]
         else:
-            shutil.copyfile(src, target)
-    return folder
+            shutil.copyfile(src, folder / src.name)
+    return folder, refused
 
 
 def gallery_items(ctx: AppContext, name: str) -> list[tuple[str, str]]:
@@ -366,7 +368,9 @@ def build(ctx: AppContext) -> None:
         if not files:
             return gr.update(), gr.update(), ""
         try:
-            folder = import_uploads(ctx, form["name"], files)
+            folder, refused = import_uploads(ctx, form["name"], files)
+            if refused:
+                gr.Warning(f"{len(refused)} zip entries were refused: {'; '.join(refused[:3])}")
             form["source"] = ctx.workspace.relative(folder)
             cfg = _config(ctx, form)
             _save_settings(ctx, {k: form[k] for k in FORM})
