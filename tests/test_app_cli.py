@@ -36,3 +36,18 @@ def test_bad_auth_and_home_are_one_line(tmp_path):
 def test_cli_user_error_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sdstudio", "tiny-model"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2  # argparse: missing OUT
+
+
+def test_building_the_ui_loads_no_model(tmp_path, monkeypatch):
+    """Start-up must not load (or even build) any model: the first click answers within a second."""
+    monkeypatch.setenv("SDSTUDIO_CACHE", str(tmp_path / "cache"))
+    from sdstudio.models.cache import ModelCache
+    from sdstudio.ui.app import build_ui
+    from sdstudio.ui.context import AppContext
+    from sdstudio.workspace import Workspace
+
+    ctx = AppContext(workspace=Workspace.open(tmp_path / "ws"), cache=ModelCache())
+    demo = build_ui(ctx)
+    assert demo is not None
+    assert ctx.cache.loads == 0
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

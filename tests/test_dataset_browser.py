@@ -1,0 +1,82 @@
+"""The Dataset tab in a real browser: upload photos, see their status, preview a crop, prepare, caption, edit a
+caption and find it saved on disk."""
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+from conftest import ROOT, screenshot
+from test_dataset_prepare import noise, photo
+
+pytestmark = pytest.mark.browser
+
+
+def test_dataset_tab_upload_prepare_caption_edit(app_server, page, tmp_path):
+    src = tmp_path / "upload"
+    src.mkdir()
+    photo("astronaut", (320, 320)).save(src / "astronaut_portrait.jpg")
+    photo("chelsea").save(src / "chelsea-the-cat.png")
+    photo("coffee", (400, 300)).save(src / "morning_coffee.jpg")
+    noise(5, (300, 260)).save(src / "texture.png")
+    (src / "broken.jpg").write_text("not a picture")
+    files = sorted(str(p) for p in src.iterdir())
+
+    page.goto(app_server.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#ds-upload")
+    page.fill("#ds-name textarea", "toys")
+    page.press("#ds-name textarea", "Enter")
+    page.fill("#ds-trigger textarea", "sks")
+    page.fill("#ds-class textarea", "toy")
+    page.locator("#ds-upload input[type=file]").set_input_files(files)
+
+    # 1. The upload lands in the workspace and is checked: a badge per image, the broken file skipped with why.
+    gallery = page.locator("#ds-gallery")
+    expect(gallery).to_contain_text("✗ skipped broken.jpg", timeout=60_000)
+    expect(gallery).to_contain_text("chelsea-the-cat.png")
+    assert (app_server.home / "inputs" / "toys" / "morning_coffee.jpg").is_file()
+    assert page.input_value("#ds-source textarea") == "inputs/toys"
+
+    # 2. A crop preview on the selected image.
+    page.locator("#ds-gallery button.thumbnail-item").first.click()
+    expect(page.locator("#ds-crop-preview img")).to_be_visible(timeout=20_000)
+    expect(page.locator("#ds-crop-note")).to_contain_text("crop")
+
+    # 3. Prepare (crop centre, captions from file names).
+    page.get_by_label("filename").check()
+    page.click("#ds-prepare")
+    expect(page.locator("#ds-status")).to_contain_text("4 kept", timeout=60_000)
+    ds = app_server.home / "datasets" / "toys"
+    concept = ds / "img" / "10_sks toy"
+    assert sorted(p.name for p in concept.glob("*.png")) == [
+        "astronaut_portrait.png", "chelsea-the-cat.png", "morning_coffee.png", "texture.png"]
+    assert (concept / "morning_coffee.txt").read_text().strip() == "sks toy, morning coffee"
+    expect(page.locator("#ds-summary")).to_contain_text("4 training images")
+    expect(page.locator("#ds-summary")).to_contain_text("broken.jpg")
+
+    # 4. A caption pass as a job, then the editor shows the new captions.
+    page.fill("#ds-trigger textarea", "ohwx")
+    page.click("#ds-caption")
+    expect(page.locator("#ds-status")).to_contain_text("caption: done", timeout=60_000)
+    assert (concept / "texture.txt").read_text().strip() == "ohwx toy, texture"
+    expect(page.locator("#ds-cap-0 textarea")).to_have_value("ohwx toy, astronaut portrait", timeout=20_000)
+
+    # 5. Edit one caption by keyboard: type, Tab away, and it is on disk.
+    box = page.locator("#ds-cap-1 textarea")
+    box.fill("ohwx toy, a grey cat on a sofa")
+    box.press("Tab")
+    expect_file = concept / "chelsea-the-cat.txt"
+    for _ in range(40):
+        if expect_file.read_text().strip() == "ohwx toy, a grey cat on a sofa":
+            break
+        page.wait_for_timeout(250)
+    assert expect_file.read_text().strip() == "ohwx toy, a grey cat on a sofa"
+    assert "a grey cat on a sofa" in (ds / "metadata.jsonl").read_text()
+
+    screenshot(page, "dataset")
+    docs = ROOT / "docs" / "screenshots"
+    docs.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(docs / "dataset.png"), full_page=True)
+
+    # 6. Hand it to the Train tab.
+    page.click("#ds-use")
+    expect(page.get_by_role("tab", name="Train")).to_have_attribute("aria-selected", "true", timeout=10_000)
