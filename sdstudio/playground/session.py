@@ -57,6 +57,8 @@ class Playground:
         self._ref = None
         self._controls: dict[tuple, object] = {}
         self._images: dict[tuple, object] = {}
+        self.live_preview = None  # the latest step's cheap preview (PIL), for the UI to poll
+        self.live_step = (0, 0)
 
     # 1. The base -----------------------------------------------------------------------------------------
     def base(self, ref: str):
@@ -179,3 +181,45 @@ def fit_image(path: Path, width: int, height: int):
 
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     return img
+
+
+def generation_work(session: Playground, recipe: Recipe, out_dir: Path, *, fuse: bool = False, x=None, y=None,
+                    preview_every: int = 1):
+    """The Job work that the UI and `sdstudio generate` both run: generate (or a grid), save atomically, and
+    report progress, a live preview and the saved files as events."""
+    from ..events import Finished, Preview, Progress, Status
+    from .grid import run_grid
+    from .outputs import png_bytes, save_images
+    from .pipeline import latents_to_rgb
+
+    def work(ctx):
+        ctx.emit(Status("loading the base model and the stack", stage="load"))
+        check = ctx.commands.check
+
+        def on_step(i, total, latents):
+            session.live_step = (i + 1, total)
+            if preview_every and (i % preview_every == 0 or i + 1 == total):
+                session.live_preview = latents_to_rgb(latents[:1])[0]
+            ctx.emit(Progress(i + 1, total, stage="generate", message=f"step {i + 1}/{total}"))
+
+        if x is not None:
+            def on_cell(done, total, img):
+                session.live_preview = img
+                ctx.emit(Progress(done, total, stage="grid", message=f"cell {done}/{total}"))
+
+            grid, _ = run_grid(session, recipe, x, y, on_cell=on_cell, check=check, fuse=fuse)
+            from ..formats.safe_io import atomic_write_bytes
+            import time as _t
+
+            path = Path(out_dir) / f"grid-{_t.strftime('%Y%m%d-%H%M%S')}.png"
+            atomic_write_bytes(path, png_bytes(grid, recipe))
+            paths = [path]
+        else:
+            ctx.emit(Status("generating", stage="generate"))
+            images = session.run(recipe, fuse=fuse, on_step=on_step, check=check)
+            paths = save_images(images, recipe, out_dir)
+        ctx.emit(Preview(step=0, paths=tuple(str(p) for p in paths), captions=tuple(p.name for p in paths)))
+        ctx.emit(Finished(message=f"saved {len(paths)} image(s)", outputs=tuple(str(p) for p in paths)))
+        return paths
+
+    return work
