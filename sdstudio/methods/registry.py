@@ -2,3 +2,4 @@
 # isort: off
 # The training-engine issue adds: lora, dreambooth, full.
 # The concepts issue adds: textual_inversion, pivotal, edlora (and lycoris / adalora when they land).
+from . import textual_inversion  # noqa: F401,E402
