@@ -15,6 +15,7 @@ from .errors import UserError
 # Listed explicitly (no directory scans), in the order `--help` shows them.
 COMMAND_MODULES = [
     "sdstudio.models.commands",  # tiny-model
+    "sdstudio.train.commands",  # train
     "sdstudio.bench",  # bench
 ]
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from .images import IMAGE_EXTS
 
 _CONCEPT_RE = re.compile(r"^(\d+)_(.+)$")
@@ -80,3 +81,132 @@ def read_metadata_jsonl(folder: Path) -> dict[str, str] | None:
             if name:
                 out[name] = text
     return out
+
+
+# ======================================================================================================
+# Reading and validating a whole dataset before training (training-engine issue). Every mistake a user can
+# make with folders is found here, in seconds, before any model loads.
+# ======================================================================================================
+
+@dataclass
+class DatasetLayout:
+    """A validated dataset: its concepts (with captions resolved) and, for prior preservation, class images."""
+
+    root: Path
+    kind: str  # "kohya" (N_token class/ folders) or "plain" (one folder of images)
+    concepts: list[Concept]
+    captions: dict[Path, str]  # every image -> its caption (a .txt, metadata.jsonl, the folder's words, or default)
+    class_concepts: list[Concept] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Path]:
+        return [p for c in self.concepts for p in c.images]
+
+    @property
+    def class_images(self) -> list[Path]:
+        return [p for c in self.class_concepts for p in c.images]
+
+
+def concept_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and parse_concept_dir(d.name) and not d.name.startswith("."))
+
+
+def _looks_like_dataset(folder: Path) -> bool:
+    try:
+        return bool((folder / "img").is_dir() or concept_dirs(folder) or list_images(folder))
+    except OSError:
+        return False
+
+
+def _names(paths: list[Path], n: int = 3) -> str:
+    shown = ", ".join(p.name for p in paths[:n])
+    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def _read_concepts(folder: Path, what: str) -> list[Concept]:
+    out = []
+    for d in concept_dirs(folder):
+        repeats, token, class_word = parse_concept_dir(d.name)  # type: ignore[misc]
+        if repeats < 1:
+            raise UserError(f"{what} folder {d.name!r} has 0 repeats: rename it to start with 1_ or more.")
+        imgs = list_images(d)
+        if imgs:
+            out.append(Concept(d, repeats, token, class_word, imgs))
+    return out
+
+
+def read_dataset(root: Path | str, *, default_caption: str = "", need_class: bool = False,
+                 class_root: Path | str | None = None) -> DatasetLayout:
+    """Find and check every image and caption of a dataset. Raises one UserError sentence that says what to
+    do: wrong folder level, no images, missing captions (how many, which), class images missing."""
+    root = Path(root).expanduser()
+    if not str(root).strip() or str(root) == ".":
+        raise UserError("No dataset chosen: pick a dataset folder (one made in the Dataset tab, or a folder of images).")
+    if not root.exists():
+        raise UserError(f"The dataset folder {root} does not exist: check the path.")
+    if not root.is_dir():
+        raise UserError(f"{root} is a file, not a folder: choose the folder that holds the images.")
+
+    # 1. Which level did the user point at?
+    if (root / "img").is_dir():  # DS/ (what the preparer writes)
+        concepts, kind, img_root = _read_concepts(root / "img", "Concept"), "kohya", root / "img"
+        if not concepts and list_images(root / "img"):
+            concepts = [Concept(root / "img", 1, "", "", list_images(root / "img"))]
+    elif concept_dirs(root):  # DS/img/ (what kohya's train_data_dir points at)
+        concepts, kind, img_root = _read_concepts(root, "Concept"), "kohya", root
+    elif list_images(root):
+        parsed = parse_concept_dir(root.name)
+        if parsed and root.parent.name == "img":
+            raise UserError(f"{root} is one concept folder inside a dataset: choose the dataset folder "
+                            f"{root.parent.parent} instead (it keeps the repeats and other concepts).")
+        concepts, kind, img_root = [Concept(root, 1, "", "", list_images(root))], "plain", root
+    else:
+        subs = [d for d in sorted(root.iterdir()) if d.is_dir() and _looks_like_dataset(d)]
+        if subs:
+            raise UserError(f"{root} holds {len(subs)} dataset folder(s) ({_names(subs)}), not images: choose one "
+                            f"of them.")
+        raise UserError(f"{root} has no images ({', '.join(IMAGE_EXTS[:4])}...): add images, or choose the folder "
+                        f"that holds them.")
+    if not concepts:
+        raise UserError(f"The concept folders in {img_root} hold no images: put the images inside the N_name "
+                        f"folders.")
+
+    # 2. Captions: .txt / .caption beside the image, metadata.jsonl, else the folder's words, else default.
+    captions: dict[Path, str] = {}
+    missing: list[Path] = []
+    for c in concepts:
+        meta = read_metadata_jsonl(c.path) or (read_metadata_jsonl(root) if c.path != root else None)
+        found = {p: read_caption(p, meta) for p in c.images}
+        have = [p for p, t in found.items() if t is not None]
+        fallback = default_caption or c.prompt_prefix
+        for p, text in found.items():
+            if text is not None:
+                captions[p] = text
+            elif fallback and (not have or default_caption):
+                captions[p] = fallback  # kohya's rule: an uncaptioned concept trains on its folder's words
+            else:
+                missing.append(p)
+    if missing:
+        raise UserError(f"{len(missing)} of {sum(len(c.images) for c in concepts)} images have no caption "
+                        f"({_names(missing)}): add a .txt beside each, caption them in the Dataset tab, or set "
+                        f"instance_prompt.")
+
+    # 3. Class images for prior preservation.
+    class_concepts: list[Concept] = []
+    if need_class:
+        croot = Path(class_root).expanduser() if class_root else (root / "reg" if (root / "reg").is_dir()
+                                                                  else img_root.parent / "reg")
+        if croot.is_dir():
+            class_concepts = _read_concepts(croot, "Class") or (
+                [Concept(croot, 1, "", "", list_images(croot))] if list_images(croot) else [])
+        if not class_concepts:
+            raise UserError(f"Prior preservation is on but {croot} has no class images: make them in the Dataset "
+                            f"tab (Regularization), set class_data, or turn prior_preservation off.")
+        for c in class_concepts:
+            for p in c.images:
+                text = read_caption(p) or c.prompt_prefix or default_caption
+                if not text:
+                    raise UserError(f"Class image {p.name} has no caption and its folder {c.path.name!r} names no "
+                                    f"class: rename the folder like 1_dog.")
+                captions[p] = text
+    return DatasetLayout(root, kind, concepts, captions, class_concepts)

@@ -44,6 +44,9 @@ class Batch:
     is_class: "torch.Tensor | None" = None  # (B,) bool: prior-preservation (class) images
     mask: "torch.Tensor | None" = None  # (B, 1, h, w) loss mask in latent space, optional
     extra: dict = field(default_factory=dict)
+    # The only source of randomness a loss may use (noise, timesteps, VAE sampling). The loop seeds it from
+    # (seed, step, rank), which is what makes a resumed run repeat the uninterrupted one exactly.
+    generator: "torch.Generator | None" = None
 
 
 class Method(Protocol):
@@ -55,6 +58,100 @@ class Method(Protocol):
     def loss(self, c: "Components", batch: Batch, step: int) -> "torch.Tensor": ...
 
     def save(self, c: "Components", out: Path) -> list[Path]: ...
+
+
+@dataclass
+class RunInfo:
+    """What the loop tells a method about the run (set as `method.run` before `prepare`): the settings, the
+    dataset and how far training got. `save` reads it for file names and metadata."""
+
+    cfg: Any  # the TrainConfig; cfg.options is the method's own table
+    run_dir: Path
+    step: int = 0
+    layout: Any = None  # data.folder.DatasetLayout
+    dataset_hash: str = ""
+    tag_frequency: dict = field(default_factory=dict)
+    started: float = 0.0
+
+
+class MethodBase:
+    """Optional hooks with their defaults. Subclass it (methods/lora.py does) and override what you need;
+    the loop calls each hook through this class's defaults when a method does not define it.
+
+    - `run`: a RunInfo, set by the loop before `prepare`.
+    - `trainable_state_dict(c)` / `load_trainable_state_dict(c, sd)`: what a checkpoint stores and restores.
+      Default: every parameter with requires_grad in the UNet and text encoders, under "unet." / "te{i}.".
+    - `text_encoder_trainable(c)`: whether the text encoders train; when False (and cache_text is on) the loop
+      caches text embeddings and hands them in as `batch.encoder_hidden_states`. Default: any TE parameter
+      has requires_grad after `prepare`.
+    - `on_step_end(c, step)`: after each optimizer step (e.g. Textual Inversion restores the embedding rows
+      it must not change). Default: nothing.
+    - `preview_pipeline(c)`: the pipeline previews use, over the weights being trained (no copy). Default:
+      `c.pipeline()` with a fast DPM-Solver scheduler.
+    - `load_output(pipe, paths)`: load what `save` wrote into a fresh diffusers pipeline of the base model, as
+      a user would. The contract test (tests/test_train_contract.py) uses it. Default: by file kind (LoRA ->
+      `load_lora_weights`, embedding -> `load_textual_inversion`, diffusers folder -> `from_pretrained`).
+    """
+
+    run: RunInfo | None = None
+
+    def trainable_state_dict(self, c: "Components") -> dict:
+        out = {}
+        for prefix, module in _trainable_modules(c):
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    out[f"{prefix}.{name}"] = p.detach()
+        return out
+
+    def load_trainable_state_dict(self, c: "Components", sd: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for prefix, module in _trainable_modules(c):
+                params = dict(module.named_parameters())
+                for key, value in sd.items():
+                    if key.startswith(prefix + "."):
+                        params[key[len(prefix) + 1:]].copy_(value)
+
+    def text_encoder_trainable(self, c: "Components") -> bool:
+        return any(p.requires_grad for te in c.text_encoders for p in te.parameters())
+
+    def on_step_end(self, c: "Components", step: int) -> None:
+        pass
+
+    def preview_pipeline(self, c: "Components"):
+        from diffusers import DPMSolverMultistepScheduler
+
+        return c.pipeline(scheduler=DPMSolverMultistepScheduler.from_config(c.scheduler.config))
+
+    def load_output(self, pipe, paths: list[Path]):
+        return default_load_output(pipe, paths)
+
+
+def _trainable_modules(c: "Components") -> list[tuple[str, Any]]:
+    return [("unet", c.unet)] + [(f"te{i}", te) for i, te in enumerate(c.text_encoders)]
+
+
+def hook(method: Any, name: str):
+    """`method.name` if the method defines it, else MethodBase's default bound to `method`."""
+    fn = getattr(method, name, None)
+    return fn if fn is not None else getattr(MethodBase, name).__get__(method)
+
+
+def default_load_output(pipe, paths: list[Path]):
+    """Load a method's outputs into a diffusers pipeline the way a user would, by file kind."""
+    from ..formats.kinds import detect_kind
+
+    for p in paths:
+        kind = detect_kind(p)
+        if kind == "lora":
+            pipe.load_lora_weights(str(p.parent), weight_name=p.name)
+        elif kind == "embedding":
+            pipe.load_textual_inversion(str(p))
+        elif kind == "checkpoint" and Path(p).is_dir():
+            pipe = type(pipe).from_pretrained(str(p), safety_checker=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 REGISTRY: dict[str, type] = {}

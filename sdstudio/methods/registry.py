@@ -2,5 +2,6 @@
 # isort: off
 # The training-engine issue adds: lora, dreambooth, full.
 # The concepts issue adds: textual_inversion, pivotal, edlora (and lycoris / adalora when they land).
+from . import lora  # noqa: F401,E402
 from . import textual_inversion  # noqa: F401,E402
 from . import edlora  # noqa: F401,E402

@@ -1,0 +1,181 @@
+"""The training dataset: aspect buckets, repeats, caption dropout/shuffle with keep-tokens, and the latent and
+text-embedding caches.
+
+Every random choice (data order, flips, caption dropout, shuffles) is a pure function of (seed, epoch,
+position), so a resumed run sees exactly the data the uninterrupted run would have seen, with no state to save.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .folder import DatasetLayout
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    caption: str
+    is_class: bool
+    size: tuple[int, int]  # original (w, h)
+    bucket: tuple[int, int]  # training (w, h)
+
+
+def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(w, h) sizes, multiples of `step`, with about resolution² pixels and aspect ratios up to max_ratio."""
+    area = resolution * resolution
+    out = {(resolution, resolution)}
+    w = step
+    while w <= resolution * max_ratio:
+        h = (area // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            out.add((w, h))
+        w += step
+    return sorted(out)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def _rng(*key) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
+
+
+def process_caption(caption: str, rng: random.Random, dropout: float, shuffle: bool, keep_tokens: int) -> str:
+    """Caption dropout, then a shuffle of the comma-separated tags after the first `keep_tokens`."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if shuffle:
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        head, tail = tags[:keep_tokens], tags[keep_tokens:]
+        rng.shuffle(tail)
+        return ", ".join(head + tail)
+    return caption
+
+
+def tag_frequency(layout: DatasetLayout) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: {concept folder: {tag: count}}."""
+    out = {}
+    for c in layout.concepts:
+        counts: Counter = Counter()
+        for p in c.images:
+            counts.update(t.strip() for t in layout.captions[p].split(",") if t.strip())
+        out[f"{c.repeats}_{c.prompt_prefix}" if c.prompt_prefix else c.path.name] = dict(counts)
+    return out
+
+
+def dataset_hash(layout: DatasetLayout) -> str:
+    """A short fingerprint of the images (names, sizes) and their captions: identifies what a model saw."""
+    h = hashlib.sha256()
+    for p in sorted(layout.images + layout.class_images):
+        h.update(f"{p.name}\0{p.stat().st_size}\0{layout.captions[p]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class TrainDataset:
+    """The expanded, bucketed dataset. `batch_indices(g)` names the items of global batch g (across epochs)."""
+
+    def __init__(self, layout: DatasetLayout, cfg) -> None:
+        from PIL import Image
+
+        self.layout, self.cfg = layout, cfg
+        buckets = make_buckets(cfg.resolution) if cfg.buckets else [(cfg.resolution, cfg.resolution)]
+        self.items: list[Item] = []
+        self.instance_idx: list[int] = []  # with repeats
+        self.class_idx: list[int] = []
+        for concepts, is_class in ((layout.concepts, False), (layout.class_concepts, True)):
+            for c in concepts:
+                for p in c.images:
+                    try:
+                        with Image.open(p) as im:
+                            size = im.size
+                    except Exception as exc:
+                        raise UserError(f"{p.name} in {c.path} is not a readable image ({exc}): remove it.") from None
+                    self.items.append(Item(p, layout.captions[p], is_class, size, nearest_bucket(size, buckets)))
+                    (self.class_idx if is_class else self.instance_idx).extend([len(self.items) - 1] * (
+                        1 if is_class else c.repeats))
+        # Batches are built once (structure) and shuffled per epoch (order), so every epoch has the same count.
+        self._groups: dict[tuple[int, int], list[int]] = {}
+        for i in self._epoch_indices(0):
+            self._groups.setdefault(self.items[i].bucket, []).append(i)
+        self.batches_per_epoch = sum(math.ceil(len(v) / cfg.batch_size) for v in self._groups.values())
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        """Instance images with repeats, plus as many class images (cycled) for prior preservation."""
+        idx = list(self.instance_idx)
+        if self.class_idx:
+            rng = _rng(self.cfg.seed, "class", epoch)
+            pool = list(self.class_idx)
+            rng.shuffle(pool)
+            idx += [pool[i % len(pool)] for i in range(len(self.instance_idx))]
+        return idx
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = _rng(self.cfg.seed, "order", epoch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in self._epoch_indices(epoch):
+            groups.setdefault(self.items[i].bucket, []).append(i)
+        batches = []
+        for bucket in sorted(groups):
+            members = groups[bucket]
+            rng.shuffle(members)
+            batches += [members[j:j + self.cfg.batch_size] for j in range(0, len(members), self.cfg.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def batch_indices(self, g: int) -> tuple[int, list[int]]:
+        """(epoch, item indices) of global batch number g."""
+        epoch, pos = divmod(g, self.batches_per_epoch)
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch, self._cached_batches = epoch, self.epoch_batches(epoch)
+        return epoch, self._cached_batches[pos]
+
+    # -- one sample -----------------------------------------------------------------------------------
+    def pixels(self, i: int, flip: bool = False) -> torch.Tensor:
+        """The image resized to cover its bucket, centre-cropped, as (3, H, W) in [-1, 1]."""
+        from PIL import Image
+
+        from .images import open_rgb
+
+        item = self.items[i]
+        im = open_rgb(item.path)
+        bw, bh = item.bucket
+        scale = max(bw / im.width, bh / im.height)
+        nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+        im = im.crop((left, top, left + bw, top + bh))
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def caption(self, i: int, epoch: int, pos: int) -> str:
+        cfg = self.cfg
+        rng = _rng(cfg.seed, "caption", epoch, pos, i)
+        return process_caption(self.items[i].caption, rng, cfg.caption_dropout, cfg.shuffle_captions, cfg.keep_tokens)
+
+    def flip(self, i: int, epoch: int, pos: int) -> bool:
+        return bool(self.cfg.flip) and _rng(self.cfg.seed, "flip", epoch, pos, i).random() < 0.5
+
+    def all_captions(self) -> list[str]:
+        """The captions the text cache should hold up front (dropout adds the empty one)."""
+        caps = {it.caption for it in self.items}
+        if self.cfg.caption_dropout:
+            caps.add("")
+        return sorted(caps)
+
+    def latent_key(self, i: int, base_ref: str) -> str:
+        it = self.items[i]
+        st = it.path.stat()
+        return hashlib.sha1(f"{it.path}|{st.st_size}|{st.st_mtime_ns}|{it.bucket}|{base_ref}".encode()).hexdigest()

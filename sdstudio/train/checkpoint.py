@@ -1,0 +1,100 @@
+"""Save and resume the full training state: trained weights, optimizer, scheduler, EMA, grad scaler, RNG
+states, step and elapsed time. The data order needs no state: it is a function of (seed, step).
+
+A checkpoint is a folder `checkpoints/step-N/` built in a temporary sibling and swapped in (atomic_dir), so a
+kill -9 at any moment leaves the previous checkpoints intact. Only safetensors and weights_only pickles.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..formats.safe_io import atomic_dir, load_state_dict, save_safetensors
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides tensors to continue a run."""
+
+    step: int
+    elapsed: float  # wall seconds of training so far (log.jsonl's `time` continues from it)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each complete checkpoint, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    out = []
+    for d in root.iterdir() if root.is_dir() else []:
+        m = _STEP_RE.match(d.name)
+        if m and (d / "state.json").is_file():
+            out.append((int(m[1]), d))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4]))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict, optimizer, scheduler, ema=None,
+                    scaler=None, keep: int = 3) -> Path:
+    final = Path(run_dir) / "checkpoints" / f"step-{state.step}"
+    with atomic_dir(final) as tmp:
+        save_safetensors(trainable, tmp / "trainable.safetensors")
+        if ema is not None:
+            save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        torch.save(extra, tmp / "optimizer.pt")
+        # state.json last: its presence marks a complete checkpoint.
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "elapsed": state.elapsed}))
+    for _step, old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path) -> tuple[TrainState, dict, dict | None, dict]:
+    """(state, trainable tensors, EMA tensors or None, {"optimizer", "scheduler", "rng", "scaler"?})."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        trainable = load_state_dict(folder / "trainable.safetensors")
+        ema = load_state_dict(folder / "ema.safetensors") if (folder / "ema.safetensors").is_file() else None
+        extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        raise UserError(f"The checkpoint {folder.name} is damaged ({type(exc).__name__}): delete that folder to "
+                        f"resume from the one before it.") from exc
+    return TrainState(int(meta["step"]), float(meta.get("elapsed", 0.0))), trainable, ema, extra

@@ -1,0 +1,107 @@
+"""`sdstudio train CONFIG.toml [--set k=v ...] [--resume]`: the same code the Train tab runs, headless.
+
+Under `accelerate launch -m sdstudio train ...` (or torchrun) it trains on every process; only rank 0 prints
+and writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a LoRA, DreamBooth, full fine-tune, ... from a config or preset",
+                       description="Train from a config TOML (or a preset name), with --set overrides.")
+    p.add_argument("config", help="a config .toml, or a preset name from presets/ (e.g. character-lora-sd15)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set max_steps=500 --set lora.rank=8 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from ..errors import UserError
+    from ..events import Failed, Finished, Preview, Progress, Saved, Status, Step
+    from ..jobs import run_foreground
+    from .config import load_config
+    from .loop import train
+
+    cfg = load_config(args.config, args.sets)
+    if args.print_config:
+        print(cfg.to_toml())
+        return 0
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    bar = _Bar(enabled=rank0)
+
+    def listener(ev) -> None:
+        if isinstance(ev, Step):
+            bar.step(ev)
+        elif isinstance(ev, Progress):
+            bar.line(f"{ev.message or ev.stage} {ev.done}/{ev.total}")
+        elif isinstance(ev, Status):
+            bar.note(ev.message)
+        elif isinstance(ev, Preview):
+            bar.note(f"preview at step {ev.step}: {', '.join(ev.paths)}")
+        elif isinstance(ev, Saved) and ev.kind != "checkpoint":
+            bar.note(f"saved {ev.path}")
+
+    job = run_foreground(cfg.output_name, "train",
+                         lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume), listeners=[listener])
+    bar.done()
+    end = job.log.snapshot()["end"]
+    if isinstance(end, Failed):
+        if not end.details:  # a user mistake: one line, exit 2
+            raise UserError(end.message)
+        print(end.details if args.verbose else f"error: {end.message} (run with -v for details)", file=sys.stderr)
+        return 1
+    if isinstance(end, Finished) and end.stopped:
+        if rank0:
+            print(f"stopped; resume with: sdstudio train {args.config} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+class _Bar:
+    """One updating progress line on a terminal; plain lines when piped."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.tty, self.open = enabled, sys.stderr.isatty(), False
+        self.last_plain = 0.0
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text)
+            self.open = True
+        elif time.time() - self.last_plain > 2:
+            sys.stderr.write(text + "\n")
+            self.last_plain = time.time()
+        sys.stderr.flush()
+
+    def step(self, ev) -> None:
+        width = 24
+        done = int(width * ev.step / max(ev.total, 1))
+        eta = f"{ev.eta_s:.0f}s" if ev.eta_s is not None else "?"
+        text = (f"[{'#' * done}{'.' * (width - done)}] {ev.step}/{ev.total} loss {ev.loss:.4f} lr {ev.lr:.2e} "
+                f"{ev.it_per_s:.2f} it/s ETA {eta}")
+        if not self.tty and ev.step == ev.total:
+            self.last_plain = 0
+        self.line(text)
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.open:
+            sys.stderr.write("\n")
+            self.open = False

@@ -1,0 +1,322 @@
+"""TrainConfig: typed, bounded, documented settings; presets (partial TOML) merged over defaults.
+
+One field's metadata (help, min, max, choices, advanced) drives three things: the Train tab's form, the
+validation here, and the CLI's `--set key=value`. A method's own settings live in a table named after it
+(`[lora]`, `[dreambooth]`, ...), which is that method's `Config` dataclass.
+
+    method = "lora"            # top level: what every method shares
+    base_model = "tiny"
+    [lora]                     # the method's table
+    rank = 16
+
+An unknown key is an error naming the nearest valid key: a typo must never pass silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+SCHEMA_VERSION = 1
+PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets"
+
+
+def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+            choices: tuple | None = None, advanced: bool = False, label: str | None = None) -> Any:
+    """A dataclass field with the metadata the form, the validation and the CLI read."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "advanced": advanced, "label": label}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class TrainConfig:
+    """What every method shares. Basic settings first; `advanced=True` ones fold into the UI's accordion."""
+
+    # -- basic ------------------------------------------------------------------------------------------
+    method: str = setting("lora", "Training method: lora, dreambooth, full, textual_inversion, ...")
+    base_model: str = setting("tiny", "Base model: 'tiny', a hub id, a diffusers folder or a .safetensors file.")
+    dataset: str = setting("", "Dataset folder: a kohya folder (with img/), or a folder of images with captions.")
+    output_name: str = setting("my-lora", "Name of the run and of the file it makes.")
+    output_dir: str = setting("", "Run folder (empty: runs/<output_name> in the workspace).", advanced=True)
+    resolution: int = setting(512, "Training resolution in pixels (a multiple of 64).", min=64, max=2048)
+    max_steps: int = setting(1000, "Optimizer steps to train.", min=1, max=1_000_000)
+    batch_size: int = setting(1, "Images per step (per GPU).", min=1, max=256)
+    learning_rate: float = setting(1e-4, "Learning rate (Prodigy: use 1.0).", min=0.0, max=10.0)
+    seed: int = setting(42, "Seed: the same seed and settings give the same run.", min=0, max=2**31 - 1)
+    save_every: int = setting(250, "Save a resumable checkpoint every N steps (0: only at the end).", min=0,
+                              max=1_000_000)
+    sample_every: int = setting(100, "Make preview images every N steps (0: only at the start and end).",
+                                min=0, max=1_000_000)
+    sample_prompts: list = setting(["a photo of sks person"], "Preview prompts, one image each, fixed seeds.")
+    instance_prompt: str = setting("", "Caption for images that have none (e.g. 'a photo of sks person'); empty: "
+                                   "every image needs a caption.")
+
+    # -- optimizer and schedule -------------------------------------------------------------------------
+    optimizer: str = setting("adamw", "Optimizer (adamw8bit needs a CUDA GPU and bitsandbytes).",
+                             choices=OPTIMIZERS, advanced=True)
+    lr_scheduler: str = setting("constant", "Learning-rate schedule.", choices=SCHEDULERS, advanced=True)
+    warmup_steps: int = setting(0, "Steps of linear warmup at the start.", min=0, max=100_000, advanced=True)
+    weight_decay: float = setting(1e-2, "Weight decay.", min=0.0, max=1.0, advanced=True)
+    max_grad_norm: float = setting(1.0, "Clip gradients to this norm (0: off).", min=0.0, max=1000.0, advanced=True)
+    gradient_accumulation: int = setting(1, "Micro-batches per optimizer step.", min=1, max=1024, advanced=True)
+
+    # -- precision and memory ---------------------------------------------------------------------------
+    device: str = setting("auto", "Device: auto (cuda > mps > cpu), cuda, cpu.", choices=("auto", "cuda", "mps", "cpu"),
+                          advanced=True)
+    precision: str = setting("auto", "Mixed precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16. "
+                             "Trainable weights stay fp32.", choices=("auto", "fp32", "fp16", "bf16"), advanced=True)
+    gradient_checkpointing: bool = setting(False, "Trade speed for memory (recompute activations).", advanced=True)
+    attention: str = setting("auto", "Attention kernel: auto (xformers on CUDA when installed, else SDPA).",
+                             choices=("auto", "sdpa", "xformers"), advanced=True)
+
+    # -- loss and noise ---------------------------------------------------------------------------------
+    prediction_type: str = setting("auto", "What the UNet predicts: auto (the model's), epsilon, v_prediction.",
+                                   choices=("auto", "epsilon", "v_prediction"), advanced=True)
+    min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting gamma (5 is typical; 0: off).", min=0.0, max=100.0,
+                                   advanced=True)
+    noise_offset: float = setting(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0: off).", min=0.0,
+                                  max=1.0, advanced=True)
+    ema: bool = setting(False, "Keep an exponential moving average of the trained weights and save it.",
+                        advanced=True)
+    ema_decay: float = setting(0.999, "EMA decay per step.", min=0.0, max=1.0, advanced=True)
+
+    # -- data -------------------------------------------------------------------------------------------
+    caption_dropout: float = setting(0.0, "Probability of training an image with an empty caption.", min=0.0,
+                                     max=1.0, advanced=True)
+    shuffle_captions: bool = setting(False, "Shuffle comma-separated tags each time (after keep_tokens).",
+                                     advanced=True)
+    keep_tokens: int = setting(1, "Leading comma-separated tags that never move or drop (the trigger).", min=0,
+                               max=100, advanced=True)
+    buckets: bool = setting(True, "Aspect-ratio buckets: train non-square images without cropping them square.",
+                            advanced=True)
+    flip: bool = setting(False, "Random horizontal flips (off with the latent cache).", advanced=True)
+    cache_latents: str = setting("memory", "Encode images once: memory, disk (in the run folder), or off.",
+                                 choices=("off", "memory", "disk"), advanced=True)
+    cache_text: bool = setting(True, "Encode captions once when the text encoder is frozen.", advanced=True)
+    prior_preservation: bool = setting(False, "Prior preservation with class images (DreamBooth).",
+                                       advanced=True)
+    class_data: str = setting("", "Class-image folder (empty: the dataset's reg/ folder).", advanced=True)
+    prior_loss_weight: float = setting(1.0, "Weight of the class-image loss.", min=0.0, max=10.0, advanced=True)
+
+    # -- outputs and previews ---------------------------------------------------------------------------
+    keep_checkpoints: int = setting(3, "Keep the last K checkpoints.", min=1, max=1000, advanced=True)
+    sample_steps: int = setting(20, "Denoising steps for previews.", min=1, max=150, advanced=True)
+    sample_guidance: float = setting(7.0, "CFG scale for previews.", min=0.0, max=30.0, advanced=True)
+    sample_seed: int = setting(1234, "Seed of the first preview (the next prompts use +1, +2...).", min=0,
+                               max=2**31 - 1, advanced=True)
+    schema_version: int = setting(SCHEMA_VERSION, "Config format version.", min=1, max=SCHEMA_VERSION,
+                                  advanced=True)
+
+    # The method's own table (its Config dataclass instance); filled by resolve().
+    options: Any = field(default=None, repr=False, metadata={"internal": True})
+
+    # -- derived ----------------------------------------------------------------------------------------
+    def run_dir(self, home: Path | None = None) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir).expanduser()
+        from ..workspace import default_home, safe_name
+
+        return Path(home or default_home()) / "runs" / safe_name(self.output_name)
+
+    def to_dict(self) -> dict:
+        """Plain data for config.toml (the method table included)."""
+        out = {f.name: getattr(self, f.name) for f in user_fields(TrainConfig)}
+        if self.options is not None:
+            out[self.method] = {f.name: getattr(self.options, f.name) for f in user_fields(type(self.options))}
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+def user_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+# -- parsing and validation -----------------------------------------------------------------------------
+
+def _field_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    t = hints.get(f.name, str)
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return typing.get_origin(t) or t
+
+
+def _coerce(value: Any, typ, key: str) -> Any:
+    """Turn a TOML value or a `--set` string into the field's type, or say what is expected."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is list:
+            if isinstance(value, str):  # --set sample_prompts="a | b" or a TOML-style list
+                value = value.strip()
+                if value.startswith("["):
+                    import tomllib
+
+                    return list(tomllib.loads(f"v = {value}")["v"])
+                return [v.strip() for v in value.split("|") if v.strip()]
+            return [str(v) for v in value]
+        if typ is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError):
+        pass
+    except Exception as exc:  # a malformed TOML list
+        raise UserError(f"{key} = {value!r} could not be read ({exc}): check the quotes and brackets.") from None
+    names = {bool: "true or false", int: "a whole number", float: "a number", list: "a list", str: "text"}
+    raise UserError(f"{key} = {value!r} is not {names.get(typ, typ.__name__)}: fix the value.")
+
+
+def _check(f: dataclasses.Field, value: Any, key: str) -> None:
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        near = difflib.get_close_matches(str(value), [str(c) for c in m["choices"]], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UserError(f"{key} = {value!r} is not allowed{hint}: use one of {', '.join(map(str, m['choices']))}.")
+    if m.get("min") is not None and value < m["min"]:
+        raise UserError(f"{key} = {value} is below its minimum {m['min']}: raise it.")
+    if m.get("max") is not None and value > m["max"]:
+        raise UserError(f"{key} = {value} is above its maximum {m['max']}: lower it.")
+
+
+def _unknown(key: str, valid: list[str], where: str) -> UserError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {near[0]!r}?" if near else f" Valid keys: {', '.join(sorted(valid))}."
+    return UserError(f"Unknown setting {key!r}{where}.{hint}")
+
+
+def build_dataclass(cls, values: dict, where: str = "", prefix: str = ""):
+    """An instance of `cls` from a (partial) dict: every key known, typed and within bounds."""
+    fields = {f.name: f for f in user_fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(prefix + key, [prefix + k for k in fields], where)
+        f = fields[key]
+        v = _coerce(value, _field_type(cls, f), prefix + key)
+        _check(f, v, prefix + key)
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def parse_sets(sets: list[str] | None) -> dict:
+    """`["lora.rank=8", "max_steps=6"]` -> {"lora": {"rank": "8"}, "max_steps": "6"} (strings, typed later)."""
+    out: dict = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {item!r} is not key=value: write it like --set max_steps=500.")
+        if "." in key:
+            table, _, sub = key.partition(".")
+            out.setdefault(table, {})
+            if not isinstance(out[table], dict):
+                raise UserError(f"--set {key}: {table!r} is a value, not a table.")
+            out[table][sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`; tables merge key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(values: dict) -> TrainConfig:
+    """A validated TrainConfig (with its method table) from plain data (a merged preset + --set)."""
+    from ..methods.base import all_methods, get_method
+
+    values = dict(values)
+    version = values.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise UserError(f"This config has schema_version {version}, newer than this SD Studio understands "
+                        f"({SCHEMA_VERSION}): update SD Studio.")
+    methods = all_methods()
+    tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
+    cfg = build_dataclass(TrainConfig, values)
+    method_cls = get_method(cfg.method)
+    for name in tables:
+        if name not in methods:  # a table for another registered method is harmless (a switched preset)
+            raise _unknown(name, [f.name for f in user_fields(TrainConfig)] + list(methods), " (a table)")
+    table = tables.get(cfg.method, {})
+    cfg.options = build_dataclass(method_cls.Config, table, where=f" in [{cfg.method}]", prefix=f"{cfg.method}.")
+    if cfg.resolution % 64:
+        raise UserError(f"resolution = {cfg.resolution} is not a multiple of 64: use "
+                        f"{max(64, round(cfg.resolution / 64) * 64)}.")
+    if not cfg.output_name.strip():
+        raise UserError("output_name is empty: give the run a name.")
+    return cfg
+
+
+def read_toml(path: Path | str) -> dict:
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        preset = PRESETS_DIR / f"{p.stem}.toml"
+        if not p.suffix and preset.is_file():
+            p = preset
+        else:
+            raise UserError(f"{path} does not exist: give a config .toml file or a preset name "
+                            f"({', '.join(list_presets()) or 'none found'}).")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{p.name} is not valid TOML ({exc}): fix that line.") from None
+
+
+def load_config(path: Path | str | None = None, sets: list[str] | None = None, extra: dict | None = None
+                ) -> TrainConfig:
+    """Defaults <- the preset/config file <- `extra` (the UI form) <- `--set` overrides."""
+    values = read_toml(path) if path else {}
+    values = merge(values, extra or {})
+    return resolve(merge(values, parse_sets(sets)))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml")) if PRESETS_DIR.is_dir() else []
+
+
+def preset_header(name: str) -> str:
+    """The comment block at the top of a preset: what it is for, VRAM, time per 1,000 steps."""
+    p = PRESETS_DIR / f"{name}.toml"
+    lines = []
+    for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return "\n".join(lines)

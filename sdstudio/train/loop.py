@@ -1,0 +1,465 @@
+"""THE training loop. Every method runs through it; the UI and the CLI start it the same way.
+
+`train(cfg, emit, commands, resume=...)` is the entry point: it validates the dataset (before any model loads),
+loads the base, lets the method attach what trains, caches, and runs `run_loop`. It talks to the world only
+through `emit(event)` and `commands` (stop / pause / sample now / save now), checked every step and every
+cached item. It never touches the UI.
+
+Exact resume: the data order, caption augmentations and the noise of each step are pure functions of
+(seed, step, rank); everything else (weights, optimizer, scheduler, EMA, scaler, RNG, elapsed time) is in the
+checkpoint. A resumed run therefore logs the same losses as one never stopped.
+
+Distributed (accelerate launch / torchrun): every rank trains on its own batches; gradients are averaged with
+one all-reduce per step; only rank 0 writes files and emits previews.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from ..events import Event, Finished, Progress, Saved, Status, Step
+from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetensors
+from ..jobs import Commands, Stopped
+from ..methods.base import Batch, RunInfo, get_method, hook
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import TrainConfig
+
+# Settings that must not change across a resume: they fix the data order and the shapes of what trains.
+RESUME_FIXED = ("method", "base_model", "dataset", "seed", "batch_size", "resolution", "gradient_accumulation",
+                "buckets", "optimizer")
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# -- small helpers --------------------------------------------------------------------------------------
+
+def _seed_for(*key) -> int:
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class EMA:
+    """Exponential moving average of the trained parameters (fp32 shadows, kept on their device)."""
+
+    def __init__(self, params: list, decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Use the averaged weights inside the block (previews, saving), then put the live ones back."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(backup, self.params):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {f"{i}": s for i, s in enumerate(self.shadow)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for i, s in enumerate(self.shadow):
+            s.copy_(sd[f"{i}"])
+
+
+class TextCache:
+    """Text-encoder outputs by caption, for a frozen text encoder: computed once, reused every step."""
+
+    def __init__(self, c, device) -> None:
+        self.c, self.device, self.memo = c, device, {}
+
+    def get(self, captions: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(captions) if t not in self.memo]
+        if missing:
+            ids = tokenize(self.c, missing).to(self.device)
+            with torch.no_grad():
+                out = self.c.text_encoder(ids, return_dict=False)[0]
+            self.memo.update({t: out[i] for i, t in enumerate(missing)})
+        return torch.stack([self.memo[t] for t in captions])
+
+
+def tokenize(c, captions: list[str]) -> torch.Tensor:
+    tok = c.tokenizer
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def _make_accelerator(cfg: TrainConfig, device: str):
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from ..devices import pick_dtype
+
+    dtype = pick_dtype(device, cfg.precision)
+    mp = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # In one process (the app, tests) runs follow each other with different settings: start clean.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    acc = Accelerator(mixed_precision=mp, cpu=device == "cpu", gradient_accumulation_steps=1)
+    return acc, dtype
+
+
+# -- the entry point ------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | None = None, *,
+          resume: bool = False, home: Path | None = None, publish: Callable[[list[Path]], list[Path]] | None = None
+          ) -> list[Path]:
+    """Validate, load, train, save. Returns the final artefacts. Raises UserError for user mistakes and
+    Stopped when stopped (after saving a resumable checkpoint)."""
+    from ..data.dataset import TrainDataset, dataset_hash, tag_frequency
+    from ..data.folder import read_dataset
+    from ..devices import pick_device
+    from ..models.loading import family_of_ref, load_base
+
+    commands = commands or Commands()
+    method = get_method(cfg.method)()
+    run_dir = cfg.run_dir(home)
+
+    # 1. Validate everything a user can get wrong, before any model loads (seconds, not minutes).
+    emit(Status("checking the dataset", stage="validate"))
+    layout = read_dataset(cfg.dataset, default_caption=cfg.instance_prompt, need_class=cfg.prior_preservation,
+                          class_root=cfg.class_data or None)
+    data = TrainDataset(layout, cfg)
+    family = family_of_ref(cfg.base_model)
+    if family.is_xl:
+        raise UserError("SDXL training is not supported yet: choose an SD 1.x or 2.x base model.")
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UserError(f"--resume found no checkpoint in {run_dir}: start without --resume, or point "
+                            f"output_dir at the run to continue.")
+        _check_resume_config(run_dir, cfg)
+    elif (run_dir / "log.jsonl").is_file() and latest_checkpoint(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds a run: resume it (--resume), or choose another output_name.")
+    device = pick_device(cfg.device)
+    acc, weight_dtype = _make_accelerator(cfg, device)
+    commands.check()
+
+    # 2. Load the base and let the method attach what trains.
+    emit(Status(f"loading {cfg.base_model}", stage="load"))
+    pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
+    c = load_base(cfg.base_model, dtype=weight_dtype, device=str(acc.device), prediction_type=pred)
+    method.run = RunInfo(cfg=cfg, run_dir=run_dir, layout=layout, dataset_hash=dataset_hash(layout),
+                         tag_frequency=tag_frequency(layout), started=time.time())
+    return run_loop(method, c, data, cfg, emit, commands, acc=acc, run_dir=run_dir, resume_from=ckpt,
+                    publish=publish)
+
+
+def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
+    import tomllib
+
+    p = run_dir / "config.toml"
+    if not p.is_file():
+        return
+    old = tomllib.loads(p.read_text(encoding="utf-8"))
+    new = cfg.to_dict()
+    for key in RESUME_FIXED:
+        if key in old and old[key] != new.get(key):
+            raise UserError(f"{key} changed from {old[key]!r} to {new.get(key)!r} since the run started: resume with "
+                            f"the same {key}, or start a new run.")
+
+
+def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc, run_dir: Path,
+             resume_from: Path | None = None, publish=None) -> list[Path]:
+    """The loop proper, over a loaded base `c` and a `TrainDataset`."""
+    main = acc.is_main_process
+    rank, world = acc.process_index, acc.num_processes
+    device = acc.device
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+
+    # 3. What trains. Same seed on every rank, so adapters start identical everywhere.
+    torch.manual_seed(cfg.seed)
+    groups = method.prepare(c, cfg)
+    params = [p for g in groups for p in g.params]
+    for p in params:  # trainable weights stay fp32 whatever the compute precision
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    if world > 1:
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+    te_trains = hook(method, "text_encoder_trainable")(c)
+    c.unet.train()
+    for te in c.text_encoders:
+        te.train(te_trains)
+    if cfg.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if te_trains:
+            for te in c.text_encoders:
+                te.gradient_checkpointing_enable()
+    if str(device).startswith("cuda") and cfg.attention in ("auto", "xformers"):
+        from ..devices import has_xformers
+
+        if has_xformers():
+            c.unet.enable_xformers_memory_efficient_attention()
+        elif cfg.attention == "xformers":
+            raise UserError("attention = xformers but xformers is not installed: pip install xformers, or use sdpa.")
+
+    # 4. Optimizer, schedule, EMA; the noise scheduler for training (DDPM over the base's betas).
+    from diffusers import DDPMScheduler
+
+    from .optim import build_optimizer, build_scheduler
+
+    pred = c.scheduler.config.get("prediction_type", "epsilon")
+    c.extra["train_scheduler"] = DDPMScheduler.from_config(c.scheduler.config, prediction_type=pred)
+    optimizer = acc.prepare_optimizer(build_optimizer(cfg.optimizer, groups, cfg, str(device)))
+    scheduler = build_scheduler(cfg.lr_scheduler, optimizer.optimizer, cfg.warmup_steps, cfg.max_steps)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    scaler = getattr(acc, "scaler", None)
+
+    # 5. Resume: weights, optimizer, scheduler, EMA, scaler, RNG, step, elapsed time.
+    start_step, elapsed0 = 0, 0.0
+    if resume_from is not None:
+        state, trainable, ema_sd, extra = load_checkpoint(resume_from)
+        hook(method, "load_trainable_state_dict")(c, {k: v.to(device) for k, v in trainable.items()})
+        optimizer.optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        if ema is not None and ema_sd is not None:
+            ema.load_state_dict(ema_sd)
+        if scaler is not None and "scaler" in extra:
+            scaler.load_state_dict(extra["scaler"])
+        set_rng_state(extra["rng"])
+        start_step, elapsed0 = state.step, state.elapsed
+        if main:
+            _truncate_log(run_dir / "log.jsonl", start_step)
+        emit(Status(f"resumed from step {start_step}", stage="resume"))
+        if start_step >= cfg.max_steps:
+            emit(Status(f"the run already reached max_steps = {cfg.max_steps}: raise max_steps to train more",
+                        stage="train"))
+    elif main:
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+
+    # 6. Caches: latents (memory or disk) and text embeddings. Stop works here too.
+    latents = _cache_latents(c, data, cfg, emit, commands, run_dir, acc) if cfg.cache_latents != "off" else None
+    text_cache = None
+    if cfg.cache_text and not te_trains:
+        text_cache = TextCache(c, device)
+        caps = data.all_captions()
+        for i in range(0, len(caps), 16):
+            commands.check()
+            text_cache.get(caps[i:i + 16])
+            emit(Progress(done=min(i + 16, len(caps)), total=len(caps), stage="cache", message="caching captions"))
+    if cfg.flip and latents is not None:
+        emit(Status("flip is off while latents are cached (cached latents are not flipped)", stage="cache"))
+
+    # 7. Training.
+    def autocast():
+        return acc.autocast()
+
+    log_f = open(run_dir / "log.jsonl", "a", encoding="utf-8") if main else None
+    t0 = time.time()
+    step = start_step
+    last_saved = start_step if resume_from is not None else -1
+    rate = None  # steps per second, smoothed
+    outputs: list[Path] = []
+
+    def elapsed() -> float:
+        return elapsed0 + (time.time() - t0)
+
+    def checkpoint() -> None:
+        nonlocal last_saved
+        if not main or step == last_saved:
+            return
+        with torch.no_grad():
+            folder = save_checkpoint(run_dir, TrainState(step, elapsed()),
+                                     trainable=hook(method, "trainable_state_dict")(c), optimizer=optimizer.optimizer,
+                                     scheduler=scheduler, ema=ema, scaler=scaler, keep=cfg.keep_checkpoints)
+        last_saved = step
+        emit(Saved(path=str(folder), kind="checkpoint", step=step))
+
+    def preview() -> None:
+        if not main:
+            return
+        from .preview import render_previews
+
+        emit(Status(f"drawing previews at step {step}", stage="sample"))
+        with (ema.swapped() if ema else contextlib.nullcontext()):
+            ev = render_previews(method, c, cfg, run_dir, step, autocast)
+        if ev:
+            emit(ev)
+
+    def on_pause() -> None:
+        emit(Status("paused", stage="paused"))
+
+    try:
+        if start_step == 0:
+            preview()
+        emit(Status("training", stage="train"))
+        while step < cfg.max_steps:
+            commands.check(on_pause)
+            if commands.take("sample"):
+                preview()
+            if commands.take("save"):
+                checkpoint()
+            t_step = time.time()
+            micro_losses = []
+            for k in range(cfg.gradient_accumulation):
+                micro = step * cfg.gradient_accumulation + k
+                batch = _make_batch(c, data, cfg, micro * world + rank, latents, text_cache, device, c.vae.dtype,
+                                    seed=_seed_for(cfg.seed, micro, rank))
+                with autocast():
+                    loss = method.loss(c, batch, step)
+                acc.backward(loss / cfg.gradient_accumulation)
+                micro_losses.append(loss.detach().float())
+            loss_value = torch.stack(micro_losses).mean()
+            if world > 1:
+                _average_gradients(params, world)
+                torch.distributed.all_reduce(loss_value)
+                loss_value = loss_value / world
+            loss_f = float(loss_value)
+            if not math.isfinite(loss_f):
+                raise Diverged(f"The loss became {loss_f} at step {step + 1}: lower the learning rate (or use fp32/bf16); "
+                               f"the last good checkpoint is kept" + (f" (step {last_saved})." if last_saved > 0
+                                                                     else "."))
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            hook(method, "on_step_end")(c, step)
+            step += 1
+
+            # Report: log.jsonl line, Step event with it/s and ETA.
+            dt = time.time() - t_step
+            rate = 1 / dt if rate is None else 0.9 * rate + 0.1 / max(dt, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            if main:
+                log_f.write(json.dumps({"step": step, "loss": loss_f, "lr": lr, "time": round(elapsed(), 3)}) + "\n")
+                log_f.flush()
+            emit(Step(step=step, total=cfg.max_steps, loss=loss_f, lr=lr, it_per_s=rate,
+                      eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed()))
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                checkpoint()
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
+                preview()
+
+        # 8. The end: previews, a final checkpoint (so a later run can extend it), the artefacts.
+        if main:
+            if step > start_step:
+                preview()
+            checkpoint()
+            method.run.step = step
+            emit(Status("saving", stage="save"))
+            with (ema.swapped() if ema else contextlib.nullcontext()):
+                outputs = list(method.save(c, run_dir))
+            for p in outputs:
+                emit(Saved(path=str(p), kind=cfg.method, step=step))
+            if publish:
+                for p in publish(outputs):
+                    emit(Saved(path=str(p), kind="published", step=step))
+        acc.wait_for_everyone()
+        emit(Finished(message=f"finished {step} steps", outputs=tuple(str(p) for p in outputs)))
+        return outputs
+    except Stopped:
+        # A clean stop keeps the work: a checkpoint at the last finished step, so Resume continues it.
+        if step > 0:
+            checkpoint()
+        raise
+    finally:
+        if log_f:
+            log_f.close()
+
+
+def _make_batch(c, data, cfg, g: int, latents, text_cache, device, dtype, seed: int) -> Batch:
+    epoch, idxs = data.batch_indices(g)
+    pos = g % data.batches_per_epoch
+    captions = [data.caption(i, epoch, pos) for i in idxs]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    batch = Batch(captions=captions, generator=gen,
+                  is_class=torch.tensor([data.items[i].is_class for i in idxs], device=device))
+    if latents is not None:
+        batch.latents = torch.stack([latents.get(i) for i in idxs]).to(device)
+    else:
+        batch.pixel_values = torch.stack([data.pixels(i, data.flip(i, epoch, pos)) for i in idxs]).to(device, dtype)
+    if text_cache is not None:
+        batch.encoder_hidden_states = text_cache.get(captions)
+    else:
+        batch.input_ids = tokenize(c, captions).to(device)
+    return batch
+
+
+def _average_gradients(params, world: int) -> None:
+    """One flat all-reduce of every gradient (what DDP does, without wrapping the modules)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class _LatentStore:
+    def __init__(self) -> None:
+        self.mem: dict[int, torch.Tensor] = {}
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.mem[i]
+
+
+def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentStore:
+    """Encode every image once (the VAE then stays idle). `disk` also keeps them in the run folder, so a
+    resume or a second run on the same images skips the work."""
+    from .noise import encode_images
+
+    store = _LatentStore()
+    folder = run_dir / "cache" / "latents"
+    n = len(data.items)
+    for i in range(n):
+        commands.check()  # Stop works during caching
+        path = folder / f"{data.latent_key(i, str(cfg.base_model))}.safetensors" if cfg.cache_latents == "disk" else None
+        if path is not None and path.is_file():
+            store.mem[i] = load_state_dict(path)["latent"]
+        else:
+            gen = torch.Generator(device=acc.device).manual_seed(_seed_for(cfg.seed, "latent", i))
+            pix = data.pixels(i)[None].to(acc.device, c.vae.dtype)
+            with torch.no_grad(), acc.autocast():
+                store.mem[i] = encode_images(c.vae, pix, gen)[0].float().cpu()
+            if path is not None:
+                save_safetensors({"latent": store.mem[i]}, path)
+        if i % 4 == 0 or i == n - 1:
+            emit(Progress(done=i + 1, total=n, stage="cache", message="caching latents"))
+    return store
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """After a resume, keep only the log lines up to the checkpoint (a killed run may have gone further)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a half-written last line from a kill
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))

@@ -1,0 +1,97 @@
+"""The diffusion loss every method shares: timesteps, noise (with offset), eps/v targets, min-SNR weighting,
+prior preservation. A method's `loss` is usually one call to `denoising_loss`.
+
+Randomness comes only from `batch.generator`, which the loop seeds from (seed, step, rank): a resumed run
+draws exactly the noise the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, offset: float = 0.0) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if offset:
+        # Noise offset (Guttenberg 2023): a per-channel constant lets the model learn very dark/bright images.
+        noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
+                                             device=latents.device, dtype=latents.dtype)
+    return noise
+
+
+def sample_timesteps(n: int, scheduler, generator, device) -> torch.Tensor:
+    return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device).long()
+
+
+def target_for(scheduler, prediction_type: str, latents, noise, timesteps):
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction type {prediction_type}")
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    ac = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return ac / (1 - ac)
+
+
+def min_snr_weights(scheduler, timesteps, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR+1) for v."""
+    s = snr(scheduler, timesteps)
+    clipped = torch.clamp(s, max=gamma)
+    return clipped / (s + 1) if prediction_type == "v_prediction" else clipped / s
+
+
+def encode_images(vae, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (a sample of the posterior, as the diffusers examples do)."""
+    dist = vae.encode(pixel_values.to(dtype=vae.dtype)).latent_dist
+    eps = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+    latents = dist.mean + dist.std * eps
+    return latents * vae.config.scaling_factor
+
+
+def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
+
+
+def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None) -> torch.Tensor:
+    """The standard noise-prediction loss for one batch, as a scalar.
+
+    1. latents (cached, or encoded now), 2. text conditioning (cached, or encoded now), 3. noise + timesteps,
+    4. UNet prediction vs. the eps or v target, 5. per-image weights (min-SNR, prior preservation, mask).
+    """
+    gen = batch.generator
+    unet = unet or c.unet
+    sched = c.extra.get("train_scheduler") or c.scheduler  # the loop sets a DDPM scheduler for training
+    # 1. Latents
+    latents = batch.latents
+    if latents is None:
+        with torch.no_grad():
+            latents = encode_images(c.vae, batch.pixel_values, gen)
+    latents = latents.float()
+    # 2. Text conditioning
+    ehs = encoder_hidden_states if encoder_hidden_states is not None else batch.encoder_hidden_states
+    if ehs is None:
+        ehs = encode_text(c.text_encoder, batch.input_ids)
+    # 3. Noise and timesteps
+    noise = sample_noise(latents, gen, cfg.noise_offset)
+    timesteps = sample_timesteps(latents.shape[0], sched, gen, latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    # 4. Prediction and target
+    pred_type = sched.config.get("prediction_type", "epsilon")
+    target = target_for(sched, pred_type, latents, noise, timesteps)
+    model_pred = unet(noisy.to(unet.dtype), timesteps, ehs.to(unet.dtype), return_dict=False)[0]
+    per_pixel = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if batch.mask is not None:
+        per_pixel = per_pixel * batch.mask
+    per_image = per_pixel.mean(dim=(1, 2, 3))
+    # 5. Weights
+    weights = torch.ones_like(per_image)
+    if cfg.min_snr_gamma:
+        weights = weights * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, pred_type)
+    if batch.is_class is not None and cfg.prior_preservation:
+        # Prior preservation (DreamBooth): class images keep the model's idea of the class; their loss counts
+        # prior_loss_weight times an instance image's.
+        weights = torch.where(batch.is_class.to(weights.device), weights * cfg.prior_loss_weight, weights)
+    return (per_image * weights).mean()

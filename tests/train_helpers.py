@@ -1,0 +1,40 @@
+"""Helpers shared by the tests/test_train_*.py files: tiny datasets and fast configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_images(folder: Path, n: int = 4, captions: bool = True, size=(64, 64), seed: int = 0,
+                prefix: str = "sks person") -> Path:
+    """n random-noise images (with .txt captions) in folder; deterministic per seed."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = size if i % 2 == 0 else (size[0], size[1] + 32)
+        # Smooth blobs rather than white noise: something a model can fit in a few steps.
+        base = rng.random((4, 4, 3))
+        img = np.kron(base, np.ones((h // 4 + 1, w // 4 + 1, 1)))[:h, :w]
+        Image.fromarray((img * 255).astype("uint8")).save(folder / f"{i:03d}.png")
+        if captions:
+            (folder / f"{i:03d}.txt").write_text(f"{prefix}, picture {i}")
+    return folder
+
+
+def make_kohya_dataset(root: Path, n: int = 4, repeats: int = 2, with_reg: bool = False) -> Path:
+    make_images(root / "img" / f"{repeats}_sks person", n)
+    if with_reg:
+        make_images(root / "reg" / "1_person", 2, captions=False, seed=7)
+    return root
+
+
+def fast_sets(dataset: Path, out: Path, **extra) -> list[str]:
+    """--set overrides for a fast CPU run on tiny."""
+    values = dict(base_model="tiny", dataset=str(dataset), output_dir=str(out), resolution=64, max_steps=4,
+                  batch_size=1, sample_steps=1, sample_every=0, save_every=0, device="cpu",
+                  sample_prompts='["a photo of sks person"]')
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
