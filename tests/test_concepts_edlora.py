@@ -14,7 +14,7 @@ from sdstudio.train.config import resolve
 def ed_cfg(tokens="<anna1> <anna2>", **kw):
     table = dict(concept_tokens=tokens, class_word="woman", embedding_lr=3e-2, unet_lr=1e-2, text_encoder_lr=1e-3,
                  **kw)
-    return resolve({"method": "edlora", "seed": 1, "edlora": table})
+    return resolve({"method": "edlora", "seed": 1, "output_name": "anna", "edlora": table})
 
 
 def test_edlora_layerwise_embeddings_and_file_reproduces(tmp_path):
@@ -50,7 +50,7 @@ def test_edlora_layerwise_embeddings_and_file_reproduces(tmp_path):
         for j in range(i + 1, 16):
             assert not torch.allclose(fed[i], fed[j], atol=1e-7), (i, j)
 
-    files = m.save(c, tmp_path / "anna")
+    files = m.save(c, tmp_path)
     assert files[0].name == "anna.safetensors"
     kw = dict(steps=3, guidance=4.0, seed=5, height=64, width=64, output_type="np")
     trained = generate(c, prompt, **kw)

@@ -13,7 +13,8 @@ from sdstudio.train.config import resolve
 
 def ti_cfg(**kw):
     table = dict(token="<cat-toy>", num_vectors=2, init_word="toy", save_format="both", **kw)
-    return resolve({"method": "textual_inversion", "learning_rate": 5e-2, "seed": 3, "textual_inversion": table})
+    return resolve({"method": "textual_inversion", "learning_rate": 5e-2, "seed": 3, "output_name": "cat-toy",
+                    "textual_inversion": table})
 
 
 def test_ti_trains_only_new_rows_and_both_formats_reproduce(tmp_path):
@@ -34,7 +35,7 @@ def test_ti_trains_only_new_rows_and_both_formats_reproduce(tmp_path):
     assert not torch.allclose(after[-1], toy)
     assert all(torch.equal(v, c.unet.state_dict()[k]) for k, v in unet_before.items())
 
-    files = m.save(c, tmp_path / "cat-toy")
+    files = m.save(c, tmp_path)
     assert sorted(f.name for f in files) == ["cat-toy.learned_embeds.safetensors", "cat-toy.safetensors"]
     trained = sample_np(c.pipeline(), "a photo of <cat-toy>")
     base_img = sample_np(load_base("tiny").pipeline(), "a photo of a toy")

@@ -23,8 +23,8 @@ from ..errors import UserError
 from ..formats.kinds import kohya_te_name, kohya_unet_name
 from ..train.config import setting
 from . import tokens as tk
-from .base import ParamGroup, register
-from .textual_inversion import options
+from .base import MethodBase, ParamGroup, register
+from .textual_inversion import options, output_stem
 
 TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -211,7 +211,7 @@ class EDLoRAConfig:
 
 
 @register
-class EDLoRA:
+class EDLoRA(MethodBase):
     name = "edlora"
     Config = EDLoRAConfig
     trains_text_encoder = True
@@ -269,14 +269,34 @@ class EDLoRA:
         return float(self.rows().detach().float().norm(dim=-1).mean())
 
     def loss(self, c, batch, step: int) -> torch.Tensor:
-        from .concept_loss import denoise_loss
+        import dataclasses
 
-        # Mix-of-Show: once the embeddings' mean norm reaches the threshold they stop learning for good.
+        from ..train.noise import denoising_loss
+
+        # Mix-of-Show: once the embeddings' mean norm reaches the threshold they stop learning for good (a resumed
+        # run re-detects it at its first step, since the norm is in the checkpointed rows).
         if self.stopped_at is None and self.o.emb_norm_threshold and self.embedding_norm() >= self.o.emb_norm_threshold:
             self.stopped_at = step
             self.emb.frozen = True
-        return denoise_loss(c, batch, self.encode(c, batch.captions), getattr(self.cfg, "noise_offset", 0.0),
-                            use_mask=self.o.masked_loss)
+        if not self.o.masked_loss and batch.mask is not None:
+            batch = dataclasses.replace(batch, mask=None)
+        return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
+
+    # Checkpoints: the LoRA hooks live beside the models (not inside them), so list them explicitly.
+    def trainable_state_dict(self, c) -> dict:
+        out = {"embeddings": self.emb.new.detach()}
+        out.update({f"te_lora.{k}": v.detach() for k, v in self.te_lora.state_dict().items()})
+        out.update({f"unet_lora.{k}": v.detach() for k, v in self.unet_lora.state_dict().items()})
+        return out
+
+    def load_trainable_state_dict(self, c, sd: dict) -> None:
+        with torch.no_grad():
+            self.emb.new.copy_(sd["embeddings"])
+            for prefix, mods in (("te_lora.", self.te_lora), ("unet_lora.", self.unet_lora)):
+                mods.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+
+    def preview_pipeline(self, c):
+        return LayerwisePipeline(c)
 
     def state_dict_to_save(self, c) -> tuple[dict, dict]:
         tensors = {}
@@ -288,19 +308,45 @@ class EDLoRA:
                 tensors[f"{name}.lora_down.weight"] = h.down.weight.detach().float().cpu()
                 tensors[f"{name}.lora_up.weight"] = h.up.weight.detach().float().cpu()
                 tensors[f"{name}.alpha"] = torch.tensor(float(h.scale * h.rank))
-        meta = {"sdstudio.method": "edlora", "sdstudio.base_model": str(c.ref), "sdstudio.family": c.family.name,
+        meta = {}
+        if self.run is not None:
+            from ..formats.metadata import training_metadata
+
+            meta = training_metadata(self.run, c.family, network_dim=self.o.lora_rank,
+                                     network_alpha=self.o.lora_alpha * self.o.lora_rank, kind="edlora")
+        meta |= {"sdstudio.method": "edlora", "sdstudio.base_model": str(c.ref), "sdstudio.family": c.family.name,
                 "sdstudio.concept_tokens": " ".join(self.tokens), "sdstudio.class_word": self.o.class_word,
                 "sdstudio.layers": str(self.layers), "sdstudio.clip_skip": str(self.o.clip_skip),
-                "sdstudio.embedding_stopped_at": str(self.stopped_at),
-                "ss_network_module": "networks.lora", "ss_network_dim": str(self.o.lora_rank),
-                "ss_network_alpha": str(self.o.lora_alpha * self.o.lora_rank)}
+                "sdstudio.embedding_stopped_at": str(self.stopped_at)}
         return tensors, meta
 
     def save(self, c, out: Path) -> list[Path]:
         from ..formats.safe_io import save_safetensors
 
         tensors, meta = self.state_dict_to_save(c)
-        return [save_safetensors(tensors, Path(out).with_suffix(".safetensors"), meta)]
+        stem = output_stem(self.cfg, out)
+        return [save_safetensors(tensors, stem.with_name(stem.name + ".safetensors"), meta)]
+
+
+class LayerwisePipeline:
+    """What previews call like a diffusers pipeline, drawing with layer-wise conditioning (regions.generate)."""
+
+    def __init__(self, c, scheduler=None):
+        from diffusers import DPMSolverMultistepScheduler
+
+        self.c = c
+        self.scheduler = scheduler or DPMSolverMultistepScheduler.from_config(c.scheduler.config)
+
+    def __call__(self, prompt, negative_prompt="", num_inference_steps=20, guidance_scale=7.0, height=512,
+                 width=512, generator=None, output_type="pil", **_):
+        from types import SimpleNamespace
+
+        from ..playground.regions import generate
+
+        img = generate(self.c, prompt, negative_prompt or "", [], steps=num_inference_steps, guidance=guidance_scale,
+                       height=height, width=width, scheduler=self.scheduler, generator=generator,
+                       output_type=output_type)
+        return SimpleNamespace(images=[img])
 
 
 # -- loading an EDLoRA file (Playground, fusion) ----------------------------------------------------------

@@ -13,13 +13,20 @@ import torch
 
 from ..errors import UserError
 from ..train.config import setting
-from .base import ParamGroup, register
+from .base import MethodBase, ParamGroup, register
 from . import tokens as tk
 
 
 def options(cfg):
     """The method's own table whether the loop hands us the whole TrainConfig or just the table."""
     return getattr(cfg, "options", None) or cfg
+
+
+def output_stem(cfg, out: Path) -> Path:
+    """Where a method's files go: the loop passes the run folder; the name comes from output_name."""
+    from ..workspace import safe_name
+
+    return Path(out) / safe_name(cfg.output_name)
 
 
 def vector_names(token: str, n: int) -> list[str]:
@@ -50,7 +57,7 @@ def save_embedding(rows: torch.Tensor, out: Path, token: str, fmt: str, meta: di
     meta = {"sdstudio.token": token, "sdstudio.vectors": str(rows.shape[0]), **(meta or {})}
     written = []
     if fmt in ("a1111", "both"):
-        written.append(save_safetensors({"emb_params": rows}, out.with_suffix(".safetensors"), meta))
+        written.append(save_safetensors({"emb_params": rows}, out.with_name(out.name + ".safetensors"), meta))
     if fmt in ("diffusers", "both"):
         written.append(save_safetensors({token: rows}, out.with_name(out.name + ".learned_embeds.safetensors"), meta))
     return written
@@ -75,7 +82,7 @@ class TextualInversionConfig:
 
 
 @register
-class TextualInversion:
+class TextualInversion(MethodBase):
     name = "textual_inversion"
     Config = TextualInversionConfig
     trains_text_encoder = True  # captions must be encoded live: the text-embedding cache cannot be used
@@ -106,18 +113,26 @@ class TextualInversion:
         return tk.encode_text(c.text_encoder, ids, self.o.clip_skip)
 
     def loss(self, c, batch, step: int) -> torch.Tensor:
-        from .concept_loss import denoise_loss
+        from ..train.noise import denoising_loss
 
-        loss = denoise_loss(c, batch, self.encode(c, batch.captions), getattr(self.cfg, "noise_offset", 0.0),
-                            use_mask=batch.mask is not None)
+        loss = denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
         if self.o.norm_decay:
             loss = loss + self.o.norm_decay * norm_penalty(self.rows(), self.target_norm)
         return loss
 
-    def save(self, c, out: Path) -> list[Path]:
+    def metadata(self, c) -> dict:
         meta = {"sdstudio.method": self.name, "sdstudio.base_model": str(c.ref),
                 "sdstudio.clip_skip": str(self.o.clip_skip)}
-        return save_embedding(self.rows(), Path(out), self.o.token.strip(), self.o.save_format, meta)
+        if self.run is not None:
+            from ..formats.metadata import training_metadata
+
+            meta = {**training_metadata(self.run, c.family, kind="textual-inversion"), **meta}
+        return meta
+
+    def save(self, c, out: Path) -> list[Path]:
+        """`<run>/<output_name>.safetensors` (A1111) and/or `<output_name>.learned_embeds.safetensors`."""
+        return save_embedding(self.rows(), output_stem(self.cfg, out), self.o.token.strip(), self.o.save_format,
+                              self.metadata(c))
 
 
 def load_embedding_file(path: Path | str) -> torch.Tensor:

@@ -158,11 +158,11 @@ def attention_context(c, ctx: AttnContext):
 def generate(c, prompt: str, negative_prompt: str = "", regions: list[Region] | None = None, *, steps: int = 20,
              guidance: float = 7.0, seed: int = 0, height: int = 512, width: int = 512, scheduler=None,
              clip_skip: int = 1, adapter=None, adapter_image=None, adapter_weight: float = 1.0,
-             output_type: str = "pil", callback=None):
+             output_type: str = "pil", callback=None, generator=None):
     """One image from a global prompt plus regions (and EDLoRA concepts loaded with apply_edlora)."""
     regions = list(regions or [])
     ctx, pos, neg = build_context(c, prompt, negative_prompt, regions, guidance, height, width, clip_skip)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = generator or torch.Generator(device="cpu").manual_seed(int(seed))
     kw = dict(prompt_embeds=pos[:, 0], negative_prompt_embeds=neg[:, 0], num_inference_steps=steps,
               guidance_scale=guidance, height=height, width=width, generator=gen, output_type=output_type)
     if callback is not None:
