@@ -5,3 +5,5 @@
 from . import lora  # noqa: F401,E402
 from . import dreambooth  # noqa: F401,E402
 from . import full  # noqa: F401,E402
+from . import textual_inversion  # noqa: F401,E402
+from . import edlora  # noqa: F401,E402
