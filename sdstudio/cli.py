@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "sdstudio.data.commands",  # prepare, regularize
     "sdstudio.train.commands",  # train
     "sdstudio.playground.commands",  # generate
+    "sdstudio.wizard_cli",  # quick
     "sdstudio.bench",  # bench
 ]
 

@@ -1,0 +1,202 @@
+"""Before spending GPU hours: how many steps, how long, and how much GPU memory a config needs.
+
+The VRAM model adds what sits on the GPU during a LoRA step:
+  1. the frozen base in the compute dtype (UNet + text encoder(s) + VAE; counted from the family's real
+     architecture built on the meta device, so no weights load),
+  2. what trains: fp32 weights + fp32 grads + the optimizer's state per trainable parameter,
+  3. the largest transient: the UNet's activations for the batch (scaled by pixels, cut ~4x by gradient
+     checkpointing), the VAE encoding an image (when latents are not cached) or decoding a preview,
+  4. the CUDA context, plus 10% for allocator fragmentation.
+The per-image constants are SD 1.5 at 512 px in fp16 with SDPA/xformers attention, from what kohya_ss and
+OneTrainer users report (a rank-16 LoRA with gradient checkpointing, cached latents and 8-bit Adam trains on
+6 GB cards; without checkpointing, batch 1 needs about 7-8 GB). They are estimates: the wizard keeps a margin.
+
+Time uses measured-in-the-field speeds of SD 1.5 LoRA training (batch 1, 512 px, fp16, no checkpointing) per
+GPU class, scaled by pixels, batch, gradient checkpointing (+30%) and the previews.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+GB = 1024**3
+
+# 3. Transients per image at 512x512, fp16 (GB).
+UNET_ACTIVATIONS_GB = 3.0  # backward through the SD 1.5 UNet, no checkpointing
+UNET_ACTIVATIONS_CHECKPOINTED_GB = 0.75  # with gradient checkpointing (recomputed per block)
+TE_ACTIVATIONS_GB = 0.35  # training the text encoder (77 tokens; small next to the UNet)
+VAE_ENCODE_GB = 1.2  # encoding one 512 px image (no_grad), only when latents are not cached
+VAE_DECODE_GB = 1.3  # decoding one 512 px preview (no_grad)
+CUDA_CONTEXT_GB = 0.9  # the CUDA context, cuDNN/cuBLAS workspaces
+FRAGMENTATION = 1.10
+
+# 2. Bytes of optimizer state per trainable parameter (weights and grads are fp32: 8 bytes more).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "adafactor": 1, "prodigy": 16}
+
+
+@dataclass(frozen=True)
+class GpuClass:
+    name: str
+    memory_gb: float
+    it_per_s: float  # SD 1.5 LoRA, batch 1, 512 px, fp16, no gradient checkpointing
+    bf16: bool  # Ampere or newer: bf16 is fast and safe
+
+
+# Speeds from kohya_ss/OneTrainer user reports and the diffusers examples (SDPA or xformers).
+GPU_CLASSES = [
+    GpuClass("GTX 1660 / RTX 2060 (6 GB)", 6, 0.9, False),
+    GpuClass("RTX 3060 Ti / 3070 (8 GB)", 8, 2.2, True),
+    GpuClass("RTX 3060 (12 GB)", 12, 1.8, True),
+    GpuClass("T4 (16 GB)", 16, 1.1, False),
+    GpuClass("RTX 4080 (16 GB)", 16, 4.5, True),
+    GpuClass("RTX 3090 (24 GB)", 24, 3.5, True),
+    GpuClass("RTX 4090 (24 GB)", 24, 6.0, True),
+    GpuClass("A100 (40/80 GB)", 40, 6.5, True),
+    GpuClass("H100 (80 GB)", 80, 9.0, True),
+]
+# What the wizard assumes for each memory choice when no GPU is detected.
+DEFAULT_CLASS_FOR_MEMORY = {6: "GTX 1660 / RTX 2060 (6 GB)", 8: "RTX 3060 Ti / 3070 (8 GB)", 12: "RTX 3060 (12 GB)",
+                            16: "T4 (16 GB)", 24: "RTX 3090 (24 GB)"}
+
+
+def gpu_class(name: str = "", memory_gb: float = 0) -> GpuClass:
+    """The class of a detected GPU (by name), else the usual card for `memory_gb`."""
+    low = name.lower()
+    for g in GPU_CLASSES:
+        keys = [k.strip().lower() for k in g.name.split("(")[0].replace("RTX", "").replace("GTX", "").split("/")]
+        if low and any(k and k in low for k in keys):
+            return g
+    fits = [m for m in DEFAULT_CLASS_FOR_MEMORY if m <= max(memory_gb, 6)]
+    want = DEFAULT_CLASS_FOR_MEMORY[max(fits)]
+    return next(g for g in GPU_CLASSES if g.name == want)
+
+
+@dataclass
+class Estimate:
+    steps: int
+    images_seen: int
+    vram_gb: float
+    minutes: float
+    gpu: str
+    parts: dict = field(default_factory=dict)  # GB per part, for the explanation
+
+    def fits(self, memory_gb: float) -> bool:
+        return self.vram_gb <= memory_gb
+
+    def summary(self) -> str:
+        return (f"{self.steps} steps ({self.images_seen} image views), about {self.vram_gb:.1f} GB of GPU memory, "
+                f"about {_fmt_minutes(self.minutes)} on a {self.gpu}")
+
+
+def _fmt_minutes(m: float) -> str:
+    return f"{m:.0f} min" if m < 90 else f"{m / 60:.1f} h"
+
+
+@functools.lru_cache(maxsize=8)
+def _architecture(family_name: str, targets: str, rank: int, conv_rank: int, te_targets: str) -> dict:
+    """Parameter counts of the family's real UNet/text encoder/VAE and of a LoRA on them (meta device: no
+    memory, no download)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..methods.lora import TE_ATTENTION, TE_MLP, unet_target_names
+    from ..models.families import get_family
+
+    fam = get_family(family_name)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**fam.unet)
+        vae = AutoencoderKL(**fam.vae)
+        tes = [(CLIPTextModelWithProjection if cls.endswith("Projection") else CLIPTextModel)(CLIPTextConfig(**cfg))
+               for cls, cfg, _pad in fam.text]
+    linear, conv = unet_target_names(unet, targets)
+    mods = dict(unet.named_modules())
+
+    def lora_params(mod, r: int) -> int:
+        if isinstance(mod, torch.nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            return r * (mod.in_channels * k + mod.out_channels)
+        return r * (mod.in_features + mod.out_features)
+
+    unet_lora = sum(lora_params(mods[p], rank) for p in linear) + sum(lora_params(mods[p], conv_rank) for p in conv)
+    te_suffixes = TE_ATTENTION + (TE_MLP if te_targets != "attention" else ())
+    te_lora = sum(lora_params(m, rank) for te in tes for n, m in te.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.endswith(te_suffixes))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"unet": count(unet), "vae": count(vae), "te": sum(count(t) for t in tes), "unet_lora": unet_lora,
+            "te_lora": te_lora}
+
+
+def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images: int | None = None,
+             device_is_cuda: bool = True) -> Estimate:
+    """Steps, time and VRAM of a resolved TrainConfig (LoRA-like methods; others get the LoRA figure plus a
+    full-weight term)."""
+    from ..models.loading import family_of_ref
+
+    gpu = gpu or gpu_class(memory_gb=memory_gb)
+    fam = family_of_ref(str(cfg.base_model))
+    o = cfg.options
+    method = cfg.method
+    targets = getattr(o, "targets", "attention_mlp")
+    rank = int(getattr(o, "rank", 16))
+    te_trains = bool(getattr(o, "train_text_encoder", False))
+    arch = _architecture(fam.name, targets, rank, int(getattr(o, "conv_rank", 8)), targets)
+
+    # 1. The frozen base in the compute dtype (fp32 on CPU or when asked; bf16/fp16 otherwise).
+    half = device_is_cuda and cfg.precision != "fp32"
+    wbytes = 2 if half else 4
+    base_gb = (arch["unet"] + arch["te"] + arch["vae"]) * wbytes / GB
+    # 2. What trains.
+    if method in ("dreambooth", "full"):
+        trainable = arch["unet"] + (arch["te"] if getattr(o, "train_text_encoder", False) else 0)
+    elif method == "lora":
+        trainable = arch["unet_lora"] + (arch["te_lora"] if te_trains else 0)
+    else:  # embeddings and other small methods: a LoRA-sized upper bound
+        trainable = arch["unet_lora"]
+    state = OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)
+    train_gb = trainable * (8 + state) / GB + (trainable * 4 / GB if cfg.ema else 0)
+    # 3. The largest transient.
+    pixels = (cfg.resolution / 512) ** 2 * _family_scale(fam.name)
+    per_image = UNET_ACTIVATIONS_CHECKPOINTED_GB if cfg.gradient_checkpointing else UNET_ACTIVATIONS_GB
+    images = cfg.batch_size * (2 if cfg.prior_preservation else 1)
+    act = per_image * pixels * images + (TE_ACTIVATIONS_GB * images if te_trains else 0)
+    act *= 1 if half else 2
+    transients = {"training activations": act, "preview decode": VAE_DECODE_GB * pixels * (1 if half else 2)}
+    if cfg.cache_latents == "off":
+        transients["VAE encode"] = VAE_ENCODE_GB * pixels * images * (1 if half else 2)
+    peak_name = max(transients, key=transients.get)
+    total = (CUDA_CONTEXT_GB + base_gb + train_gb + transients[peak_name]) * FRAGMENTATION
+    parts = {"CUDA context": CUDA_CONTEXT_GB, "frozen base": base_gb, "trained weights + optimizer": train_gb,
+             peak_name: transients[peak_name]}
+
+    # Time: per step at batch 1/512 px from the GPU class, then batch, pixels, checkpointing, previews.
+    sec_per_step = (images ** 0.85) * pixels / gpu.it_per_s * (1.3 if cfg.gradient_checkpointing else 1.0)
+    if te_trains:
+        sec_per_step *= 1.1
+    previews = (cfg.max_steps // cfg.sample_every if cfg.sample_every else 0) + 2
+    preview_s = previews * len(cfg.sample_prompts) * cfg.sample_steps * 2 * pixels / (gpu.it_per_s * 3)
+    minutes = (cfg.max_steps * sec_per_step + preview_s) / 60
+    return Estimate(steps=cfg.max_steps, images_seen=cfg.max_steps * cfg.batch_size, vram_gb=round(total, 1),
+                    minutes=minutes, gpu=gpu.name, parts={k: round(v, 2) for k, v in parts.items()})
+
+
+def _family_scale(name: str) -> float:
+    # SD 2.x has the same UNet width at a larger native size (pixels already scale); SDXL's UNet is ~3x.
+    return {"sdxl": 3.0}.get(name, 1.0)
+
+
+def check_fits(cfg, memory_gb: float, *, alternatives: dict[str, object] | None = None, **kw) -> Estimate:
+    """The estimate, or a UserError when it cannot fit `memory_gb`, naming a preset that would."""
+    est = estimate(cfg, memory_gb=memory_gb, **kw)
+    if est.fits(memory_gb):
+        return est
+    better = [(name, estimate(c, memory_gb=memory_gb, **kw)) for name, c in (alternatives or {}).items()]
+    better = [(n, e) for n, e in better if e.fits(memory_gb)]
+    if better:
+        name, e = min(better, key=lambda x: x[1].minutes)
+        raise UserError(f"This preset needs about {est.vram_gb:.1f} GB of GPU memory, more than the {memory_gb:g} GB "
+                        f"you have: use {name} (about {e.vram_gb:.1f} GB).")
+    raise UserError(f"This training needs about {est.vram_gb:.1f} GB of GPU memory, more than the {memory_gb:g} GB "
+                    f"you have, and no preset fits: lower the resolution or use a GPU with more memory.")
