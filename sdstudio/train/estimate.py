@@ -94,6 +94,28 @@ def _fmt_minutes(m: float) -> str:
     return f"{m:.0f} min" if m < 90 else f"{m / 60:.1f} h"
 
 
+# (family, targets) -> (unet, vae, text encoder params, UNet LoRA params per rank, per conv rank, TE LoRA per rank):
+# what `_architecture` computes on the meta device, kept here so that a click answers at once (a test checks
+# that the two agree).
+KNOWN = {
+    ("sd1", "attention"): (859520964, 83653863, 123060480, 199296, 0, 73728),
+    ("sd1", "attention_mlp"): (859520964, 83653863, 123060480, 423936, 0, 165888),
+    ("sd1", "locon"): (859520964, 83653863, 123060480, 506816, 544000, 165888),
+    ("sd2", "attention"): (865910724, 83653863, 340387840, 207488, 0, 188416),
+    ("sd2", "attention_mlp"): (865910724, 83653863, 340387840, 432128, 0, 423936),
+    ("sd2", "locon"): (865910724, 83653863, 340387840, 515008, 544000, 423936),
+}
+
+
+def architecture(family_name: str, targets: str, rank: int, conv_rank: int) -> dict:
+    known = KNOWN.get((family_name, targets))
+    if known is None:
+        return _architecture(family_name, targets, rank, conv_rank, targets)
+    unet, vae, te, per_rank, per_conv, te_per_rank = known
+    return {"unet": unet, "vae": vae, "te": te, "unet_lora": per_rank * rank + (per_conv * conv_rank),
+            "te_lora": te_per_rank * rank}
+
+
 @functools.lru_cache(maxsize=8)
 def _architecture(family_name: str, targets: str, rank: int, conv_rank: int, te_targets: str) -> dict:
     """Parameter counts of the family's real UNet/text encoder/VAE and of a LoRA on them (meta device: no
@@ -142,7 +164,7 @@ def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images
     targets = getattr(o, "targets", "attention_mlp")
     rank = int(getattr(o, "rank", 16))
     te_trains = bool(getattr(o, "train_text_encoder", False))
-    arch = _architecture(fam.name, targets, rank, int(getattr(o, "conv_rank", 8)), targets)
+    arch = architecture(fam.name, targets, rank, int(getattr(o, "conv_rank", 8)))
 
     # 1. The frozen base in the compute dtype (fp32 on CPU or when asked; bf16/fp16 otherwise).
     half = device_is_cuda and cfg.precision != "fp32"

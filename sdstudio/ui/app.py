@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import dataset_tab, library_tab, playground_tab, train_tab
+from . import dataset_tab, library_tab, playground_tab, quick_tab, train_tab
 from .context import AppContext
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
@@ -14,6 +14,7 @@ CSS_FILE = Path(__file__).resolve().parent / "style.css"
 # (tab label, elem_id, module). Each module has build(ctx) and may have wire(ctx), which runs after every tab
 # is built so that a tab can drive another tab's components.
 TABS = [
+    ("Quick", "tab-quick", quick_tab),
     ("Dataset", "tab-dataset", dataset_tab),
     ("Train", "tab-train", train_tab),
     ("Playground", "tab-playground", playground_tab),
