@@ -183,7 +183,7 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
     """Every check a user can fail, in one sentence each, before any training starts. Raises UserError."""
     from .models.loading import TINY, family_of_ref
     from .train.config import PRESETS_DIR, load_config, read_toml
-    from .train.estimate import check_fits
+    from .train.estimate import check_fits, estimate
 
     name = check_name(qc.name)
     cls = check_class(qc.class_word)
@@ -210,17 +210,27 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
         device_is_cuda = torch.cuda.is_available() and qc.device in ("auto", "cuda")
     run_name = unique_run_name(ws, f"{name}-{cls.replace(' ', '-')}")
     run_dir, dataset = ws.root / "runs" / run_name, ws.root / "datasets" / run_name
-    values, notes = _train_values(qc, read_toml(PRESETS_DIR / f"{preset}.toml"), name, cls, len(photos), base,
-                                  run_name, run_dir, dataset, device_is_cuda)
-    cfg = load_config(None, extra=values)
-    # The memory check uses the real-size settings (a test's tiny overrides must not hide a misfit).
-    real = load_config(None, extra={**values, "resolution": read_toml(PRESETS_DIR / f"{preset}.toml").get(
-        "resolution", 512), "base_model": TINY if base == TINY else base})
     gpu = _detected_gpu(memory)
-    alternatives = {n: load_config(None, extra={**read_toml(PRESETS_DIR / f"{n}.toml"), "base_model": real.base_model})
-                    for _, n in PRESET_FOR_MEMORY if n != preset}
+
+    def resolved(name_: str):
+        """The preset with the wizard's choices, and the same at real size for the memory check (a test's tiny
+        overrides must not hide a misfit)."""
+        raw = read_toml(PRESETS_DIR / f"{name_}.toml")
+        vals, nts = _train_values(qc, raw, name, cls, len(photos), base, run_name, run_dir, dataset, device_is_cuda)
+        load_config(None, extra=vals)  # a bad override fails here, before anything runs
+        return vals, nts, load_config(None, extra={**vals, "resolution": raw.get("resolution", 512)})
+
+    values, notes, real = resolved(preset)
+    if not qc.preset and not estimate(real, gpu=gpu, device_is_cuda=True).fits(memory):
+        # Class images double each step's images: step down the ladder to a preset that fits.
+        for _gb, smaller in reversed([x for x in PRESET_FOR_MEMORY if x[1] != preset and x[0] < memory]):
+            v2, n2, r2 = resolved(smaller)
+            if estimate(r2, gpu=gpu, device_is_cuda=True).fits(memory):
+                notes = n2 + [f"Class images double each step's images: using {smaller} to fit {memory:g} GB."]
+                preset, values, real = smaller, v2, r2
+                break
+    alternatives = {n: resolved(n)[2] for _, n in PRESET_FOR_MEMORY if n != preset}
     est = check_fits(real, memory, alternatives=alternatives, gpu=gpu, device_is_cuda=True)
-    del cfg  # resolved above only to fail early on a bad override
     if qc.preset and qc.preset != picked:
         notes.append(f"Using {qc.preset} as asked (the wizard would pick {picked} for {memory:g} GB).")
     min_side = qc.min_side or (64 if base == TINY else MIN_SIDE)
