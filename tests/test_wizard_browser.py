@@ -44,7 +44,11 @@ def test_quick_tab_whole_flow(app_server, page, tmp_path):
     _fill(page, "quick-steps", 8)
     _fill(page, "quick-res", 64)
     _fill(page, "quick-sample-steps", 2)
+    for elem, value in (("quick-steps", "8"), ("quick-res", "64"), ("quick-sample-steps", "2")):
+        expect(page.locator(f"#{elem} input")).to_have_value(value)
+    page.wait_for_timeout(500)  # let the last change reach the server before the click reads the form
     page.locator("#quick-start").click()
+    expect(page.locator("#quick-status")).to_contain_text("8 steps", timeout=30_000)
 
     _stage(page, "check", "done")
     _stage(page, "crop", "done")
