@@ -559,7 +559,7 @@ def make_grid(ws, cfg, lora: Path, name: str, cls: str, *, steps: int, device: s
         _, images = run_grid(session, recipe.replace(prompt=prompt), axis, None, on_cell=on_cell, check=check)
         rows.append(images[0])
     labels = [p if len(p) <= 48 else p[:45] + "..." for p in prompts]
-    image = compose(rows, [axis.label(v) for v in GRID_WEIGHTS], labels)
+    image = compose(rows, [f"{v:g}" for v in GRID_WEIGHTS], labels)  # short: cells may be 64 px wide
     path = Path(cfg.output_dir) / "samples" / "final-grid.png"
     atomic_write_bytes(path, png_bytes(image, recipe))
     return path

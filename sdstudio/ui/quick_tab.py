@@ -224,7 +224,7 @@ def build(ctx: AppContext) -> None:
         notes = "".join(f"\n- {n}" for n in p.notes)
         return f"**Plan:** {p.summary()}{notes}{warn}"
 
-    for comp in (photos, memory, cls, base, preset):
+    for comp in (photos, memory, cls, base, preset, reg, steps, res):
         comp.change(on_estimate, inputs, [estimate])
     name.blur(on_estimate, inputs, [estimate])
 
