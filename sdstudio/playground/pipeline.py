@@ -61,7 +61,13 @@ def latents_to_rgb(latents):
     m = torch.tensor(_PREVIEW_RGB, dtype=torch.float32)
     rgb = torch.einsum("bchw,cr->brhw", latents.detach().float().cpu(), m)
     rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(x) for x in rgb]
+    # Latents are 1/8 of the image: show them at least 256 px wide so the preview is readable.
+    out = []
+    for x in rgb:
+        im = Image.fromarray(x)
+        scale = max(1, 256 // max(im.size))
+        out.append(im.resize((im.width * max(scale, 8), im.height * max(scale, 8)), Image.Resampling.BILINEAR))
+    return out
 
 
 def to_pil(images):

@@ -217,6 +217,7 @@ def generation_work(session: Playground, recipe: Recipe, out_dir: Path, *, fuse:
         else:
             ctx.emit(Status("generating", stage="generate"))
             images = session.run(recipe, fuse=fuse, on_step=on_step, check=check)
+            session.live_preview = images[0] if images else session.live_preview
             paths = save_images(images, recipe, out_dir)
         ctx.emit(Preview(step=0, paths=tuple(str(p) for p in paths), captions=tuple(p.name for p in paths)))
         ctx.emit(Finished(message=f"saved {len(paths)} image(s)", outputs=tuple(str(p) for p in paths)))
