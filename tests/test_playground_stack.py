@@ -363,3 +363,32 @@ def test_prompt_lora_tags_resolve_against_models_lora(pg, files, tmp_path):
 def test_stack_is_listed_twice_error(pg, files):
     with pytest.raises(UserError, match="twice"):
         pg.stack.apply(with_loras(LoraItem(str(files["a"]), 1.0), LoraItem(str(files["a"]), 0.5)))
+
+
+def test_several_unfused_loras_run_as_one_mix_that_sums_them(pg, files):
+    """Two or more LoRAs on a layer run as one concatenated low-rank pair; it must equal the per-LoRA sum."""
+    from safetensors.torch import load_file
+
+    pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)))
+    from sdstudio.formats.lora import owner_layer
+
+    key = "up_blocks.1.resnets.0.conv2"
+    # Other tests may have wrapped this module in LoHa/LoKr layers too: take the LoRA layer itself.
+    layer = owner_layer(pg.comps.unet.get_submodule(key), pg.stack.adapters[files["a"]].name)
+    assert layer.active_adapters == [stack_mod.MIX]
+    kname = "lora_unet_" + key.replace(".", "_")
+    x = torch.randn(1, layer.get_base_layer().in_channels, 8, 8)
+    pad = layer.get_base_layer().padding
+    with torch.no_grad():
+        expected = layer.get_base_layer()(x)
+        for f, w in ((files["a"], 0.6), (files["b"], -0.4)):
+            sd = load_file(f)
+            down, up, alpha = sd[f"{kname}.lora_down.weight"], sd[f"{kname}.lora_up.weight"], float(sd[f"{kname}.alpha"])
+            expected += w * alpha / down.shape[0] * torch.nn.functional.conv2d(
+                torch.nn.functional.conv2d(x, down, padding=pad), up)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+    # A weight change rescales the mix in place; the image follows.
+    one = img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)))
+    two = img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), 0.4)))
+    assert not np.array_equal(one, two)
+    assert np.array_equal(img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4))), one)
