@@ -271,3 +271,16 @@ def test_generate_cli_writes_pngs_and_one_line_errors(tmp_path, controls, tiny_c
     assert main(["generate", str(bad), "--out", str(tmp_path / "out2"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.safetensors" in err and len(err.splitlines()) == 1
+
+
+def test_base_model_from_the_workspace_and_paths_outside_refused(workspace, tiny_dir):
+    import shutil
+
+    shutil.copytree(tiny_dir, workspace.root / "models" / "checkpoints" / "mine")
+    session = Playground(lambda p: workspace.resolve(p, must_exist=True), device="cpu")
+    comps = session.base("models/checkpoints/mine")
+    assert comps.source == workspace.root / "models" / "checkpoints" / "mine"
+    with pytest.raises(UserError, match="outside the workspace"):
+        session.base(str(tiny_dir))
+    with pytest.raises(UserError, match="outside the workspace"):
+        session.run(BASE.replace(lora=[LoraItem("../x.safetensors")]))

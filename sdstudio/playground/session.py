@@ -64,9 +64,16 @@ class Playground:
     def base(self, ref: str):
         from ..devices import pick_device, pick_dtype
 
-        ref_path = ref
-        if ref != "tiny" and not ("/" in ref and not Path(ref).exists() and not ref.startswith((".", "/"))):
-            ref_path = str(self.resolve(ref))
+        from ..models.loading import looks_like_hub_id
+
+        ref_path = ref = (ref or "tiny").strip()
+        if ref != "tiny":
+            try:
+                ref_path = str(self.resolve(ref))
+            except UserError:
+                if not looks_like_hub_id(ref):  # not in the workspace and not "org/name": say why
+                    raise
+                ref_path = ref
         if self.comps is None or self._ref != ref_path:
             device = self.device or pick_device()
             dtype = self.dtype or pick_dtype(device)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -446,10 +445,6 @@ class Stack:
 
     def describe(self) -> list[str]:
         return [f"{a.path.name} ({a.kind}) weight {it.weight:g}" for a, it in self._items]
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
 
 
 MIX = "sdsmix"  # the concatenated LoRA a layer runs when several plain LoRAs are active on it
