@@ -392,3 +392,14 @@ def test_several_unfused_loras_run_as_one_mix_that_sums_them(pg, files):
     two = img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), 0.4)))
     assert not np.array_equal(one, two)
     assert np.array_equal(img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4))), one)
+
+
+def test_set_adapters_by_file_name_equals_applying_the_new_weight(pg, files):
+    pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.9), LoraItem(str(files["b"]), 0.3)))
+    reads = stack_mod.FILE_READS["count"]
+    pg.stack.set_adapters({"a.safetensors": 0.2})
+    from sdstudio.playground.pipeline import generate
+
+    via_set = np.asarray(generate(pg.comps, BASE, stack=pg.stack)[0]).astype(np.int16)
+    assert stack_mod.FILE_READS["count"] == reads
+    assert np.array_equal(via_set, img(pg, with_loras(LoraItem(str(files["a"]), 0.2), LoraItem(str(files["b"]), 0.3))))

@@ -156,6 +156,16 @@ def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name
 
     Every module must exist in the base with matching shapes, else one UserError naming the likely family."""
     out = AdapterWeights()
+    if "te1" in models and any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k or
+                                                               "middle_block" in k) for k in sd):
+        # kohya's SDXL files name UNet modules the LDM way; diffusers knows the map to its own block names.
+        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+        try:
+            sd = _maybe_map_sgm_blocks_to_diffusers(dict(sd), models["unet"].config)
+        except Exception as exc:
+            raise _UserError(f"{file_name}: its SDXL block names could not be mapped ({exc}); is it for this "
+                             f"base?") from exc
     table = model_table(models)
     by_path = {(mk, p): None for mk, p in table.values()}
     te_paths = {}
