@@ -105,6 +105,12 @@ def test_stack_two_loras_and_a_controlnet_generate_change_weight_generate(single
     assert [it.weight for it in r2.lora] == [0.2, 0.5]
     assert len(r2.controlnet) == 1 and r2.controlnet[0].preprocessor == "canny" and r2.controlnet[0].image
     assert not np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(pngs[-1])))
+    # Dropping the first PNG back restores its recipe: the prompt, and LoRA #1's weight of 0.8.
+    page.fill("#playground-prompt textarea", "something else")
+    page.locator("#playground-recipe-toml").page.get_by_text("Recipe", exact=True).click()
+    page.set_input_files("#playground-png-drop input[type=file]", str(first[0]))
+    expect(page.locator("#playground-prompt textarea")).to_have_value(r1.prompt, timeout=15_000)
+    expect(page.locator("#pg-weight-0 input[type=number]")).to_have_value("0.8")
     page.wait_for_timeout(800)
     screenshot(page, "playground")
     docs = ROOT / "docs" / "screenshots"
