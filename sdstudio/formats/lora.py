@@ -201,7 +201,8 @@ def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name
             if cfg:
                 r = _pattern_value(cfg, "rank_pattern", path, cfg.get("r", _rank_of(g["down"])))
                 a = _pattern_value(cfg, "alpha_pattern", path, cfg.get("lora_alpha", r))
-                alpha = float(a) * _rank_of(g["down"]) / float(r)
+                scale = float(a) / (float(r) ** 0.5 if cfg.get("use_rslora") else float(r))
+                alpha = scale * _rank_of(g["down"])
         delta = _fold_lora(g["down"], g["up"], None if alpha is None else float(alpha), g.get("mid"))
         _match_conv_linear(delta, models[mk].get_submodule(path))
         _check_shape(delta, models[mk].get_submodule(path), f"{file_name}", path, family_label)
