@@ -167,7 +167,6 @@ def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name
             raise _UserError(f"{file_name}: its SDXL block names could not be mapped ({exc}); is it for this "
                              f"base?") from exc
     table = model_table(models)
-    by_path = {(mk, p): None for mk, p in table.values()}
     te_paths = {}
     for mk, p in table.values():
         if mk != "unet":
