@@ -345,6 +345,22 @@ def build(ctx: AppContext) -> None:
             items[i]["preprocessor"] = pre_name
             return items, _preview(ctx, items[i])
 
+        def on_weight(items, w, te, i=i):
+            """The text-encoder weight follows the UNet weight while the two are equal (A1111's one multiplier);
+            once set apart, each keeps its own value (ComfyUI's strength_model / strength_clip)."""
+            if i >= len(items) or w is None:
+                return items, gr.update()
+            items = [dict(it) for it in items]
+            old = float(items[i]["weight"])
+            linked = te is not None and float(te) == old
+            items[i]["weight"] = float(w)
+            if linked:
+                items[i]["te_weight"] = float(w)
+                return items, float(w)
+            return items, gr.update()
+
+        cards[i]["weight"].input(on_weight, [items_state, cards[i]["weight"], cards[i]["te_weight"]],
+                                 [items_state, cards[i]["te_weight"]])
         cards[i]["preprocessor"].input(on_pre, [items_state, cards[i]["preprocessor"]], [items_state, cards[i]["preview"]])
 
     # -- generate / grid as Jobs -------------------------------------------------------------------------
