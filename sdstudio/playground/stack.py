@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -188,6 +187,7 @@ class Stack:
         self._fused_sig = None
         self._backup: dict[int, tuple] = {}  # id(base module) -> (module, original weight on CPU)
         self._active_embeddings: list[_LoadedEmbedding] = []
+        self._wanted: dict[int, tuple] = {}  # id(layer) -> (layer, adapter names wanted there, in order)
 
     # 1. Apply a recipe with the least work ------------------------------------------------------------
     def apply(self, recipe: Recipe, fuse: bool = False) -> None:
@@ -297,18 +297,27 @@ class Stack:
         return seen.values()
 
     def _refresh(self) -> None:
-        order = [(a, it) for a, it in self._items]
+        """Set every layer's scaling and active list from the items. Where two or more plain LoRAs are active on
+        one layer, they run as one concatenated low-rank pair (`MIX`): one A and one B matmul instead of two
+        per LoRA, which is most of the unfused per-step cost."""
+        self._wanted = {}
         for mk, layer in self._layers():
-            names = []
-            for a, it in order:
-                if a.name not in layer.scaling or a.name in self._fused or not self._range_on.get(a.name, True):
+            wanted = []
+            for a, it in self._items:
+                if a.name not in layer.scaling or not self._range_on.get(a.name, True):
                     continue
                 scale = self._scale(a.name, it, mk, layer)
                 if scale == 0:
                     continue  # skipped, not multiplied by 0: weight 0 costs nothing and equals absence exactly
                 layer.scaling[a.name] = scale
-                names.append(a.name)
-            layer._active_adapter = names
+                wanted.append(a.name)
+            self._wanted[id(layer)] = (layer, wanted)
+            names = [n for n in wanted if n not in self._fused]
+            plain = [n for n in names if _is_plain_lora(layer, n)]
+            if len(plain) >= 2:
+                _set_mix(layer, plain)
+                names = [n for n in names if n not in plain] + [MIX]
+            layer.__dict__["_active_adapter"] = names  # a plain attribute: skip nn.Module.__setattr__'s checks
 
     def _scale(self, name: str, item: LoraItem, model_key: str, layer) -> float:
         w = item.weight if model_key == "unet" else (
@@ -346,8 +355,8 @@ class Stack:
         import torch
 
         with torch.no_grad():
-            for mk, layer in self._layers():
-                for name in [n for n in layer.active_adapters if n in names]:
+            for layer, wanted in self._wanted.values():
+                for name in [n for n in wanted if n in names]:
                     base = layer.get_base_layer()
                     delta = layer.get_delta_weight(name)
                     merged = base.weight.data.float() + delta.float().reshape(base.weight.shape)
@@ -438,5 +447,50 @@ class Stack:
         return [f"{a.path.name} ({a.kind}) weight {it.weight:g}" for a, it in self._items]
 
 
-def finite(x: float) -> bool:
-    return math.isfinite(x)
+MIX = "sdsmix"  # the concatenated LoRA a layer runs when several plain LoRAs are active on it
+
+
+def _is_plain_lora(layer, name: str) -> bool:
+    lora_a = getattr(layer, "lora_A", None)
+    return lora_a is not None and name in lora_a and name not in getattr(layer, "lora_variant", {}) and \
+        not getattr(layer, "use_dora", {}).get(name, False)
+
+
+def _set_mix(layer, names: list[str]) -> None:
+    """Write `names` into the layer's MIX adapter: A = [A_1; A_2; ...], B = [s_1 B_1, s_2 B_2, ...], so
+    B A x = sum_i s_i B_i A_i x. A is rebuilt only when the set of LoRAs changes; B on every weight change."""
+    import torch
+
+    key = tuple(names)
+    if layer.__dict__.get("_sds_mix_key") != key:
+        a_list = [layer.lora_A[n].weight for n in names]
+        a0 = layer.lora_A[names[0]]
+        rank = sum(w.shape[0] for w in a_list)
+        b0 = layer.lora_B[names[0]].weight
+        # Built on the meta device (no random init), then given real weights.
+        if isinstance(a0, torch.nn.Conv2d):
+            mix_a = torch.nn.Conv2d(a0.in_channels, rank, a0.kernel_size, a0.stride, a0.padding, a0.dilation,
+                                    a0.groups, bias=False, device="meta")
+            mix_b = torch.nn.Conv2d(rank, b0.shape[0], 1, bias=False, device="meta")
+        else:
+            mix_a = torch.nn.Linear(a0.in_features, rank, bias=False, device="meta")
+            mix_b = torch.nn.Linear(rank, b0.shape[0], bias=False, device="meta")
+        mix_a.weight = torch.nn.Parameter(torch.cat(a_list, 0).detach(), requires_grad=False)
+        mix_b.weight = torch.nn.Parameter(torch.empty((b0.shape[0], rank, *b0.shape[2:]), dtype=b0.dtype,
+                                                      device=b0.device), requires_grad=False)
+        layer.lora_A[MIX], layer.lora_B[MIX] = mix_a, mix_b
+        layer.lora_dropout[MIX] = torch.nn.Identity()
+        layer.r[MIX], layer.lora_alpha[MIX] = rank, rank
+        layer.scaling[MIX] = 1.0
+        layer.__dict__["_sds_mix_key"] = key
+        # (output slice of the mix's B, that LoRA's own B) pairs: a weight change rescales slices in place.
+        out, start = [], 0
+        for n in names:
+            b = layer.lora_B[n].weight
+            out.append((layer.lora_B[MIX].weight[:, start:start + b.shape[1]], b))
+            start += b.shape[1]
+        layer.__dict__["_sds_mix_slices"] = out
+    scaling = layer.scaling
+    with torch.no_grad():
+        for (dst, src), n in zip(layer.__dict__["_sds_mix_slices"], names):
+            torch.mul(src, scaling[n], out=dst)
