@@ -16,6 +16,7 @@ from .errors import UserError
 COMMAND_MODULES = [
     "sdstudio.models.commands",  # tiny-model
     "sdstudio.train.commands",  # train
+    "sdstudio.methods.fusion_cli",  # fuse
     "sdstudio.bench",  # bench
 ]
 
