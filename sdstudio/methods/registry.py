@@ -5,3 +5,4 @@
 from . import lora  # noqa: F401,E402
 from . import textual_inversion  # noqa: F401,E402
 from . import edlora  # noqa: F401,E402
+from . import pivotal  # noqa: F401,E402
