@@ -1,0 +1,101 @@
+"""`sdstudio generate RECIPE.toml --out DIR`: the Playground headless, through the same session and job code."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images from a recipe TOML (LoRAs, embeddings, ControlNets, ...)",
+                       description="Generate images from a Playground recipe. Relative paths in the recipe are "
+                                   "looked up in the workspace, then next to the recipe, then in the current folder.")
+    p.add_argument("recipe", type=Path, help="the recipe .toml (or a PNG this app made: its recipe is reused)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the images")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep LoRAs unfused (by default a stack without step ranges is fused into the base: faster)")
+    p.add_argument("--x", default=None, help="X/Y grid axis, e.g. cfg=5,7,9 or lora_weight[0]=0,0.5,1")
+    p.add_argument("--y", default=None, help="second grid axis")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a top-level recipe key, e.g. --set seed=7 (repeatable)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .pt/.ckpt files (loaded with weights_only=True); only for files you trust")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    p.set_defaults(func=run_generate)
+
+
+def make_resolver(recipe_dir: Path, home: Path | None):
+    def resolve(text: str) -> Path:
+        p = Path(str(text)).expanduser()
+        if p.is_absolute():
+            return p
+        for root in ([home] if home else []) + [recipe_dir, Path.cwd()]:
+            if (root / p).exists():
+                return (root / p).resolve()
+        return (home or recipe_dir) / p
+
+    return resolve
+
+
+def _apply_sets(recipe, sets):
+    from ..errors import UserError
+    from .recipe import Recipe
+
+    data = recipe.to_dict()
+    for s in sets:
+        key, sep, value = s.partition("=")
+        if not sep or key.strip() not in data or isinstance(data[key.strip()], list):
+            raise UserError(f"--set {s!r}: use KEY=VALUE with a top-level recipe key such as seed, steps or cfg.")
+        import tomllib
+
+        try:
+            data[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            data[key.strip()] = value
+    return Recipe.from_dict(data, "the recipe after --set")
+
+
+def run_generate(args) -> int:
+    from ..devices import pick_device
+    from ..jobs import run_foreground
+    from ..workspace import default_home
+    from .grid import parse_axis
+    from .outputs import read_recipe
+    from .recipe import Recipe
+    from .session import Playground, generation_work
+
+    recipe = read_recipe(args.recipe) if args.recipe.suffix.lower() == ".png" else Recipe.load(args.recipe)
+    recipe = _apply_sets(recipe, args.set)
+    home = default_home()
+    home = home.resolve() if home.is_dir() else None
+    resolve = make_resolver(args.recipe.resolve().parent, home)
+    x = parse_axis(args.x) if args.x else None
+    y = parse_axis(args.y) if args.y else None
+    if y and not x:
+        from ..errors import UserError
+
+        raise UserError("--y needs --x: give the first grid axis too.")
+    session = Playground(resolve, lora_dir=(home / "models" / "lora") if home else None,
+                         annotators_dir=(home / "models" / "annotators") if home else None,
+                         device=pick_device(args.device), allow_pickle=args.allow_pickle)
+    work = generation_work(session, recipe, args.out, fuse=args.fuse, x=x, y=y, preview_every=0)
+
+    def show(ev):
+        from ..events import Progress
+
+        if isinstance(ev, Progress) and sys.stderr.isatty():
+            print(f"\r{ev.message}", end="", file=sys.stderr, flush=True)
+
+    job = run_foreground("generate", "generate", work, listeners=[show])
+    end = job.log.snapshot()["end"]
+    from ..errors import UserError
+    from ..events import Failed
+
+    if isinstance(end, Failed):
+        raise UserError(end.message)
+    if end is not None and getattr(end, "stopped", False):
+        print("stopped", file=sys.stderr)
+        return 130
+    for path in job.result or []:
+        print(path)
+    return 0

@@ -1,0 +1,233 @@
+"""A Playground session: the base model, its adapter stack, the loaded ControlNets/T2I-Adapters and the
+prepared control images, kept between generations. The UI and `sdstudio generate` both run through it."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from . import stack as stack_mod
+from .pipeline import generate
+from .recipe import Recipe
+from .stack import Stack, resolve_prompt_loras
+
+log = logging.getLogger("sdstudio.playground")
+
+
+def load_control_model(path: Path, kind: str, dtype=None, device: str = "cpu"):
+    """A ControlNet or T2I-Adapter from a diffusers folder (counted as an adapter file read)."""
+    import json
+
+    from diffusers import ControlNetModel, T2IAdapter
+
+    with stack_mod._READ_LOCK:
+        stack_mod.FILE_READS["count"] += 1
+    label = "ControlNet" if kind == "controlnet" else "T2I-Adapter"
+    if not path.exists():
+        raise UserError(f"{path.name} does not exist: check the path of the {label}.")
+    if path.is_file():
+        raise UserError(f"{path.name} is a single file; the Playground loads a {label} as a diffusers folder (with "
+                        f"config.json): convert it or point at the folder.")
+    try:
+        name = json.loads((path / "config.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        raise UserError(f"{path.name} has no readable config.json: it is not a diffusers {label} folder.") from None
+    if kind == "controlnet" and "ControlNet" not in name or kind == "t2i_adapter" and "Adapter" not in name:
+        raise UserError(f"{path.name} is a {name or 'unknown model'}, not a {label}: add it as the right kind.")
+    cls = ControlNetModel if kind == "controlnet" else T2IAdapter
+    model = cls.from_pretrained(str(path), local_files_only=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class Playground:
+    """Keeps everything loaded across generations; `run(recipe)` does only the work the change needs."""
+
+    def __init__(self, resolve: Callable[[str], Path] | None = None, *, cache=None, lora_dir: Path | None = None,
+                 annotators_dir: Path | None = None, device: str | None = None, dtype=None, allow_pickle=False):
+        self.resolve = resolve or (lambda p: Path(p).expanduser())
+        self.cache = cache
+        self.lora_dir = lora_dir
+        self.annotators_dir = annotators_dir
+        self.device = device
+        self.dtype = dtype
+        self.allow_pickle = allow_pickle
+        self.comps = None
+        self.stack: Stack | None = None
+        self._ref = None
+        self._controls: dict[tuple, object] = {}
+        self._images: dict[tuple, object] = {}
+        self.live_preview = None  # the latest step's cheap preview (PIL), for the UI to poll
+        self.live_step = (0, 0)
+
+    # 1. The base -----------------------------------------------------------------------------------------
+    def base(self, ref: str):
+        from ..devices import pick_device, pick_dtype
+
+        from ..models.loading import looks_like_hub_id
+
+        ref_path = ref = (ref or "tiny").strip()
+        if ref != "tiny":
+            try:
+                ref_path = str(self.resolve(ref))
+            except UserError:
+                if not looks_like_hub_id(ref):  # not in the workspace and not "org/name": say why
+                    raise
+                ref_path = ref
+        if self.comps is None or self._ref != ref_path:
+            device = self.device or pick_device()
+            dtype = self.dtype or pick_dtype(device)
+            self.comps, self.stack = None, None
+            self._controls.clear()
+            if self.cache is not None:
+                # take, not get: the stack adds adapters to these modules, which a trainer must never inherit
+                comps = self.cache.take(ref_path, device=device, dtype=dtype)
+            else:
+                from ..models.loading import load_base
+
+                comps = load_base(ref_path, device=device, dtype=dtype)
+            self.comps, self._ref = comps, ref_path
+            self.stack = Stack(comps, resolve=self.resolve, allow_pickle=self.allow_pickle)
+        return self.comps
+
+    # 2. Everything a recipe needs, loaded once -------------------------------------------------------------
+    def prepare(self, recipe: Recipe, fuse: bool = False) -> dict:
+        recipe.validate()
+        comps = self.base(recipe.base_model)
+        recipe = resolve_prompt_loras(recipe, self.lora_dir)
+        self.stack.apply(recipe, fuse=fuse and not any(not (i.start <= 0 and i.end >= 1) for i in recipe.lora))
+        out = {"recipe": recipe, "controlnets": [], "control_images": [], "control_weights": [], "control_ranges": [],
+               "adapters": [], "adapter_images": [], "adapter_weights": [], "adapter_ranges": []}
+        for kind, items, prefix in (("controlnet", recipe.controlnet, "control"),
+                                    ("t2i_adapter", recipe.t2i_adapter, "adapter")):
+            for item in items:
+                if not item.enabled:
+                    continue
+                model = self._control(kind, item.path, comps)
+                img = self.control_image(item.image, item.preprocessor, recipe.width, recipe.height,
+                                         gray=kind == "t2i_adapter" and model.config.in_channels == 1)
+                out["controlnets" if kind == "controlnet" else "adapters"].append(model)
+                out[f"{prefix}_images"].append(img)
+                out[f"{prefix}_weights"].append(item.weight)
+                out[f"{prefix}_ranges"].append((item.start, item.end))
+        out["init_image"] = self._plain_image(recipe.init_image, recipe.width, recipe.height) if recipe.init_image else None
+        out["mask"] = self._plain_image(recipe.mask_image, recipe.width, recipe.height) if recipe.mask_image else None
+        return out
+
+    def _control(self, kind: str, path_text: str, comps):
+        path = self.resolve(path_text)
+        key = (kind, path)
+        if key not in self._controls:
+            model = load_control_model(path, kind, dtype=comps.unet.dtype, device=comps.unet.device)
+            self._check_fits(kind, model, comps, path.name)
+            self._controls[key] = model
+        return self._controls[key]
+
+    @staticmethod
+    def _check_fits(kind: str, model, comps, name: str) -> None:
+        ucfg = comps.unet.config
+        if kind == "controlnet":
+            if model.config.cross_attention_dim != ucfg.cross_attention_dim or \
+                    list(model.config.block_out_channels) != list(ucfg.block_out_channels):
+                raise UserError(f"{name} is a ControlNet for another model family (its width does not match this "
+                                f"{comps.family.label} base): pick a matching ControlNet.")
+        else:
+            chans = list(getattr(model.config, "channels", []))
+            if chans and chans != list(ucfg.block_out_channels)[: len(chans)]:
+                raise UserError(f"{name} is a T2I-Adapter for another model family (channels {chans} vs this "
+                                f"base's {list(ucfg.block_out_channels)}): pick a matching adapter.")
+
+    def control_image(self, path_text: str, preprocessor: str, width: int, height: int, gray: bool = False):
+        """The control image at the output size, after its preprocessor (cached by file, mtime and settings)."""
+        from .preprocess import preprocess
+
+        if not path_text:
+            raise UserError("A ControlNet/T2I-Adapter item has no control image: choose one.")
+        path = self.resolve(path_text)
+        if not path.is_file():
+            raise UserError(f"The control image {path.name} does not exist: check the path.")
+        key = (path, path.stat().st_mtime_ns, preprocessor, width, height, gray)
+        if key not in self._images:
+            img = fit_image(path, width, height)
+            img = preprocess(img, preprocessor, self.annotators_dir)
+            if gray:
+                img = img.convert("L").convert("RGB")
+            self._images = {k: v for k, v in list(self._images.items())[-16:]}
+            self._images[key] = img
+        return self._images[key]
+
+    def _plain_image(self, path_text: str, width: int, height: int):
+        path = self.resolve(path_text)
+        if not path.is_file():
+            raise UserError(f"The image {path.name} does not exist: check the path.")
+        return fit_image(path, width, height)
+
+    # 3. Generate ------------------------------------------------------------------------------------------
+    def run(self, recipe: Recipe, *, fuse: bool = False, on_step=None, check=None):
+        p = self.prepare(recipe, fuse=fuse)
+        return generate(self.comps, p["recipe"], stack=self.stack,
+                        controlnets=p["controlnets"], control_images=p["control_images"],
+                        control_weights=p["control_weights"], control_ranges=p["control_ranges"],
+                        adapters=p["adapters"], adapter_images=p["adapter_images"],
+                        adapter_weights=p["adapter_weights"], adapter_ranges=p["adapter_ranges"],
+                        init_image=p["init_image"], mask=p["mask"], on_step=on_step, check=check)
+
+
+def fit_image(path: Path, width: int, height: int):
+    """Open an image and bring it to width x height. A different aspect ratio is refused rather than
+    stretched: a squashed control image makes a squashed picture."""
+    from ..data.images import open_rgb
+
+    img = open_rgb(path)
+    w, h = img.size
+    if abs(w / h - width / height) > 0.02 * (width / height):
+        raise UserError(f"{path.name} is {w}x{h}, another shape than the {width}x{height} output: crop it to the "
+                        f"same aspect ratio or change width/height.")
+    if (w, h) != (width, height):
+        from PIL import Image
+
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    return img
+
+
+def generation_work(session: Playground, recipe: Recipe, out_dir: Path, *, fuse: bool = False, x=None, y=None,
+                    preview_every: int = 1):
+    """The Job work that the UI and `sdstudio generate` both run: generate (or a grid), save atomically, and
+    report progress, a live preview and the saved files as events."""
+    from ..events import Finished, Preview, Progress, Status
+    from .grid import run_grid
+    from .outputs import png_bytes, save_images
+    from .pipeline import latents_to_rgb
+
+    def work(ctx):
+        ctx.emit(Status("loading the base model and the stack", stage="load"))
+        check = ctx.commands.check
+
+        def on_step(i, total, latents):
+            session.live_step = (i + 1, total)
+            if preview_every and (i % preview_every == 0 or i + 1 == total):
+                session.live_preview = latents_to_rgb(latents[:1])[0]
+            ctx.emit(Progress(i + 1, total, stage="generate", message=f"step {i + 1}/{total}"))
+
+        if x is not None:
+            def on_cell(done, total, img):
+                session.live_preview = img
+                ctx.emit(Progress(done, total, stage="grid", message=f"cell {done}/{total}"))
+
+            grid, _ = run_grid(session, recipe, x, y, on_cell=on_cell, check=check, fuse=fuse)
+            from ..formats.safe_io import atomic_write_bytes
+            import time as _t
+
+            path = Path(out_dir) / f"grid-{_t.strftime('%Y%m%d-%H%M%S')}.png"
+            atomic_write_bytes(path, png_bytes(grid, recipe))
+            paths = [path]
+        else:
+            ctx.emit(Status("generating", stage="generate"))
+            images = session.run(recipe, fuse=fuse, on_step=on_step, check=check)
+            session.live_preview = images[0] if images else session.live_preview
+            paths = save_images(images, recipe, out_dir)
+        ctx.emit(Preview(step=0, paths=tuple(str(p) for p in paths), captions=tuple(p.name for p in paths)))
+        ctx.emit(Finished(message=f"saved {len(paths)} image(s)", outputs=tuple(str(p) for p in paths)))
+        return paths
+
+    return work

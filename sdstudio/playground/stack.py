@@ -1,0 +1,496 @@
+"""The adapter stack on a loaded base: LoRA/LoCon/LoHa/LoKr and embeddings, with per-item weights.
+
+`Stack.apply(recipe)` compares the recipe with what is loaded and does the least work:
+- each adapter file is read once (through `read_adapter_file`, the one door every adapter read goes through)
+  and stays loaded, inactive, after it leaves the recipe, so adding it back costs nothing;
+- a weight, block-weight or enable change goes through `set_adapters`: it only sets each peft layer's
+  scaling and active list, reading no file;
+- `fuse=True` merges the always-on adapters into the base weights (the fast path for a stack that does not
+  change); the touched base weights are backed up first, so unfusing restores the base bit for bit;
+- step ranges switch LoRAs on and off per denoising step (`on_step`).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from ..formats.kinds import detect_kind_from_keys
+from .recipe import EmbeddingItem, LoraItem, Recipe
+
+log = logging.getLogger("sdstudio.playground")
+
+# Every adapter file read increments this (tests and `sdstudio bench generate` count reads with it).
+FILE_READS = {"count": 0}
+_READ_LOCK = threading.Lock()
+
+
+def read_adapter_file(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
+    """(state dict, safetensors metadata) of an adapter or embedding file: the one function that reads them."""
+    from ..formats.safe_io import load_state_dict, read_safetensors_metadata
+
+    with _READ_LOCK:
+        FILE_READS["count"] += 1
+    sd = load_state_dict(path, allow_pickle=allow_pickle)
+    meta = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    return sd, meta
+
+
+# -- LoRA-Block-Weight ---------------------------------------------------------------------------------
+
+def block_ids(unet) -> list[str]:
+    """A1111 LoRA-Block-Weight ids in full form: BASE, IN00.., M00, OUT00.. (26 for SD1.x, 20 for SDXL)."""
+    per_block = unet.config.layers_per_block
+    per_block = per_block if isinstance(per_block, int) else per_block[0]
+    n_down = len(unet.config.down_block_types)
+    n_in = n_down * (per_block + 1)
+    n_out = len(unet.config.up_block_types) * (per_block + 1)
+    return ["BASE"] + [f"IN{i:02d}" for i in range(n_in)] + ["M00"] + [f"OUT{i:02d}" for i in range(n_out)]
+
+
+# The short forms list only the blocks that hold attention (what most LoRAs train).
+SHORT_FORMS = {
+    17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07",
+         "OUT08", "OUT09", "OUT10", "OUT11"],
+    12: ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"],
+}
+
+
+def block_of(model_key: str, path: str, unet) -> str:
+    """The LoRA-Block-Weight block a module belongs to; resnets, convs, samplers included (not only attention)."""
+    if model_key != "unet":
+        return "BASE"
+    per_block = unet.config.layers_per_block
+    per_block = per_block if isinstance(per_block, int) else per_block[0]
+    n_up = len(unet.config.up_block_types) * (per_block + 1)
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)", path)
+    if m:
+        b, part, j = int(m[1]), m[2], int(m[3])
+        idx = b * (per_block + 1) + (per_block + 1 if part == "downsamplers" else j + 1)
+        return f"IN{idx:02d}"
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)", path)
+    if m:
+        b, part, j = int(m[1]), m[2], int(m[3])
+        idx = b * (per_block + 1) + (per_block if part == "upsamplers" else j)
+        return f"OUT{idx:02d}"
+    if path.startswith("mid_block"):
+        return "M00"
+    if path.startswith(("conv_out", "conv_norm_out")):
+        return f"OUT{n_up - 1:02d}"
+    return "IN00"  # conv_in, time_embedding, add_embedding: the entry of the network
+
+
+def block_table(blocks: list[float], unet, where: str = "blocks") -> dict[str, float]:
+    """Block weights by id. Accepts the full form (26 SD1.x / 20 SDXL) or the short form (17 / 12); blocks a
+    short form leaves out keep weight 1."""
+    ids = block_ids(unet)
+    if not blocks:
+        return {}
+    if len(blocks) == len(ids):
+        return dict(zip(ids, blocks))
+    short = SHORT_FORMS.get(len(blocks))
+    if short and all(b in ids for b in short):
+        table = {i: 1.0 for i in ids}
+        table.update(zip(short, blocks))
+        return table
+    forms = [str(len(ids))] + [str(n) for n, s in SHORT_FORMS.items() if all(b in ids for b in s)]
+    raise UserError(f"{where} has {len(blocks)} block weights; this base takes {' or '.join(forms)} "
+                    f"(LoRA-Block-Weight order: {', '.join(ids[:4])}, ...).")
+
+
+# -- A1111 <lora:name:weight> in the prompt -------------------------------------------------------------
+
+_PROMPT_LORA = re.compile(r"<(lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
+
+
+def extract_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """Remove A1111 `<lora:name>`, `<lora:name:w>`, `<lora:name:te_w:unet_w>` tags from a prompt.
+
+    Returns the clean prompt and [(name, unet weight, text-encoder weight)]."""
+    found = []
+
+    def take(m: re.Match) -> str:
+        args = [a for a in m[3].split(":")[1:] if a.strip()]
+        try:
+            nums = [float(a) for a in args]
+        except ValueError:
+            raise UserError(f"The prompt tag {m[0]} has a weight that is not a number: write <lora:name:0.8>.") from None
+        te = nums[0] if nums else 1.0
+        unet = nums[1] if len(nums) > 1 else te
+        found.append((m[2].strip(), unet, te))
+        return ""
+
+    clean = _PROMPT_LORA.sub(take, prompt)
+    clean = re.sub(r"\s*,\s*(,\s*)+", ", ", clean).strip().strip(",").strip()
+    return clean, found
+
+
+def resolve_prompt_loras(recipe: Recipe, lora_dir: Path | None) -> Recipe:
+    """The recipe with its prompt's <lora:...> tags turned into [[lora]] items found in `lora_dir`."""
+    clean, tags = extract_prompt_loras(recipe.prompt)
+    if not tags:
+        return recipe
+    items = list(recipe.lora)
+    for name, unet_w, te_w in tags:
+        path = None
+        if lora_dir is not None:
+            for cand in sorted(lora_dir.rglob("*")):
+                if cand.is_file() and cand.suffix in (".safetensors", ".pt") and cand.stem == name:
+                    path = cand
+                    break
+        if path is None:
+            raise UserError(f"<lora:{name}> in the prompt names no file in {lora_dir or 'models/lora'}: "
+                            f"put {name}.safetensors there or fix the name.")
+        items.append(LoraItem(path=str(path), weight=unet_w, text_encoder_weight=te_w))
+    return recipe.replace(prompt=clean, lora=items)
+
+
+# -- the stack ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Adapter:
+    name: str  # the peft adapter name
+    path: Path
+    kind: str  # "lora" | "lycoris"
+    layers: list = field(default_factory=list)  # [(model key, module path, peft layer)]
+
+
+@dataclass
+class _LoadedEmbedding:
+    path: Path
+    token: str
+    internal: list[list[str]]  # per text encoder: the internal tokens that carry its vectors
+
+
+class Stack:
+    """Adapters and embeddings on one loaded base (Components). Not thread-safe: one generation at a time."""
+
+    def __init__(self, comps, resolve: Callable[[str], Path] | None = None, allow_pickle: bool = False,
+                 max_unused: int = 8):
+        self.comps = comps
+        self.resolve = resolve or (lambda p: Path(p))
+        self.allow_pickle = allow_pickle
+        self.max_unused = max_unused  # loaded-but-unused adapters kept in memory before the oldest is dropped
+        self.models = {"unet": comps.unet, **{f"te{i}": te for i, te in enumerate(comps.text_encoders)}}
+        self.adapters: dict[Path, _Adapter] = {}
+        self.embeddings: dict[Path, _LoadedEmbedding] = {}
+        self._counter = 0
+        self._items: list[tuple[_Adapter, LoraItem]] = []  # what the current recipe asks for, in order
+        self._blocks: dict[str, dict[str, float]] = {}  # adapter name -> block table
+        self._block_of: dict[int, str] = {}  # id(layer) -> block id
+        self._range_on: dict[str, bool] = {}  # adapter name -> inside its step range now
+        self._fused: set[str] = set()
+        self._fused_sig = None
+        self._backup: dict[int, tuple] = {}  # id(base module) -> (module, original weight on CPU)
+        self._active_embeddings: list[_LoadedEmbedding] = []
+        self._wanted: dict[int, tuple] = {}  # id(layer) -> (layer, adapter names wanted there, in order)
+
+    # 1. Apply a recipe with the least work ------------------------------------------------------------
+    def apply(self, recipe: Recipe, fuse: bool = False) -> None:
+        wanted: list[tuple[Path, LoraItem]] = []
+        seen = set()
+        for item in recipe.lora:
+            path = self.resolve(item.path)
+            if path in seen and item.enabled:
+                raise UserError(f"{Path(item.path).name} is in the stack twice: remove one and set its weight.")
+            seen.add(path)
+            wanted.append((path, item))
+        for path, item in wanted:
+            if item.enabled and path not in self.adapters:
+                self._load_adapter(path)
+        self._items = [(self.adapters[p], it) for p, it in wanted if it.enabled]
+        self._blocks = {a.name: block_table(it.blocks, self.comps.unet, f"{a.path.name}'s blocks")
+                        for a, it in self._items}
+        self._range_on = {a.name: True for a, _ in self._items}
+        self._drop_unused({p for p, it in wanted})
+        self._apply_embeddings(recipe.embedding)
+
+        signature = tuple((a.name, it.weight, it.text_encoder_weight, tuple(it.blocks))
+                          for a, it in self._items if self._full_range(it))
+        if self._fused and (not fuse or signature != self._fused_sig):
+            self.unfuse()
+        self._refresh()
+        if fuse and not self._fused and signature:
+            self.fuse({name for name, *_ in signature})
+            self._fused_sig = signature
+
+    def set_adapters(self, weights: dict[str, float], text_encoder_weights: dict[str, float] | None = None) -> None:
+        """Change weights of loaded adapters by file path (or name) without reading anything."""
+        te = text_encoder_weights or {}
+        new = []
+        for a, it in self._items:
+            key = str(a.path) if str(a.path) in weights else a.path.name if a.path.name in weights else a.name
+            w = weights.get(key, it.weight)
+            tw = te.get(key, it.text_encoder_weight)
+            new.append((a, LoraItem(path=it.path, weight=w, text_encoder_weight=tw, blocks=it.blocks, start=it.start,
+                                    end=it.end)))
+        self._items = new
+        if self._fused:
+            self.unfuse()
+        self._refresh()
+
+    @staticmethod
+    def _full_range(item: LoraItem) -> bool:
+        return item.start <= 0.0 and item.end >= 1.0
+
+    @property
+    def has_step_ranges(self) -> bool:
+        return any(not self._full_range(it) for _, it in self._items)
+
+    @property
+    def fused(self) -> bool:
+        return bool(self._fused)
+
+    # 2. Load a file once ---------------------------------------------------------------------------------
+    def _load_adapter(self, path: Path) -> _Adapter:
+        from ..formats.lora import inject, read_lora
+        from ..formats.lycoris import read_lycoris
+
+        if not path.exists():
+            raise UserError(f"{path.name} does not exist: check the path of the LoRA.")
+        if path.is_dir():
+            cands = sorted(path.glob("*.safetensors"))
+            if len(cands) != 1:
+                raise UserError(f"{path.name} is a folder: point at the LoRA .safetensors file inside it.")
+            path = cands[0]
+        sd, meta = read_adapter_file(path, self.allow_pickle)
+        kind = detect_kind_from_keys(sd.keys())
+        family = self.comps.family.label
+        if kind == "lora":
+            weights = read_lora(sd, self.models, metadata=meta, file_name=path.name, family_label=family)
+        elif kind == "lycoris":
+            weights = read_lycoris(sd, self.models, metadata=meta, file_name=path.name, family_label=family)
+        else:
+            raise UserError(f"{path.name} is a {kind} file, not a LoRA or LyCORIS file: add it as a {kind} item.")
+        self._counter += 1
+        adapter = _Adapter(name=f"sds{self._counter}", path=path, kind=kind)
+        if self._fused:
+            self.unfuse()  # injecting wraps modules; keep the base weights plain while we do it
+        for mk, deltas in weights.targets.items():
+            model = self.models[mk]
+            for path_of, layer in inject(model, adapter.name, deltas):
+                adapter.layers.append((mk, path_of, layer))
+                self._block_of[id(layer)] = block_of(mk, path_of, self.comps.unet)
+        for model in self.models.values():
+            model.requires_grad_(False)
+        self.adapters[path] = adapter
+        log.info("loaded %s (%s, %d modules)", path.name, kind, len(adapter.layers))
+        return adapter
+
+    def _drop_unused(self, keep: set[Path]) -> None:
+        unused = [p for p in self.adapters if p not in keep]
+        for path in unused[: max(0, len(unused) - self.max_unused)]:
+            adapter = self.adapters.pop(path)
+            for _mk, _path, layer in adapter.layers:
+                layer.delete_adapter(adapter.name)
+
+    # 3. Weights -> each peft layer's scaling and active list -------------------------------------------
+    def _layers(self):
+        seen = {}
+        for a in self.adapters.values():
+            for mk, path, layer in a.layers:
+                seen[id(layer)] = (mk, layer)
+        return seen.values()
+
+    def _refresh(self) -> None:
+        """Set every layer's scaling and active list from the items. Where two or more plain LoRAs are active on
+        one layer, they run as one concatenated low-rank pair (`MIX`): one A and one B matmul instead of two
+        per LoRA, which is most of the unfused per-step cost."""
+        self._wanted = {}
+        for mk, layer in self._layers():
+            wanted = []
+            for a, it in self._items:
+                if a.name not in layer.scaling or not self._range_on.get(a.name, True):
+                    continue
+                scale = self._scale(a.name, it, mk, layer)
+                if scale == 0:
+                    continue  # skipped, not multiplied by 0: weight 0 costs nothing and equals absence exactly
+                layer.scaling[a.name] = scale
+                wanted.append(a.name)
+            self._wanted[id(layer)] = (layer, wanted)
+            names = [n for n in wanted if n not in self._fused]
+            plain = [n for n in names if _is_plain_lora(layer, n)]
+            if len(plain) >= 2:
+                _set_mix(layer, plain)
+                names = [n for n in names if n not in plain] + [MIX]
+            layer.__dict__["_active_adapter"] = names  # a plain attribute: skip nn.Module.__setattr__'s checks
+
+    def _scale(self, name: str, item: LoraItem, model_key: str, layer) -> float:
+        w = item.weight if model_key == "unet" else (
+            item.weight if item.text_encoder_weight is None else item.text_encoder_weight)
+        table = self._blocks.get(name)
+        if table:
+            w *= table.get(self._block_of.get(id(layer), "IN00"), 1.0)
+        return float(w)
+
+    # 4. Step ranges -------------------------------------------------------------------------------------
+    def on_step(self, step: int, total: int) -> None:
+        """Turn ranged LoRAs on/off for denoising step `step` of `total` (the UNet only: the prompt is encoded
+        before the loop). Active while start <= step/total and (step+1)/total <= end, like ControlNet's
+        guidance start/end."""
+        changed = False
+        for a, it in self._items:
+            if self._full_range(it):
+                continue
+            on = step / total >= it.start and (step + 1) / total <= it.end + 1e-9
+            if self._range_on.get(a.name) != on:
+                self._range_on[a.name] = on
+                changed = True
+        if changed:
+            self._refresh()
+
+    def reset_steps(self) -> None:
+        if any(not v for v in self._range_on.values()):
+            self._range_on = {k: True for k in self._range_on}
+            self._refresh()
+
+    # 5. Fused fast path ---------------------------------------------------------------------------------
+    def fuse(self, names: set[str]) -> None:
+        """Merge the named adapters into the base weights (skipping any that would make a weight non-finite,
+        like peft's safe_merge), after backing the touched weights up to CPU for an exact unfuse."""
+        import torch
+
+        with torch.no_grad():
+            for layer, wanted in self._wanted.values():
+                for name in [n for n in wanted if n in names]:
+                    base = layer.get_base_layer()
+                    delta = layer.get_delta_weight(name)
+                    merged = base.weight.data.float() + delta.float().reshape(base.weight.shape)
+                    if not torch.isfinite(merged).all():
+                        raise UserError(f"Fusing the LoRA stack made {type(base).__name__} weights overflow: lower "
+                                        f"the weights, or turn fusing off.")
+                    if id(base) not in self._backup:
+                        self._backup[id(base)] = (base, base.weight.data.to("cpu", copy=True))
+                    base.weight.data.copy_(merged.to(base.weight.dtype))
+        self._fused = set(names)
+        self._refresh()
+
+    def unfuse(self) -> None:
+        """Put the exact original base weights back."""
+        import torch
+
+        with torch.no_grad():
+            for base, original in self._backup.values():
+                base.weight.data.copy_(original.to(base.weight.device))
+        self._backup.clear()
+        self._fused = set()
+        self._fused_sig = None
+        self._refresh()
+
+    # 6. Embeddings ---------------------------------------------------------------------------------------
+    def _apply_embeddings(self, items: list[EmbeddingItem]) -> None:
+        active = []
+        tokens = set()
+        for item in items:
+            if not item.enabled:
+                continue
+            path = self.resolve(item.path)
+            loaded = self.embeddings.get(path)
+            if loaded is None:
+                loaded = self._load_embedding(path, item.token)
+            if item.token:
+                loaded.token = item.token
+            if loaded.token in tokens:
+                raise UserError(f"Two embeddings use the token {loaded.token}: give one another token.")
+            tokens.add(loaded.token)
+            active.append(loaded)
+        self._active_embeddings = active
+
+    def _load_embedding(self, path: Path, token: str) -> _LoadedEmbedding:
+        import torch
+
+        from ..formats.embeddings import embedding_from_state
+
+        if not path.is_file():
+            raise UserError(f"{path.name} does not exist: check the path of the embedding.")
+        sd, _meta = read_adapter_file(path, self.allow_pickle)
+        emb = embedding_from_state(sd, path.name, token)
+        emb.token = token or emb.token or f"<{path.stem}>"
+        tes, toks = self.comps.text_encoders, self.comps.tokenizers
+        if len(emb.vectors) != len(tes):
+            need = "clip_l and clip_g" if len(tes) == 2 else "one vector set"
+            raise UserError(f"{path.name} is an embedding for another model family (this base needs {need}): "
+                            f"pick a matching embedding.")
+        internal = []
+        k = len(self.embeddings) + 1
+        for i, (te, tok, vec) in enumerate(zip(tes, toks, emb.vectors)):
+            table = te.get_input_embeddings()
+            if vec.shape[1] != table.weight.shape[1]:
+                raise UserError(f"{path.name} has {vec.shape[1]}-wide vectors but this {self.comps.family.label} "
+                                f"text encoder uses {table.weight.shape[1]}: it is for another model family.")
+            names = [f"<sdstudio-emb{k}-{j}>" for j in range(vec.shape[0])]
+            tok.add_tokens(names)
+            te.resize_token_embeddings(len(tok))
+            table = te.get_input_embeddings()
+            ids = tok.convert_tokens_to_ids(names)
+            with torch.no_grad():
+                table.weight[ids] = vec.to(table.weight.dtype).to(table.weight.device)
+            table.weight.requires_grad_(False)
+            internal.append(names)
+        loaded = _LoadedEmbedding(path=path, token=emb.token, internal=internal)
+        self.embeddings[path] = loaded
+        return loaded
+
+    def expand_prompt(self, text: str, encoder: int = 0) -> str:
+        """Replace each active embedding's token with the internal tokens that carry its vectors. Disabled or
+        removed embeddings are not replaced, so their token reads as plain text, as if never loaded."""
+        for emb in self._active_embeddings:
+            pattern = rf"(?<![\w<]){re.escape(emb.token)}(?![\w>])"
+            text = re.sub(pattern, " ".join(emb.internal[encoder]), text)
+        return text
+
+    def describe(self) -> list[str]:
+        return [f"{a.path.name} ({a.kind}) weight {it.weight:g}" for a, it in self._items]
+
+
+MIX = "sdsmix"  # the concatenated LoRA a layer runs when several plain LoRAs are active on it
+
+
+def _is_plain_lora(layer, name: str) -> bool:
+    lora_a = getattr(layer, "lora_A", None)
+    return lora_a is not None and name in lora_a and name not in getattr(layer, "lora_variant", {}) and \
+        not getattr(layer, "use_dora", {}).get(name, False)
+
+
+def _set_mix(layer, names: list[str]) -> None:
+    """Write `names` into the layer's MIX adapter: A = [A_1; A_2; ...], B = [s_1 B_1, s_2 B_2, ...], so
+    B A x = sum_i s_i B_i A_i x. A is rebuilt only when the set of LoRAs changes; B on every weight change."""
+    import torch
+
+    key = tuple(names)
+    if layer.__dict__.get("_sds_mix_key") != key:
+        a_list = [layer.lora_A[n].weight for n in names]
+        a0 = layer.lora_A[names[0]]
+        rank = sum(w.shape[0] for w in a_list)
+        b0 = layer.lora_B[names[0]].weight
+        # Built on the meta device (no random init), then given real weights.
+        if isinstance(a0, torch.nn.Conv2d):
+            mix_a = torch.nn.Conv2d(a0.in_channels, rank, a0.kernel_size, a0.stride, a0.padding, a0.dilation,
+                                    a0.groups, bias=False, device="meta")
+            mix_b = torch.nn.Conv2d(rank, b0.shape[0], 1, bias=False, device="meta")
+        else:
+            mix_a = torch.nn.Linear(a0.in_features, rank, bias=False, device="meta")
+            mix_b = torch.nn.Linear(rank, b0.shape[0], bias=False, device="meta")
+        mix_a.weight = torch.nn.Parameter(torch.cat(a_list, 0).detach(), requires_grad=False)
+        mix_b.weight = torch.nn.Parameter(torch.empty((b0.shape[0], rank, *b0.shape[2:]), dtype=b0.dtype,
+                                                      device=b0.device), requires_grad=False)
+        layer.lora_A[MIX], layer.lora_B[MIX] = mix_a, mix_b
+        layer.lora_dropout[MIX] = torch.nn.Identity()
+        layer.r[MIX], layer.lora_alpha[MIX] = rank, rank
+        layer.scaling[MIX] = 1.0
+        layer.__dict__["_sds_mix_key"] = key
+        # (output slice of the mix's B, that LoRA's own B) pairs: a weight change rescales slices in place.
+        out, start = [], 0
+        for n in names:
+            b = layer.lora_B[n].weight
+            out.append((layer.lora_B[MIX].weight[:, start:start + b.shape[1]], b))
+            start += b.shape[1]
+        layer.__dict__["_sds_mix_slices"] = out
+    scaling = layer.scaling
+    with torch.no_grad():
+        for (dst, src), n in zip(layer.__dict__["_sds_mix_slices"], names):
+            torch.mul(src, scaling[n], out=dst)
