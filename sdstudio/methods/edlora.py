@@ -435,13 +435,7 @@ def apply_edlora(c, path: Path | str | EDLoRAFile, weight: float = 1.0, ctx: Att
     if new and len(new) != len(f.tokens):
         raise UserError(f"{f.path.name} shares some of its tokens {f.tokens} with a concept already loaded: "
                         "concept names must not overlap.")
-    if new:
-        names, rows = [], []
-        for t in f.tokens:
-            table[t] = layer_token_names(t, f.layers)
-            names += table[t]
-            rows.append(f.embeddings[t])
-        tk.add_new_tokens(c.tokenizer, c.text_encoder, names, torch.cat(rows, 0))
+    add_concept_tokens(c, f)
     install_processors(c.unet, ctx)
     hooks = []
     for model, kind in ((c.text_encoder, "te"), (c.unet, "unet")):
@@ -461,6 +455,35 @@ def apply_edlora(c, path: Path | str | EDLoRAFile, weight: float = 1.0, ctx: Att
             h.to(mod.weight.device, mod.weight.dtype)
             hooks.append(h)
     return AppliedEDLoRA(f, hooks)
+
+
+def add_concept_tokens(c, f: EDLoRAFile) -> None:
+    """Give `c` the file's layer-wise tokens once (a plain, resized embedding table, as other loaders expect)."""
+    table = concept_table(c)
+    new = [t for t in f.tokens if t not in table]
+    if new and len(new) != len(f.tokens):
+        raise UserError(f"{f.path.name} shares some of its tokens {f.tokens} with a concept already loaded: "
+                        "concept names must not overlap.")
+    if not new:
+        return
+    names, rows = [], []
+    for t in f.tokens:
+        names += layer_token_names(t, f.layers)
+        rows.append(f.embeddings[t])
+    tk.add_new_tokens(c.tokenizer, c.text_encoder, names, torch.cat(rows, 0))
+    tk.bake(c.text_encoder)
+    for t in f.tokens:
+        table[t] = layer_token_names(t, f.layers)
+
+
+def load_concept_tokens(c, sd: dict, meta: dict, path: Path) -> dict:
+    """The Playground's door for an EDLoRA file added as a LoRA item: its tokens go into `c` (checked against
+    the base), and the rest of the state dict (a kohya LoRA) is returned for the LoRA loader."""
+    emb = {k[len(EMB_PREFIX):]: v for k, v in sd.items() if k.startswith(EMB_PREFIX)}
+    f = EDLoRAFile(Path(path), emb, {}, meta)
+    check_base(c, f)
+    add_concept_tokens(c, f)
+    return {k: v for k, v in sd.items() if not k.startswith(EMB_PREFIX)}
 
 
 def concepts_summary(f: EDLoRAFile) -> str:

@@ -150,6 +150,13 @@ def generate(comps, recipe: Recipe, *, stack=None,
         use_cfg = recipe.cfg > 1.0
         uncond = prompt_mod.encode(neg, tok, te, recipe.clip_skip, n).to(dtype) if use_cfg else None
         emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if use_cfg else cond.expand(B, -1, -1)
+        # 2b. [[region]] prompts and EDLoRA tokens: per-box and per-layer conditioning (playground/regions.py)
+        from .regions import recipe_attention
+
+        expand = (lambda p: stack.expand_prompt(p)) if stack else (lambda p: p)
+        attn = recipe_attention(comps, recipe, lambda p, k: prompt_mod.encode(expand(p), tok, te, recipe.clip_skip, k)
+                                .to(dtype), lambda p: prompt_mod.chunk_count(expand(p), tok), emb, B, use_cfg, ad_w)
+        emb = attn.emb
         rows = emb.shape[0]
 
         # 3. Scheduler and timesteps
@@ -194,7 +201,8 @@ def generate(comps, recipe: Recipe, *, stack=None,
             t = _image_tensor(im, W, H, device, dtype, f"control image for T2I-Adapter {k + 1}")
             if ad.config.in_channels == 1:
                 t = t.mean(dim=1, keepdim=True)
-            ad_feats.append([f.expand(rows, -1, -1, -1) for f in ad(t)] if ad_w[k] != 0 else None)
+            ad_feats.append([f.expand(rows, -1, -1, -1) for f in attn.adapter_features(k, ad(t))]
+                            if ad_w[k] != 0 else None)
 
         step_kwargs = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters else {}
         total = len(timesteps)
@@ -202,6 +210,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
             stack.reset_steps()
         # 6. Denoising loop
         try:
+            attn.install()
             for i, t in enumerate(timesteps):
                 if check:
                     check()
@@ -251,6 +260,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
                 if on_step:
                     on_step(i, total, latents)
         finally:
+            attn.close()
             if stack is not None:
                 stack.reset_steps()
 
