@@ -49,17 +49,18 @@ def norm_penalty(rows: torch.Tensor, target: float) -> torch.Tensor:
 
 
 def save_embedding(rows: torch.Tensor, out: Path, token: str, fmt: str, meta: dict | None = None) -> list[Path]:
-    """Write `rows` (n, dim) as an A1111 embedding (`<out>.safetensors`, key `emb_params`) and/or a diffusers
-    learned_embeds file (`<out>.learned_embeds.safetensors`, key = the token)."""
-    from ..formats.safe_io import save_safetensors
+    """Write `rows` (n, dim) through formats/embeddings.py: A1111 (`<out>.safetensors`, key `emb_params`) and/or
+    diffusers learned_embeds (`<out>.learned_embeds.safetensors`, key = the token)."""
+    from ..formats import embeddings
 
-    rows = rows.detach().float().cpu().contiguous()
     meta = {"sdstudio.token": token, "sdstudio.vectors": str(rows.shape[0]), **(meta or {})}
     written = []
     if fmt in ("a1111", "both"):
-        written.append(save_safetensors({"emb_params": rows}, out.with_name(out.name + ".safetensors"), meta))
+        written.append(embeddings.save_embedding(out.with_name(out.name + ".safetensors"), rows, token,
+                                                 fmt="a1111", metadata=meta))
     if fmt in ("diffusers", "both"):
-        written.append(save_safetensors({token: rows}, out.with_name(out.name + ".learned_embeds.safetensors"), meta))
+        written.append(embeddings.save_embedding(out.with_name(out.name + ".learned_embeds.safetensors"), rows,
+                                                 token, fmt="diffusers", metadata=meta))
     return written
 
 
@@ -133,16 +134,3 @@ class TextualInversion(MethodBase):
         """`<run>/<output_name>.safetensors` (A1111) and/or `<output_name>.learned_embeds.safetensors`."""
         return save_embedding(self.rows(), output_stem(self.cfg, out), self.o.token.strip(), self.o.save_format,
                               self.metadata(c))
-
-
-def load_embedding_file(path: Path | str) -> torch.Tensor:
-    """Rows (n, dim) of an embedding file in A1111 (.safetensors emb_params) or diffusers learned_embeds layout."""
-    from ..formats.safe_io import load_state_dict
-
-    sd = load_state_dict(path)
-    if "emb_params" in sd:
-        return sd["emb_params"]
-    if len(sd) == 1:
-        rows = next(iter(sd.values()))
-        return rows if rows.ndim == 2 else rows.unsqueeze(0)
-    raise UserError(f"{Path(path).name} is not a textual-inversion embedding: expected emb_params or one token.")
