@@ -323,6 +323,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             ev = render_previews(method, c, cfg, run_dir, step, autocast)
         if ev:
             emit(ev)
+        emit(Status(f"training (step {step})", stage="train"))
 
     def on_pause() -> None:
         emit(Status("paused", stage="paused"))
