@@ -3,6 +3,8 @@
 # The training-engine issue adds: lora, dreambooth, full.
 # The concepts issue adds: textual_inversion, pivotal, edlora (and lycoris / adalora when they land).
 from . import lora  # noqa: F401,E402
+from . import dreambooth  # noqa: F401,E402
+from . import full  # noqa: F401,E402
 from . import textual_inversion  # noqa: F401,E402
 from . import edlora  # noqa: F401,E402
 from . import pivotal  # noqa: F401,E402

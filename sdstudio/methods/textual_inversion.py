@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..train.config import setting
 from .base import MethodBase, ParamGroup, register
 from . import tokens as tk

@@ -1,0 +1,87 @@
+"""Exact resume: stop at step k, resume, and the loss sequence equals an uninterrupted run's; a run killed
+with kill -9 resumes from its last checkpoint; --resume without a checkpoint says so."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdstudio.errors import UserError
+from sdstudio.events import Step
+from sdstudio.jobs import Commands, Stopped
+from sdstudio.train.config import load_config
+from sdstudio.train.loop import train
+from train_helpers import fast_sets, make_kohya_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_stop_and_resume_repeats_the_uninterrupted_run(tmp_path):
+    ds = make_kohya_dataset(tmp_path / "ds", n=3)
+    # Exercise every source of state: a schedule with warmup, EMA, caption shuffle/dropout, min-SNR, noise offset.
+    opts = dict(max_steps=7, lr_scheduler="cosine", warmup_steps=2, ema="true", shuffle_captions="true",
+                caption_dropout=0.3, min_snr_gamma=5, noise_offset=0.05, gradient_accumulation=2)
+    straight = load_config(None, fast_sets(ds, tmp_path / "a", **opts))
+    train(straight, lambda e: None)
+
+    resumed = load_config(None, fast_sets(ds, tmp_path / "b", **opts))
+    commands = Commands()
+
+    def stop_at_3(ev):
+        if isinstance(ev, Step) and ev.step == 3:
+            commands.stop()
+
+    with pytest.raises(Stopped):
+        train(resumed, stop_at_3, commands)
+    assert (tmp_path / "b" / "checkpoints" / "step-3" / "state.json").is_file()
+    train(resumed, lambda e: None, resume=True)
+
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 8))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # exact: same data, noise, weights, optimizer
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert all(r2["time"] >= r1["time"] for r1, r2 in zip(b, b[1:]))  # time continues across the resume
+
+
+def test_resume_without_checkpoint_says_so(tmp_path):
+    ds = make_kohya_dataset(tmp_path / "ds", n=2)
+    cfg = load_config(None, fast_sets(ds, tmp_path / "none"))
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(cfg, lambda e: None, resume=True)
+
+
+def test_kill_9_then_resume(tmp_path):
+    ds = make_kohya_dataset(tmp_path / "ds", n=2)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "sdstudio", "train", "character-lora-sd15",
+            *sum((["--set", s] for s in fast_sets(ds, run, max_steps=400, save_every=2)), [])]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "checkpoints" / "step-4").is_dir():
+            time.sleep(0.1)
+        assert (run / "checkpoints" / "step-4").is_dir(), "no checkpoint appeared"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # Finish quickly from the last checkpoint (max_steps lowered to just past it).
+    from sdstudio.train.checkpoint import checkpoint_dirs
+
+    last = checkpoint_dirs(run)[-1][0]
+    done = subprocess.run(args + ["--set", f"max_steps={last + 2}", "--resume"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = [r["step"] for r in _log(run)]
+    assert steps == list(range(1, last + 3))
+    assert (run / "character-lora.safetensors").is_file()
