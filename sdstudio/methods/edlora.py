@@ -214,7 +214,7 @@ class EDLoRAConfig:
 class EDLoRA(MethodBase):
     name = "edlora"
     Config = EDLoRAConfig
-    trains_text_encoder = True
+    contract_settings = {"sample_prompts": '["a photo of <sks1> <sks2>"]'}
 
     def prepare(self, c, cfg) -> list[ParamGroup]:
         if c.family.is_xl:
@@ -296,6 +296,17 @@ class EDLoRA(MethodBase):
                 mods.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
 
     def preview_pipeline(self, c):
+        return LayerwisePipeline(c)
+
+    def load_output(self, pipe, paths: list[Path]):
+        """A diffusers pipeline cannot feed one embedding per layer: wrap its modules in a LayerwisePipeline."""
+        from ..models.families import detect_family_from_unet_config
+        from ..models.loading import Components
+
+        c = Components(unet=pipe.unet, vae=pipe.vae, text_encoders=[pipe.text_encoder], tokenizers=[pipe.tokenizer],
+                       scheduler=pipe.scheduler, family=detect_family_from_unet_config(dict(pipe.unet.config)),
+                       ref="pipeline")
+        apply_edlora(c, paths[0])
         return LayerwisePipeline(c)
 
     def state_dict_to_save(self, c) -> tuple[dict, dict]:

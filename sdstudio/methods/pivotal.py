@@ -50,6 +50,8 @@ class PivotalConfig:
 class Pivotal(MethodBase):
     name = "pivotal"
     Config = PivotalConfig
+    contract_settings = {"pivotal.token": "<sks-piv>", "pivotal.rank": 4, "pivotal.first_phase": 0.5,
+                         "sample_prompts": '["a photo of <sks-piv>"]'}
 
     def prepare(self, c, cfg) -> list[ParamGroup]:
         o: PivotalConfig = options(cfg)
@@ -106,6 +108,15 @@ class Pivotal(MethodBase):
                 for k, v in sd.items():
                     if k.startswith(prefix + "."):
                         params[k[len(prefix) + 1:]].copy_(v)
+
+    def load_output(self, pipe, paths: list[Path]):
+        """diffusers: the LoRA's kohya keys with load_lora_weights, the embedding with load_textual_inversion."""
+        from ..formats.safe_io import load_state_dict, read_safetensors_metadata
+
+        lora, emb = paths[0], paths[1]
+        pipe.load_lora_weights({k: v for k, v in load_state_dict(lora).items() if not k.startswith("bundle_emb.")})
+        pipe.load_textual_inversion(str(emb), token=read_safetensors_metadata(emb).get("sdstudio.token"))
+        return pipe
 
     def save(self, c, out: Path) -> list[Path]:
         from ..formats.lora import peft_to_kohya

@@ -85,7 +85,8 @@ class TextualInversionConfig:
 class TextualInversion(MethodBase):
     name = "textual_inversion"
     Config = TextualInversionConfig
-    trains_text_encoder = True  # captions must be encoded live: the text-embedding cache cannot be used
+    # What the contract test (tests/test_train_contract.py) needs on tiny: a new word, and prompts that use it.
+    contract_settings = {"textual_inversion.token": "<sks-obj>", "sample_prompts": '["a photo of <sks-obj>"]'}
 
     def prepare(self, c, cfg) -> list[ParamGroup]:
         o = options(cfg)
@@ -128,6 +129,14 @@ class TextualInversion(MethodBase):
 
             meta = {**training_metadata(self.run, c.family, kind="textual-inversion"), **meta}
         return meta
+
+    def load_output(self, pipe, paths: list[Path]):
+        """As a user would in diffusers: `load_textual_inversion(file, token=...)` (A1111 files name no token)."""
+        from ..formats.safe_io import read_safetensors_metadata
+
+        for p in paths[:1]:
+            pipe.load_textual_inversion(str(p), token=read_safetensors_metadata(p).get("sdstudio.token"))
+        return pipe
 
     def save(self, c, out: Path) -> list[Path]:
         """`<run>/<output_name>.safetensors` (A1111) and/or `<output_name>.learned_embeds.safetensors`."""
