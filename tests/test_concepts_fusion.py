@@ -105,3 +105,29 @@ def test_fuse_cli(two_concepts, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sdstudio", "fuse", str(bad)], capture_output=True, text=True,
                        timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fusion_panel_runs_a_job(two_concepts, workspace):
+    import shutil
+
+    import gradio as gr
+
+    from sdstudio.ui import fusion_panel
+    from sdstudio.ui.context import AppContext
+
+    for p in two_concepts:
+        shutil.copy(p, workspace.models("edlora") / p.name)
+    ctx = AppContext(workspace)
+    files = fusion_panel.edlora_files(ctx)
+    assert files == ["models/edlora/ann.safetensors", "models/edlora/bob.safetensors"]
+    with gr.Blocks():
+        fusion_panel.build(ctx)  # the section builds (the lead wires it into the Train tab)
+    with pytest.raises(UserError, match="at least two"):
+        fusion_panel.start_fuse(ctx, "tiny", files[:1], "x", 2, 2)
+    with pytest.raises(UserError, match="must not overlap"):
+        fusion_panel.start_fuse(ctx, "tiny", [files[0], files[0]], "x", 2, 2)
+    job = fusion_panel.start_fuse(ctx, "tiny", files, "duo", 3, 3)
+    job.join(300)
+    text, frac = fusion_panel.view(job)
+    assert text.startswith("**Fused.**") and frac == 1.0, text
+    assert (workspace.models("checkpoint") / "duo" / "model_index.json").is_file()

@@ -51,8 +51,8 @@ class FuseConfig:
     prompt_template: str = setting(TEMPLATE, "Prompt the concepts are recorded with ({} = the concept's tokens).")
     sample_steps: int = setting(20, "Denoising steps recorded for the spatial layers.", min=1, max=200,
                                 advanced=True)
-    resolution: int = setting(512, "Image size for recording the spatial layers.", min=64, max=2048,
-                              advanced=True)
+    resolution: int = setting(0, "Image size for recording the spatial layers (0: the base's native size).",
+                              min=0, max=2048, advanced=True)
     seed: int = setting(0, "Seed of the recording runs.", min=0, max=2**31 - 1, advanced=True)
     device: str = setting("auto", "auto, cuda, mps or cpu.", choices=("auto", "cuda", "mps", "cpu"), advanced=True)
     concepts: list = field(default_factory=list, metadata={"internal": True})
@@ -105,8 +105,8 @@ class LayerStats:
         self.target: list[torch.Tensor] = []  # W_i (2-D)
 
     def add(self, x: torch.Tensor, w_target: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.gram.append((x.T @ x).float())
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.gram.append(x.T @ x)
         self.count.append(x.shape[0])
         self.target.append(w_target.float())
 
@@ -124,6 +124,8 @@ def objective(w: torch.Tensor, st: LayerStats) -> torch.Tensor:
 def solve_lbfgs(w0: torch.Tensor, st: LayerStats, iters: int) -> torch.Tensor:
     """L-BFGS from the base weight, as Mix-of-Show (strong Wolfe line search, history 25)."""
     w = w0.detach().float().clone().requires_grad_(True)
+    st.gram = [g.to(w) for g in st.gram]  # once, not at every evaluation
+    st.target = [t.to(w) for t in st.target]
     opt = torch.optim.LBFGS([w], lr=1, max_iter=iters, history_size=25, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-12, tolerance_change=1e-14)
 
@@ -332,16 +334,17 @@ def fuse(c, files: list[EDLoRAFile], cfg: FuseConfig, emit=lambda ev: None, chec
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(c.scheduler.config)
-    size = cfg.resolution // 8
+    size = cfg.resolution // 8 if cfg.resolution else int(unet.config.sample_size)
     for ci, (f, deltas) in enumerate(zip(files, unet_deltas)):
         check()
+        # Gram matrices accumulate on the model's device (fp32): a few MB per layer, whatever the image size.
         grams = {p: torch.zeros(unet.get_submodule(p).weight.flatten(1).shape[1],
-                                unet.get_submodule(p).weight.flatten(1).shape[1], dtype=torch.float64)
+                                unet.get_submodule(p).weight.flatten(1).shape[1], device=device)
                  for p in sp_paths}
         counts = {p: 0 for p in sp_paths}
 
         def acc(p, x):
-            x = x.reshape(-1, x.shape[-1]).double().cpu()
+            x = x.reshape(-1, x.shape[-1]).float()
             grams[p] += x.T @ x
             counts[p] += x.shape[0]
 
@@ -363,7 +366,7 @@ def fuse(c, files: list[EDLoRAFile], cfg: FuseConfig, emit=lambda ev: None, chec
             applied.close()
         for p in sp_paths:
             st = stats[p]
-            st.gram.append(grams[p].float())
+            st.gram.append(grams[p])
             st.count.append(counts[p])
             st.target.append(target(unet.get_submodule(p), deltas.get(p)))
     solve_stage("spatial", unet, sp_paths, stats, unet_deltas, cfg.unet_iters)
