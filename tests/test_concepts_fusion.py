@@ -131,3 +131,23 @@ def test_fusion_panel_runs_a_job(two_concepts, workspace):
     text, frac = fusion_panel.view(job)
     assert text.startswith("**Fused.**") and frac == 1.0, text
     assert (workspace.models("checkpoint") / "duo" / "model_index.json").is_file()
+
+
+def test_fused_folder_as_playground_base(two_concepts, tmp_path):
+    """The fused folder is a base the Playground pipeline uses with concept tokens in regions."""
+    from sdstudio.methods.edlora import read_edlora
+    from sdstudio.methods.fusion import FuseConfig, fuse, save_fused
+    from sdstudio.playground.pipeline import generate
+    from sdstudio.playground.recipe import Recipe, RegionItem
+
+    c = load_base("tiny")
+    fuse(c, [read_edlora(p) for p in two_concepts], FuseConfig(text_encoder_iters=3, unet_iters=3, sample_steps=2))
+    folder = save_fused(c, tmp_path, "duo")[0]
+    base = load_base(str(folder))
+    r = Recipe(prompt="two friends", steps=2, width=64, height=64, sampler="euler",
+               region=[RegionItem("<ann1> <ann2> waving", box=(0, 0, 0.5, 1)),
+                       RegionItem("<bob1> <bob2> sitting", box=(0.5, 0, 1, 1))])
+    with_tokens = np.asarray(generate(base, r)[0], dtype=np.float32)
+    r.region[0].prompt, r.region[1].prompt = "waving", "sitting"
+    without = np.asarray(generate(base, r)[0], dtype=np.float32)
+    assert np.abs(with_tokens - without).max() > 0

@@ -172,8 +172,17 @@ def encode_layerwise(c, prompts: list[str], table: dict[str, list[str]], layers:
 
 
 def concept_table(c) -> dict[str, list[str]]:
-    """{concept token: its per-layer token names} for every EDLoRA concept loaded into these components."""
-    return c.extra.setdefault("edlora_tokens", {})
+    """{concept token: its per-layer token names} for every EDLoRA concept loaded into these components. A fused
+    model (a diffusers folder from `sdstudio fuse`) brings its own table in new_concept_cfg.json."""
+    if "edlora_tokens" not in c.extra:
+        table = {}
+        src = Path(c.source) if c.source else None
+        cfg_file = src / "new_concept_cfg.json" if src is not None and src.is_dir() else None
+        if cfg_file is not None and cfg_file.is_file():
+            for token, v in json.loads(cfg_file.read_text(encoding="utf-8")).items():
+                table[token] = list(v["concept_token_names"])
+        c.extra["edlora_tokens"] = table
+    return c.extra["edlora_tokens"]
 
 
 def parse_tokens(text: str) -> list[str]:

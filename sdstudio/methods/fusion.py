@@ -431,15 +431,8 @@ def save_fused(c, out_dir: Path, name: str, report: FusionReport | None = None) 
 
 
 def load_concept_table(c) -> dict[str, list[str]]:
-    """After loading a fused diffusers folder as a base: restore its concept table (tokens are in its vocab)."""
-    table = concept_table(c)
-    src = Path(c.source) if c.source else None
-    cfg_file = src / "new_concept_cfg.json" if src and src.is_dir() else None
-    if cfg_file and cfg_file.is_file() and not table:
-        for t, v in json.loads(cfg_file.read_text()).items():
-            table[t] = list(v["concept_token_names"])
-        install_processors(c.unet)
-    return table
+    """After loading a fused diffusers folder as a base: its concept table (edlora.concept_table reads it)."""
+    return concept_table(c)
 
 
 def run_fuse(cfg: FuseConfig, emit=lambda ev: None, commands=None, home: Path | None = None) -> list[Path]:
