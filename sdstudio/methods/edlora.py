@@ -186,7 +186,7 @@ def concept_table(c) -> dict[str, list[str]]:
 
 
 def parse_tokens(text: str) -> list[str]:
-    toks = [t for t in text.replace(",", " ").split() if t]
+    toks = [t.lower() for t in text.replace(",", " ").split() if t]  # CLIP lowercases prompts and tokens
     if len(toks) != 2 or len(set(toks)) != 2:
         raise UserError(f"concept_tokens = {text!r} must be two different new words, e.g. '<anna1> <anna2>'.")
     return toks
@@ -504,7 +504,3 @@ def load_concept_tokens(c, sd: dict, meta: dict, path: Path) -> dict:
     check_base(c, f)
     add_concept_tokens(c, f)
     return {k: v for k, v in sd.items() if not k.startswith(EMB_PREFIX)}
-
-
-def concepts_summary(f: EDLoRAFile) -> str:
-    return json.dumps({"tokens": f.tokens, "class_word": f.meta.get("sdstudio.class_word", "")})

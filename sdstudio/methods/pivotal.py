@@ -124,7 +124,7 @@ class Pivotal(MethodBase):
 
         stem = output_stem(self.cfg, out)
         rows = self.ti.rows().detach().float().cpu()
-        token = self.o.token.strip()
+        token = self.ti.o.token  # lowercased, as the tokenizer holds it
         sd = peft_to_kohya(c.unet, "unet", dtype=torch.float16)
         if self.o.train_text_encoder:
             sd.update(peft_to_kohya(c.text_encoder, "te", dtype=torch.float16))

@@ -92,7 +92,8 @@ class TextualInversion(MethodBase):
         o = options(cfg)
         self.cfg, self.o = cfg, o
         te, tok = c.text_encoder, c.tokenizer
-        self.names = vector_names(o.token.strip(), o.num_vectors)
+        o.token = o.token.strip().lower()  # CLIP lowercases prompts and added tokens alike
+        self.names = vector_names(o.token, o.num_vectors)
         gen = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
         init = tk.init_rows(te, tok, o.num_vectors, o.init_word, o.init_std, gen)
         self.emb = tk.add_new_tokens(tok, te, self.names, init)
