@@ -61,3 +61,31 @@ def test_box_parsing_accepts_common_forms():
     assert parse_box("[0.1, 0.2, 0.6, 1]") == (0.1, 0.2, 0.6, 1.0)
     assert parse_box("0 0 .5 1") == (0.0, 0.0, 0.5, 1.0)
     assert parse_box((0, 0.25, 1, 0.75)) == (0.0, 0.25, 1.0, 0.75)
+
+
+def test_overlapping_regions_average_and_outside_keeps_global():
+    """One cross-attention layer: inside two overlapping boxes the output is the mean of the two region
+    prompts' attention; inside one box it is that box's; outside every box it is the global prompt's."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from sdstudio.methods.edlora import AttnContext
+    from sdstudio.playground.regions import RegionAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    hs = torch.randn(1, 16, 16)  # a 4x4 feature map
+    glob, ra, rb = torch.randn(1, 5, 8), torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    ctx = AttnContext()
+    ctx.size = (4, 4)
+    a, b = Region("a", (0, 0, 0.75, 1)), Region("b", (0.5, 0, 1, 1))  # columns 0-2 and 2-3 overlap in column 2
+    ctx.regions = [(a, ra), (b, rb)]
+    out = RegionAttnProcessor(0, ctx)(attn, hs, glob)
+    ref = AttnProcessor2_0()
+    oa, ob, og = ref(attn, hs, ra), ref(attn, hs, rb), ref(attn, hs, glob)
+    grid = lambda t: t.reshape(4, 4, -1)  # noqa: E731
+    assert torch.allclose(grid(out)[:, :2], grid(oa)[:, :2], atol=1e-6)
+    assert torch.allclose(grid(out)[:, 2], (grid(oa)[:, 2] + grid(ob)[:, 2]) / 2, atol=1e-6)
+    assert torch.allclose(grid(out)[:, 3], grid(ob)[:, 3], atol=1e-6)
+    ctx.regions = [(Region("c", (0, 0, 0.5, 0.5)), ra)]  # outside the box: the global prompt
+    out = RegionAttnProcessor(0, ctx)(attn, hs, glob)
+    assert torch.allclose(grid(out)[2:, :], grid(og)[2:, :], atol=1e-6)
