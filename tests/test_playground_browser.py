@@ -103,8 +103,28 @@ def test_stack_two_loras_and_a_controlnet_generate_change_weight_generate(single
     r1, r2 = read_recipe(first[0]), read_recipe(pngs[-1])
     assert [it.weight for it in r1.lora] == [0.8, 0.5]
     assert [it.weight for it in r2.lora] == [0.2, 0.5]
+    # The text-encoder weight followed each UNet weight (they started equal), so the recipe needs no override.
+    assert [it.text_encoder_weight for it in r2.lora] == [None, None]
     assert len(r2.controlnet) == 1 and r2.controlnet[0].preprocessor == "canny" and r2.controlnet[0].image
     assert not np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(pngs[-1])))
+    # An X/Y grid over LoRA #1's weight and the seed: one labelled image, through the same Job machinery.
+    page.get_by_text("X/Y grid", exact=True).click()
+    page.fill("#playground-grid-x textarea", "lora_weight[0]=0,1")
+    page.fill("#playground-grid-y textarea", "seed=1,2")
+    page.click("#playground-grid-run")
+    end = time.time() + 180
+    while time.time() < end and not list((home / "outputs").glob("grid-*.png")):
+        page.wait_for_timeout(500)
+    grid = next((home / "outputs").glob("grid-*.png"))
+    assert Image.open(grid).size[0] >= 128 and Image.open(grid).size[1] >= 128
+    expect(page.locator("#playground-status")).to_contain_text("saved", timeout=30_000)
+
+    # Dropping the first PNG back restores its recipe: the prompt, and LoRA #1's weight of 0.8.
+    page.fill("#playground-prompt textarea", "something else")
+    page.locator("#playground-recipe-toml").page.get_by_text("Recipe", exact=True).click()
+    page.set_input_files("#playground-png-drop input[type=file]", str(first[0]))
+    expect(page.locator("#playground-prompt textarea")).to_have_value(r1.prompt, timeout=15_000)
+    expect(page.locator("#pg-weight-0 input[type=number]")).to_have_value("0.8")
     page.wait_for_timeout(800)
     screenshot(page, "playground")
     docs = ROOT / "docs" / "screenshots"

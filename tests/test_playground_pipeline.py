@@ -2,6 +2,8 @@
 samplers, prompt weighting, input validation, PNG metadata and the generate CLI."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -284,3 +286,21 @@ def test_base_model_from_the_workspace_and_paths_outside_refused(workspace, tiny
         session.base(str(tiny_dir))
     with pytest.raises(UserError, match="outside the workspace"):
         session.run(BASE.replace(lora=[LoraItem("../x.safetensors")]))
+
+
+def test_grid_checkpoint_axis_lists_a_runs_checkpoints_in_step_order(tmp_path):
+    from sdstudio.playground.grid import expand_checkpoints, grid_recipes, parse_axis
+
+    run = tmp_path / "runs" / "mine"
+    for step in (10, 2):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step}" / "mine.safetensors").write_bytes(b"x")
+    (run / "mine.safetensors").write_bytes(b"x")
+    axis = expand_checkpoints(parse_axis("checkpoint=runs/mine"), lambda p: tmp_path / p)
+    assert [Path(v).relative_to(run).as_posix() for v in axis.values] == [
+        "checkpoints/step-2/mine.safetensors", "checkpoints/step-10/mine.safetensors", "mine.safetensors"]
+    assert [axis.label(v) for v in axis.values] == ["step-2", "step-10", "mine"]
+    rows = grid_recipes(BASE.replace(lora=[LoraItem("x.safetensors", 0.7)]), axis, parse_axis("seed=1,2"))
+    assert len(rows) == 2 and [r.lora[0].path for r in rows[0]] == axis.values and rows[1][0].seed == 2
+    with pytest.raises(UserError, match="LoRA #2"):
+        grid_recipes(BASE.replace(lora=[LoraItem("x.safetensors")]), parse_axis("lora_weight[1]=0,1"), None)

@@ -127,8 +127,6 @@ def generate(comps, recipe: Recipe, *, stack=None,
     import torch
 
     # 1. Check the inputs before doing any work
-    if comps.family.is_xl:
-        raise UserError("The Playground runs SD 1.x and 2.x bases for now: pick a non-SDXL base model.")
     recipe.validate()
     cn_w, cn_r = _check_lists("ControlNet", controlnets, control_images, control_weights, control_ranges)
     ad_w, ad_r = _check_lists("T2I-Adapter", adapters, adapter_images, adapter_weights, adapter_ranges)
@@ -142,13 +140,31 @@ def generate(comps, recipe: Recipe, *, stack=None,
 
     with torch.inference_mode():
         # 2. Prompts (A1111 weighting, long prompts, embeddings, clip skip)
-        tok, te = comps.tokenizer, comps.text_encoder
-        pos = stack.expand_prompt(recipe.prompt) if stack else recipe.prompt
-        neg = stack.expand_prompt(recipe.negative_prompt) if stack else recipe.negative_prompt
-        n = max(prompt_mod.chunk_count(pos, tok), prompt_mod.chunk_count(neg, tok))
-        cond = prompt_mod.encode(pos, tok, te, recipe.clip_skip, n).to(dtype)
         use_cfg = recipe.cfg > 1.0
-        uncond = prompt_mod.encode(neg, tok, te, recipe.clip_skip, n).to(dtype) if use_cfg else None
+        added = None
+        if comps.family.is_xl:
+            toks, tes = comps.tokenizers, comps.text_encoders
+            pos = [stack.expand_prompt(recipe.prompt, i) if stack else recipe.prompt for i in range(len(tes))]
+            neg = [stack.expand_prompt(recipe.negative_prompt, i) if stack else recipe.negative_prompt
+                   for i in range(len(tes))]
+            n = max(prompt_mod.chunk_count(t, tok) for t, tok in zip(pos + neg, toks + toks))
+            cond, pooled = prompt_mod.encode_xl(pos, toks, tes, recipe.clip_skip, n)
+            rows_pooled = pooled.expand(B, -1)
+            if use_cfg:
+                uncond, upooled = prompt_mod.encode_xl(neg, toks, tes, recipe.clip_skip, n,
+                                                       zero=not recipe.negative_prompt.strip())
+                rows_pooled = torch.cat([upooled.expand(B, -1), rows_pooled])
+            cond, rows_pooled = cond.to(dtype), rows_pooled.to(dtype)
+            uncond = uncond.to(dtype) if use_cfg else None
+            time_ids = torch.tensor([[H, W, 0, 0, H, W]], device=device, dtype=dtype).expand(rows_pooled.shape[0], -1)
+            added = {"text_embeds": rows_pooled, "time_ids": time_ids}
+        else:
+            tok, te = comps.tokenizer, comps.text_encoder
+            pos = stack.expand_prompt(recipe.prompt) if stack else recipe.prompt
+            neg = stack.expand_prompt(recipe.negative_prompt) if stack else recipe.negative_prompt
+            n = max(prompt_mod.chunk_count(pos, tok), prompt_mod.chunk_count(neg, tok))
+            cond = prompt_mod.encode(pos, tok, te, recipe.clip_skip, n).to(dtype)
+            uncond = prompt_mod.encode(neg, tok, te, recipe.clip_skip, n).to(dtype) if use_cfg else None
         emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if use_cfg else cond.expand(B, -1, -1)
         # 2b. [[region]] prompts and EDLoRA tokens: per-box and per-layer conditioning (playground/regions.py)
         from .regions import recipe_attention
@@ -158,6 +174,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
                                 .to(dtype), lambda p: prompt_mod.chunk_count(expand(p), tok), emb, B, use_cfg, ad_w)
         emb = attn.emb
         rows = emb.shape[0]
+        extra = {"added_cond_kwargs": added} if added is not None else {}
 
         # 3. Scheduler and timesteps
         sched = make_scheduler(recipe.sampler, comps.scheduler.config)
@@ -227,7 +244,8 @@ def generate(comps, recipe: Recipe, *, stack=None,
                     if cn_w[k] == 0 or not _active(i, total, *cn_r[k]):
                         continue
                     d, m_ = net(x[:, :4] if x.shape[1] != net.config.in_channels else x, t, encoder_hidden_states=emb,
-                                controlnet_cond=cn_imgs[k], conditioning_scale=float(cn_w[k]), return_dict=False)
+                                controlnet_cond=cn_imgs[k], conditioning_scale=float(cn_w[k]), return_dict=False,
+                                **extra)
                     if down_res is None:
                         down_res, mid_res = list(d), m_
                     else:
@@ -244,7 +262,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
                     intrablock = scaled if intrablock is None else [a + b for a, b in zip(intrablock, scaled)]
                 if intrablock is not None:
                     kwargs["down_intrablock_additional_residuals"] = [r.clone() for r in intrablock]
-                noise_pred = unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs)[0]
+                noise_pred = unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs, **extra)[0]
                 # 6c. Classifier-free guidance and the scheduler step
                 if use_cfg:
                     nu, nc = noise_pred.chunk(2)
@@ -264,6 +282,13 @@ def generate(comps, recipe: Recipe, *, stack=None,
             if stack is not None:
                 stack.reset_steps()
 
-        # 7. Decode
-        images = vae.decode(latents / sf, return_dict=False)[0]
+        # 7. Decode (SDXL's VAE overflows in fp16: it asks to be upcast, as diffusers does)
+        upcast = vae.config.get("force_upcast", False) and vae.dtype == torch.float16
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            images = vae.decode((latents / sf).to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype)
     return to_pil(images)

@@ -33,7 +33,7 @@ KIND_LABEL = {v: k for k, v in KINDS.items()}
 DETECTED = {"lora": "lora", "lycoris": "lora", "embedding": "embedding", "controlnet": "controlnet",
             "t2i_adapter": "t2i_adapter", "edlora": "lora"}  # an EDLoRA file is a LoRA item; its tokens come along
 # Per card, the values read back from the page, in this order.
-CARD_FIELDS = ("enabled", "weight", "start", "end", "blocks", "token", "preprocessor")
+CARD_FIELDS = ("enabled", "weight", "te_weight", "start", "end", "blocks", "token", "preprocessor")
 FORM_FIELDS = ("base_model", "prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height",
                "batch", "clip_skip", "init_image", "mask_image", "strength")
 _SESSIONS: dict[int, Playground] = {}
@@ -51,8 +51,8 @@ def session_for(ctx: AppContext) -> Playground:
 # -- items <-> recipe (plain python) --------------------------------------------------------------------
 
 def new_item(kind: str, path: str) -> dict:
-    return {"kind": kind, "path": path, "enabled": True, "weight": 0.8 if kind != "controlnet" else 1.0,
-            "start": 0.0, "end": 1.0, "blocks": "", "token": "", "preprocessor": "none", "image": ""}
+    w = 0.8 if kind != "controlnet" else 1.0
+    return {"kind": kind, "path": path, "enabled": True, "weight": w, "te_weight": w, "start": 0.0, "end": 1.0, "blocks": "", "token": "", "preprocessor": "none", "image": ""}
 
 
 def items_to_recipe(form: dict, items: list[dict]) -> Recipe:
@@ -60,7 +60,10 @@ def items_to_recipe(form: dict, items: list[dict]) -> Recipe:
     for it in items:
         k = it["kind"]
         if k == "lora":
-            r.lora.append(LoraItem(it["path"], float(it["weight"]), blocks=parse_blocks(it.get("blocks", "")),
+            te = float(it.get("te_weight", it["weight"]))
+            r.lora.append(LoraItem(it["path"], float(it["weight"]),
+                                   text_encoder_weight=None if te == float(it["weight"]) else te,
+                                   blocks=parse_blocks(it.get("blocks", "")),
                                    start=float(it["start"]), end=float(it["end"]), enabled=bool(it["enabled"])))
         elif k == "embedding":
             r.embedding.append(EmbeddingItem(it["path"], it.get("token") or "", enabled=bool(it["enabled"])))
@@ -76,7 +79,9 @@ def items_to_recipe(form: dict, items: list[dict]) -> Recipe:
 def recipe_to_items(recipe: Recipe, ws) -> list[dict]:
     items = []
     for it in recipe.lora:
-        items.append(dict(new_item("lora", ws.relative(it.path)), enabled=it.enabled, weight=it.weight, start=it.start,
+        te = it.weight if it.text_encoder_weight is None else it.text_encoder_weight
+        items.append(dict(new_item("lora", ws.relative(it.path)), enabled=it.enabled, weight=it.weight, te_weight=te,
+                          start=it.start,
                           end=it.end, blocks=",".join(f"{b:g}" for b in it.blocks)))
     for it in recipe.embedding:
         items.append(dict(new_item("embedding", ws.relative(it.path)), enabled=it.enabled, token=it.token))
@@ -159,6 +164,8 @@ def build(ctx: AppContext) -> None:
                         down = gr.Button("↓", size="sm", scale=0, min_width=36, elem_id=f"pg-down-{i}")
                         remove = gr.Button("✕", size="sm", scale=0, min_width=36, elem_id=f"pg-remove-{i}")
                     with gr.Row():
+                        te_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Text encoder",
+                                              elem_id=f"pg-te-{i}")
                         start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start", elem_id=f"pg-start-{i}")
                         end = gr.Slider(0, 1, value=1.0, step=0.05, label="End", elem_id=f"pg-end-{i}")
                     blocks = gr.Textbox(label="Block weights (17 or 26 values, BASE,IN01,...)", placeholder="empty = all 1",
@@ -172,7 +179,8 @@ def build(ctx: AppContext) -> None:
                                               elem_id=f"pg-pre-{i}")
                             preview = gr.Image(label="Preprocessed", interactive=False, height=120,
                                                elem_id=f"pg-preview-{i}")
-                cards.append(dict(group=group, title=title, enabled=enabled, weight=weight, start=start, end=end,
+                cards.append(dict(group=group, title=title, enabled=enabled, weight=weight, te_weight=te_weight,
+                                  start=start, end=end,
                                   blocks=blocks, token=token, control_row=control_row, image=image, preprocessor=pre,
                                   preview=preview, up=up, down=down, remove=remove))
 
@@ -206,8 +214,8 @@ def build(ctx: AppContext) -> None:
             mask_image, strength]
     card_inputs = [cards[i][f] for i in range(MAX_ITEMS) for f in CARD_FIELDS]
     card_outputs = [cards[i][f] for i in range(MAX_ITEMS) for f in
-                    ("group", "title", "enabled", "weight", "start", "end", "blocks", "token", "control_row", "image",
-                     "preprocessor", "preview")]
+                    ("group", "title", "enabled", "weight", "te_weight", "start", "end", "blocks", "token",
+                     "control_row", "image", "preprocessor", "preview")]
     redraw = [items_state, empty] + card_outputs
 
     def read_items(items, values) -> list[dict]:
@@ -226,7 +234,9 @@ def build(ctx: AppContext) -> None:
                 control = k in ("controlnet", "t2i_adapter")
                 img = str(ws.root / it["image"]) if it.get("image") else None
                 ups += [gr.update(visible=True), f"**{KIND_LABEL[k]}** · `{it['path']}`",
-                        gr.update(value=it["enabled"]), gr.update(value=it["weight"], visible=k != "embedding"),
+                        gr.update(value=it["enabled"]), gr.update(value=it["weight"], visible=k != "embedding",
+                                                                    label="UNet weight" if k == "lora" else "Weight"),
+                        gr.update(value=it.get("te_weight", it["weight"]), visible=k == "lora"),
                         gr.update(value=it["start"], visible=k != "embedding"),
                         gr.update(value=it["end"], visible=k != "embedding"),
                         gr.update(value=it.get("blocks", ""), visible=k == "lora"),
@@ -234,7 +244,7 @@ def build(ctx: AppContext) -> None:
                         gr.update(visible=control), gr.update(value=img), gr.update(value=it.get("preprocessor", "none")),
                         gr.update(value=_preview(ctx, it) if control and img else None)]
             else:
-                ups += [gr.update(visible=False)] + [gr.update()] * 11
+                ups += [gr.update(visible=False)] + [gr.update()] * 12
         return ups
 
     def form_values(*vals) -> dict:
@@ -335,6 +345,22 @@ def build(ctx: AppContext) -> None:
             items[i]["preprocessor"] = pre_name
             return items, _preview(ctx, items[i])
 
+        def on_weight(items, w, te, i=i):
+            """The text-encoder weight follows the UNet weight while the two are equal (A1111's one multiplier);
+            once set apart, each keeps its own value (ComfyUI's strength_model / strength_clip)."""
+            if i >= len(items) or w is None:
+                return items, gr.update()
+            items = [dict(it) for it in items]
+            old = float(items[i]["weight"])
+            linked = te is not None and float(te) == old
+            items[i]["weight"] = float(w)
+            if linked:
+                items[i]["te_weight"] = float(w)
+                return items, float(w)
+            return items, gr.update()
+
+        cards[i]["weight"].input(on_weight, [items_state, cards[i]["weight"], cards[i]["te_weight"]],
+                                 [items_state, cards[i]["te_weight"]])
         cards[i]["preprocessor"].input(on_pre, [items_state, cards[i]["preprocessor"]], [items_state, cards[i]["preview"]])
 
     # -- generate / grid as Jobs -------------------------------------------------------------------------
