@@ -169,9 +169,18 @@ def generate(comps, recipe: Recipe, *, stack=None,
         # 2b. [[region]] prompts and EDLoRA tokens: per-box and per-layer conditioning (playground/regions.py)
         from .regions import recipe_attention
 
-        expand = (lambda p: stack.expand_prompt(p)) if stack else (lambda p: p)
-        attn = recipe_attention(comps, recipe, lambda p, k: prompt_mod.encode(expand(p), tok, te, recipe.clip_skip, k)
-                                .to(dtype), lambda p: prompt_mod.chunk_count(expand(p), tok), emb, B, use_cfg, ad_w)
+        encs = list(zip(comps.tokenizers, comps.text_encoders))
+        expand = (lambda p, i=0: stack.expand_prompt(p, i)) if stack else (lambda p, i=0: p)
+
+        def encode_one(p, k):  # the same encoder as above, for a region's or a layer's prompt
+            if comps.family.is_xl:  # an empty (negative) prompt is zeros, as above
+                return prompt_mod.encode_xl([expand(p, i) for i in range(len(encs))], *zip(*encs), recipe.clip_skip,
+                                            k, zero=not p.strip())[0].to(dtype)
+            return prompt_mod.encode(expand(p), *encs[0], recipe.clip_skip, k).to(dtype)
+
+        attn = recipe_attention(comps, recipe, encode_one, lambda p: max(prompt_mod.chunk_count(expand(p, i), t)
+                                                                         for i, (t, _) in enumerate(encs)),
+                                emb, B, use_cfg, ad_w)
         emb = attn.emb
         rows = emb.shape[0]
         extra = {"added_cond_kwargs": added} if added is not None else {}
