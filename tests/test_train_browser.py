@@ -59,6 +59,11 @@ def test_train_tab_start_watch_stop_resume_finish(app_server, page):
     assert (app_server.home / "runs" / "browser-lora" / "checkpoints" / f"step-{stopped_at}").is_dir()
 
     page.click("#train-resume")
+    expect(page.locator("#train-status")).to_contain_text("resum", timeout=30_000)
+    # A reload reconnects to the running job (state lives in the Job) and shows the saved settings.
+    page.reload(wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-dataset textarea, #train-dataset input").first).to_have_value("datasets/faces")
     expect(page.locator("#train-status")).to_contain_text("Finished", timeout=240_000)
     assert _step(page) == 20
     assert (app_server.home / "models" / "lora" / "browser-lora.safetensors").is_file()

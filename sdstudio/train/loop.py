@@ -162,15 +162,16 @@ def preflight(cfg: TrainConfig, *, resume: bool = False, home: Path | None = Non
 
 def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | None = None, *,
           resume: bool = False, home: Path | None = None, publish: Callable[[list[Path]], list[Path]] | None = None,
-          checked: Preflight | None = None) -> list[Path]:
+          checked: Preflight | None = None, method=None) -> list[Path]:
     """Validate, load, train, save. Returns the final artefacts. Raises UserError for user mistakes and
-    Stopped when stopped (after saving a resumable checkpoint). `checked`: a preflight already done."""
+    Stopped when stopped (after saving a resumable checkpoint). `checked`: a preflight already done;
+    `method`: a method instance to use instead of the registered `cfg.method` (plug-ins, tests)."""
     from ..data.dataset import dataset_hash, tag_frequency
     from ..devices import pick_device
     from ..models.loading import load_base
 
     commands = commands or Commands()
-    method = get_method(cfg.method)()
+    method = method if method is not None else get_method(cfg.method)()
 
     # 1. Validate everything a user can get wrong, before any model loads (seconds, not minutes).
     emit(Status("checking the dataset", stage="validate"))
@@ -342,7 +343,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             micro_losses = []
             for k in range(cfg.gradient_accumulation):
                 micro = step * cfg.gradient_accumulation + k
-                batch = _make_batch(c, data, cfg, micro * world + rank, latents, text_cache, device, c.vae.dtype,
+                batch = _make_batch(c, data, cfg, micro * world + rank, latents, text_cache, device, c.dtype,
                                     seed=_seed_for(cfg.seed, micro, rank))
                 with autocast():
                     loss = method.loss(c, batch, step)
@@ -464,9 +465,9 @@ def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentS
             store.mem[i] = load_state_dict(path)["latent"]
         else:
             gen = torch.Generator(device=acc.device).manual_seed(_seed_for(cfg.seed, "latent", i))
-            pix = data.pixels(i)[None].to(acc.device, c.vae.dtype)
+            pix = data.pixels(i)[None].to(acc.device, c.dtype)
             with torch.no_grad(), acc.autocast():
-                store.mem[i] = encode_images(c.vae, pix, gen)[0].float().cpu()
+                store.mem[i] = encode_images(c.vae, pix, gen, dtype=c.dtype)[0].float().cpu()
             if path is not None:
                 save_safetensors({"latent": store.mem[i]}, path)
         if i % 4 == 0 or i == n - 1:

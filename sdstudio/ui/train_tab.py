@@ -412,8 +412,18 @@ def build(ctx: AppContext) -> None:
 
     ui["preset"].input(on_preset, [ui["preset"]], [preset_info, ui["method"], ui["output_name"], *form])
 
+    def on_load_settings():
+        """A reload shows the last-used settings (component defaults were fixed when the app started)."""
+        saved = ctx.settings.load(TAB)
+        if not saved:
+            return [gr.skip()] * (1 + len(top) + len(form))
+        v = {**_preset_values(saved.get("_preset")), **saved}
+        return [saved.get("_preset") or gr.skip(), *[v.get(k, gr.skip()) for k in top_keys],
+                *[_to_widget(field_of[k], v[k]) if k in v else gr.skip() for k in keys]]
+
     ctx.components["train._ui"] = {"open_pg": open_pg, "run_pick": run_pick, "timer": timer,
-                                   "tick": (on_tick, tick_outputs)}
+                                   "tick": (on_tick, tick_outputs),
+                                   "restore": (on_load_settings, [ui["preset"], *top, *form])}
 
 
 def _run_artefact(ctx: AppContext, name: str) -> str | None:
@@ -451,5 +461,7 @@ def wire(ctx: AppContext) -> None:
     # A page reload reconnects to a running job: poll again, and draw what it has done so far.
     root = gr.context.Context.root_block
     if root is not None:
+        fn, outs = ui["restore"]
+        root.load(fn, None, outs)
         fn, outs = ui["tick"]
         root.load(fn, None, outs)
