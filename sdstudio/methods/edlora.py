@@ -65,10 +65,12 @@ def _aligned(states: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor | None:
 class LayerwiseAttnProcessor:
     """Cross-attention layer `index` takes its own slice of layer-wise conditioning, else the plain one."""
 
-    def __init__(self, index: int, ctx: AttnContext | None = None):
+    def __init__(self, index: int, ctx: AttnContext | None = None, inner=None):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.index, self.ctx, self.inner = index, ctx, AttnProcessor2_0()
+        # `inner` does the attention itself: whatever the layer had (SDPA, xformers, ...), so ours only chooses
+        # what each layer attends to.
+        self.index, self.ctx, self.inner = index, ctx, inner or AttnProcessor2_0()
 
     def pick(self, ehs):
         if ehs is None:
@@ -90,9 +92,18 @@ def install_processors(unet, ctx: AttnContext | None = None, cls=LayerwiseAttnPr
     before = dict(unet.attn_processors)
     procs = dict(before)
     for i, name in enumerate(cross_attention_layers(unet)):
-        procs[f"{name}.processor"] = cls(i, ctx)
+        inner = procs[f"{name}.processor"]
+        while isinstance(inner, LayerwiseAttnProcessor):
+            inner = inner.inner
+        procs[f"{name}.processor"] = cls(i, ctx, inner)
     unet.set_attn_processor(procs)
     return before
+
+
+def ensure_processors(unet, first_layer: str) -> None:
+    """Put ours back if something replaced them (the loop enables xformers after `prepare`, for example)."""
+    if not isinstance(unet.get_submodule(first_layer).processor, LayerwiseAttnProcessor):
+        install_processors(unet)
 
 
 # -- LoRA as forward hooks (module structure and state-dict names stay the base model's) ------------------
@@ -231,7 +242,8 @@ class EDLoRA(MethodBase):
         o = options(cfg)
         self.cfg, self.o = cfg, o
         self.tokens = parse_tokens(o.concept_tokens)
-        self.layers = len(cross_attention_layers(c.unet))
+        self.cross = cross_attention_layers(c.unet)
+        self.layers = len(self.cross)
         install_processors(c.unet)
         # 1. Tokens: layers rows per concept token; the first random, the second from the class word.
         gen = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
@@ -287,6 +299,7 @@ class EDLoRA(MethodBase):
         if self.stopped_at is None and self.o.emb_norm_threshold and self.embedding_norm() >= self.o.emb_norm_threshold:
             self.stopped_at = step
             self.emb.frozen = True
+        ensure_processors(c.unet, self.cross[0])
         if not self.o.masked_loss and batch.mask is not None:
             batch = dataclasses.replace(batch, mask=None)
         return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
