@@ -166,6 +166,22 @@ def generate(comps, recipe: Recipe, *, stack=None,
             cond = prompt_mod.encode(pos, tok, te, recipe.clip_skip, n).to(dtype)
             uncond = prompt_mod.encode(neg, tok, te, recipe.clip_skip, n).to(dtype) if use_cfg else None
         emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if use_cfg else cond.expand(B, -1, -1)
+        # 2b. [[region]] prompts and EDLoRA tokens: per-box and per-layer conditioning (playground/regions.py)
+        from .regions import recipe_attention
+
+        encs = list(zip(comps.tokenizers, comps.text_encoders))
+        expand = (lambda p, i=0: stack.expand_prompt(p, i)) if stack else (lambda p, i=0: p)
+
+        def encode_one(p, k):  # the same encoder as above, for a region's or a layer's prompt
+            if comps.family.is_xl:  # an empty (negative) prompt is zeros, as above
+                return prompt_mod.encode_xl([expand(p, i) for i in range(len(encs))], *zip(*encs), recipe.clip_skip,
+                                            k, zero=not p.strip())[0].to(dtype)
+            return prompt_mod.encode(expand(p), *encs[0], recipe.clip_skip, k).to(dtype)
+
+        attn = recipe_attention(comps, recipe, encode_one, lambda p: max(prompt_mod.chunk_count(expand(p, i), t)
+                                                                         for i, (t, _) in enumerate(encs)),
+                                emb, B, use_cfg, ad_w)
+        emb = attn.emb
         rows = emb.shape[0]
         extra = {"added_cond_kwargs": added} if added is not None else {}
 
@@ -211,7 +227,8 @@ def generate(comps, recipe: Recipe, *, stack=None,
             t = _image_tensor(im, W, H, device, dtype, f"control image for T2I-Adapter {k + 1}")
             if ad.config.in_channels == 1:
                 t = t.mean(dim=1, keepdim=True)
-            ad_feats.append([f.expand(rows, -1, -1, -1) for f in ad(t)] if ad_w[k] != 0 else None)
+            ad_feats.append([f.expand(rows, -1, -1, -1) for f in attn.adapter_features(k, ad(t))]
+                            if ad_w[k] != 0 else None)
 
         step_kwargs = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters else {}
         total = len(timesteps)
@@ -219,6 +236,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
             stack.reset_steps()
         # 6. Denoising loop
         try:
+            attn.install()
             for i, t in enumerate(timesteps):
                 if check:
                     check()
@@ -269,6 +287,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
                 if on_step:
                     on_step(i, total, latents)
         finally:
+            attn.close()
             if stack is not None:
                 stack.reset_steps()
 

@@ -157,6 +157,7 @@ class _Adapter:
     path: Path
     kind: str  # "lora" | "lycoris"
     layers: list = field(default_factory=list)  # [(model key, module path, peft layer)]
+    bundle: list = field(default_factory=list)  # _LoadedEmbedding for each bundle_emb.* in the file
 
 
 @dataclass
@@ -208,6 +209,7 @@ class Stack:
         self._range_on = {a.name: True for a, _ in self._items}
         self._drop_unused({p for p, it in wanted})
         self._apply_embeddings(recipe.embedding)
+        self._active_embeddings += [e for a, _ in self._items for e in a.bundle]
 
         signature = tuple((a.name, it.weight, it.text_encoder_weight, tuple(it.blocks))
                           for a, it in self._items if self._full_range(it))
@@ -260,6 +262,16 @@ class Stack:
         sd, meta = read_adapter_file(path, self.allow_pickle)
         kind = detect_kind_from_keys(sd.keys())
         family = self.comps.family.label
+        if kind == "edlora":  # a Mix-of-Show concept: its layer-wise tokens go in, its LoRA part loads as a LoRA
+            from ..methods.edlora import load_concept_tokens
+
+            sd, kind = load_concept_tokens(self.comps, sd, meta, path), "lora"
+        bundle = {}
+        if kind == "lora":  # embeddings bundled in the LoRA (kohya/A1111 bundle_emb.*) come along with it
+            from ..methods.pivotal import bundled_embeddings
+
+            bundle = bundled_embeddings(sd)
+            sd = {k: v for k, v in sd.items() if not k.startswith("bundle_emb.")}
         if kind == "lora":
             weights = read_lora(sd, self.models, metadata=meta, file_name=path.name, family_label=family)
         elif kind == "lycoris":
@@ -268,6 +280,10 @@ class Stack:
             raise UserError(f"{path.name} is a {kind} file, not a LoRA or LyCORIS file: add it as a {kind} item.")
         self._counter += 1
         adapter = _Adapter(name=f"sds{self._counter}", path=path, kind=kind)
+        from ..formats.embeddings import Embedding
+
+        adapter.bundle = [self._install_embedding(path, Embedding([v], t), f"b{self._counter}-{i}")
+                          for i, (t, v) in enumerate(bundle.items())]
         if self._fused:
             self.unfuse()  # injecting wraps modules; keep the base weights plain while we do it
         for mk, deltas in weights.targets.items():
@@ -410,13 +426,20 @@ class Stack:
         sd, _meta = read_adapter_file(path, self.allow_pickle)
         emb = embedding_from_state(sd, path.name, token)
         emb.token = token or emb.token or f"<{path.stem}>"
+        loaded = self._install_embedding(path, emb, str(len(self.embeddings) + 1))
+        self.embeddings[path] = loaded
+        return loaded
+
+    def _install_embedding(self, path: Path, emb, k: str) -> _LoadedEmbedding:
+        """Add an embedding's vectors to the tokenizers/text encoders under internal tokens <sdstudio-emb{k}-j>."""
+        import torch
+
         tes, toks = self.comps.text_encoders, self.comps.tokenizers
         if len(emb.vectors) != len(tes):
             need = "clip_l and clip_g" if len(tes) == 2 else "one vector set"
             raise UserError(f"{path.name} is an embedding for another model family (this base needs {need}): "
                             f"pick a matching embedding.")
         internal = []
-        k = len(self.embeddings) + 1
         for i, (te, tok, vec) in enumerate(zip(tes, toks, emb.vectors)):
             table = te.get_input_embeddings()
             if vec.shape[1] != table.weight.shape[1]:
@@ -431,9 +454,7 @@ class Stack:
                 table.weight[ids] = vec.to(table.weight.dtype).to(table.weight.device)
             table.weight.requires_grad_(False)
             internal.append(names)
-        loaded = _LoadedEmbedding(path=path, token=emb.token, internal=internal)
-        self.embeddings[path] = loaded
-        return loaded
+        return _LoadedEmbedding(path=path, token=emb.token, internal=internal)
 
     def expand_prompt(self, text: str, encoder: int = 0) -> str:
         """Replace each active embedding's token with the internal tokens that carry its vectors. Disabled or

@@ -31,7 +31,7 @@ MAX_ITEMS = 8
 KINDS = {"LoRA / LyCORIS": "lora", "Embedding": "embedding", "ControlNet": "controlnet", "T2I-Adapter": "t2i_adapter"}
 KIND_LABEL = {v: k for k, v in KINDS.items()}
 DETECTED = {"lora": "lora", "lycoris": "lora", "embedding": "embedding", "controlnet": "controlnet",
-            "t2i_adapter": "t2i_adapter"}
+            "t2i_adapter": "t2i_adapter", "edlora": "lora"}  # an EDLoRA file is a LoRA item; its tokens come along
 # Per card, the values read back from the page, in this order.
 CARD_FIELDS = ("enabled", "weight", "te_weight", "start", "end", "blocks", "token", "preprocessor")
 FORM_FIELDS = ("base_model", "prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height",
