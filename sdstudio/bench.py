@@ -10,6 +10,7 @@ import importlib
 
 BENCH_MODULES: list[str] = [
     "sdstudio.playground.bench",  # generate
+    "sdstudio.train.bench",  # train
 ]
 
 

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "sdstudio.models.commands",  # tiny-model
     "sdstudio.data.commands",  # prepare, regularize
     "sdstudio.train.commands",  # train
+    "sdstudio.methods.fusion_cli",  # fuse
     "sdstudio.playground.commands",  # generate
     "sdstudio.wizard_cli",  # quick
     "sdstudio.bench",  # bench

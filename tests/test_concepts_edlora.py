@@ -108,3 +108,21 @@ def test_edlora_masked_loss_uses_mask():
     torch.manual_seed(0)
     full = float(m.loss(c, b, 0))
     assert masked != full
+
+
+def test_edlora_keeps_its_processors_when_attention_is_swapped():
+    """The loop enables xformers after prepare (which replaces every processor): the next loss puts the
+    layer-wise processors back, wrapping whatever attention kernel the layer now has."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from concepts_util import fake_batch
+
+    from sdstudio.methods.edlora import EDLoRA, LayerwiseAttnProcessor
+
+    c = load_base("tiny")
+    m = EDLoRA()
+    m.prepare(c, ed_cfg())
+    c.unet.set_attn_processor(AttnProcessor())  # what enable_xformers_memory_efficient_attention does, kernel aside
+    loss = m.loss(c, fake_batch(n=1), 0)
+    assert torch.isfinite(loss)
+    proc = c.unet.get_submodule(m.cross[5]).processor
+    assert isinstance(proc, LayerwiseAttnProcessor) and proc.index == 5 and isinstance(proc.inner, AttnProcessor)

@@ -162,3 +162,8 @@ def test_family_config_dir_is_a_loadable_diffusers_config(family, tmp_path, monk
     if family.is_xl:
         tok2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
         assert tok2.pad_token == "!"
+
+
+def test_native_resolution_comes_from_the_model(tiny_components):
+    # tiny: sample_size 8 latents x VAE scale 8; a real SD 1.5 (sample_size 64) gives 512 the same way
+    assert tiny_components.resolution == 64

@@ -363,3 +363,70 @@ def test_prompt_lora_tags_resolve_against_models_lora(pg, files, tmp_path):
 def test_stack_is_listed_twice_error(pg, files):
     with pytest.raises(UserError, match="twice"):
         pg.stack.apply(with_loras(LoraItem(str(files["a"]), 1.0), LoraItem(str(files["a"]), 0.5)))
+
+
+def test_several_unfused_loras_run_as_one_mix_that_sums_them(pg, files):
+    """Two or more LoRAs on a layer run as one concatenated low-rank pair; it must equal the per-LoRA sum."""
+    from safetensors.torch import load_file
+
+    pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)))
+    from sdstudio.formats.lora import owner_layer
+
+    key = "up_blocks.1.resnets.0.conv2"
+    # Other tests may have wrapped this module in LoHa/LoKr layers too: take the LoRA layer itself.
+    layer = owner_layer(pg.comps.unet.get_submodule(key), pg.stack.adapters[files["a"]].name)
+    assert layer.active_adapters == [stack_mod.MIX]
+    kname = "lora_unet_" + key.replace(".", "_")
+    x = torch.randn(1, layer.get_base_layer().in_channels, 8, 8)
+    pad = layer.get_base_layer().padding
+    with torch.no_grad():
+        expected = layer.get_base_layer()(x)
+        for f, w in ((files["a"], 0.6), (files["b"], -0.4)):
+            sd = load_file(f)
+            down, up, alpha = sd[f"{kname}.lora_down.weight"], sd[f"{kname}.lora_up.weight"], float(sd[f"{kname}.alpha"])
+            expected += w * alpha / down.shape[0] * torch.nn.functional.conv2d(
+                torch.nn.functional.conv2d(x, down, padding=pad), up)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+    # A weight change rescales the mix in place; the image follows.
+    one = img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)))
+    two = img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), 0.4)))
+    assert not np.array_equal(one, two)
+    assert np.array_equal(img(pg, with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4))), one)
+
+
+def test_set_adapters_by_file_name_equals_applying_the_new_weight(pg, files):
+    pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.9), LoraItem(str(files["b"]), 0.3)))
+    reads = stack_mod.FILE_READS["count"]
+    pg.stack.set_adapters({"a.safetensors": 0.2})
+    from sdstudio.playground.pipeline import generate
+
+    via_set = np.asarray(generate(pg.comps, BASE, stack=pg.stack)[0]).astype(np.int16)
+    assert stack_mod.FILE_READS["count"] == reads
+    assert np.array_equal(via_set, img(pg, with_loras(LoraItem(str(files["a"]), 0.2), LoraItem(str(files["b"]), 0.3))))
+
+
+def test_diffusers_saved_lora_with_rank_and_alpha_patterns_loads_exactly(tmp_path):
+    """diffusers' save_lora_weights keeps the LoraConfig (r, lora_alpha, rank/alpha patterns) in the header."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from sdstudio.models.loading import load_base
+    from sdstudio.playground.stack import Stack
+
+    torch.manual_seed(0)
+    src = load_base("tiny")
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    k = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"], init_lora_weights=False,
+                     rank_pattern={q: 2}, alpha_pattern={q: 6})
+    inject_adapter_in_model(cfg, src.unet, "x")
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        expected = {p: src.unet.get_submodule(p)(x) for p in (q, k)}
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(src.unet, adapter_name="x"),
+                                              unet_lora_adapter_metadata=cfg.to_dict())
+    target = load_base("tiny")
+    Stack(target).apply(Recipe(lora=[LoraItem(str(next(tmp_path.glob("*.safetensors"))), 1.0)]))
+    with torch.no_grad():
+        for p in (q, k):
+            torch.testing.assert_close(target.unet.get_submodule(p)(x), expected[p], rtol=1e-5, atol=1e-5)

@@ -61,7 +61,7 @@ def generate_class_images(components, cfg: RegularizationConfig, out_dir: Path,
     if not todo:
         return []
     pipe = components.pipeline()
-    size = cfg.size or components.family.resolution
+    size = cfg.size or components.resolution
     made: list[Path] = []
     for start in range(0, len(todo), max(1, cfg.batch_size)):
         check()  # Stop and pause land between images, never inside one

@@ -222,8 +222,17 @@ def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name
 
     Every module must exist in the base with matching shapes, else one UserError naming the likely family."""
     out = AdapterWeights()
+    if "te1" in models and any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k or
+                                                               "middle_block" in k) for k in sd):
+        # kohya's SDXL files name UNet modules the LDM way; diffusers knows the map to its own block names.
+        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+        try:
+            sd = _maybe_map_sgm_blocks_to_diffusers(dict(sd), models["unet"].config)
+        except Exception as exc:
+            raise _UserError(f"{file_name}: its SDXL block names could not be mapped ({exc}); is it for this "
+                             f"base?") from exc
     table = model_table(models)
-    by_path = {(mk, p): None for mk, p in table.values()}
     te_paths = {}
     for mk, p in table.values():
         if mk != "unet":
@@ -257,7 +266,8 @@ def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name
             if cfg:
                 r = _pattern_value(cfg, "rank_pattern", path, cfg.get("r", _rank_of(g["down"])))
                 a = _pattern_value(cfg, "alpha_pattern", path, cfg.get("lora_alpha", r))
-                alpha = float(a) * _rank_of(g["down"]) / float(r)
+                scale = float(a) / (float(r) ** 0.5 if cfg.get("use_rslora") else float(r))
+                alpha = scale * _rank_of(g["down"])
         delta = _fold_lora(g["down"], g["up"], None if alpha is None else float(alpha), g.get("mid"))
         _match_conv_linear(delta, models[mk].get_submodule(path))
         _check_shape(delta, models[mk].get_submodule(path), f"{file_name}", path, family_label)

@@ -91,9 +91,12 @@ class MethodBase:
     - `load_output(pipe, paths)`: load what `save` wrote into a fresh diffusers pipeline of the base model, as
       a user would. The contract test (tests/test_train_contract.py) uses it. Default: by file kind (LoRA ->
       `load_lora_weights`, embedding -> `load_textual_inversion`, diffusers folder -> `from_pretrained`).
+    - `contract_settings` (class attribute, dict of `--set` keys to values): what the contract test adds to
+      its fast tiny-model settings for this method, e.g. {"textual_inversion.token": "<sks>"}. Default: none.
     """
 
     run: RunInfo | None = None
+    contract_settings: ClassVar[dict] = {}
 
     def trainable_state_dict(self, c: "Components") -> dict:
         out = {}

@@ -65,10 +65,12 @@ def _aligned(states: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor | None:
 class LayerwiseAttnProcessor:
     """Cross-attention layer `index` takes its own slice of layer-wise conditioning, else the plain one."""
 
-    def __init__(self, index: int, ctx: AttnContext | None = None):
+    def __init__(self, index: int, ctx: AttnContext | None = None, inner=None):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.index, self.ctx, self.inner = index, ctx, AttnProcessor2_0()
+        # `inner` does the attention itself: whatever the layer had (SDPA, xformers, ...), so ours only chooses
+        # what each layer attends to.
+        self.index, self.ctx, self.inner = index, ctx, inner or AttnProcessor2_0()
 
     def pick(self, ehs):
         if ehs is None:
@@ -90,9 +92,18 @@ def install_processors(unet, ctx: AttnContext | None = None, cls=LayerwiseAttnPr
     before = dict(unet.attn_processors)
     procs = dict(before)
     for i, name in enumerate(cross_attention_layers(unet)):
-        procs[f"{name}.processor"] = cls(i, ctx)
+        inner = procs[f"{name}.processor"]
+        while isinstance(inner, LayerwiseAttnProcessor):
+            inner = inner.inner
+        procs[f"{name}.processor"] = cls(i, ctx, inner)
     unet.set_attn_processor(procs)
     return before
+
+
+def ensure_processors(unet, first_layer: str) -> None:
+    """Put ours back if something replaced them (the loop enables xformers after `prepare`, for example)."""
+    if not isinstance(unet.get_submodule(first_layer).processor, LayerwiseAttnProcessor):
+        install_processors(unet)
 
 
 # -- LoRA as forward hooks (module structure and state-dict names stay the base model's) ------------------
@@ -172,12 +183,21 @@ def encode_layerwise(c, prompts: list[str], table: dict[str, list[str]], layers:
 
 
 def concept_table(c) -> dict[str, list[str]]:
-    """{concept token: its per-layer token names} for every EDLoRA concept loaded into these components."""
-    return c.extra.setdefault("edlora_tokens", {})
+    """{concept token: its per-layer token names} for every EDLoRA concept loaded into these components. A fused
+    model (a diffusers folder from `sdstudio fuse`) brings its own table in new_concept_cfg.json."""
+    if "edlora_tokens" not in c.extra:
+        table = {}
+        src = Path(c.source) if c.source else None
+        cfg_file = src / "new_concept_cfg.json" if src is not None and src.is_dir() else None
+        if cfg_file is not None and cfg_file.is_file():
+            for token, v in json.loads(cfg_file.read_text(encoding="utf-8")).items():
+                table[token] = list(v["concept_token_names"])
+        c.extra["edlora_tokens"] = table
+    return c.extra["edlora_tokens"]
 
 
 def parse_tokens(text: str) -> list[str]:
-    toks = [t for t in text.replace(",", " ").split() if t]
+    toks = [t.lower() for t in text.replace(",", " ").split() if t]  # CLIP lowercases prompts and tokens
     if len(toks) != 2 or len(set(toks)) != 2:
         raise UserError(f"concept_tokens = {text!r} must be two different new words, e.g. '<anna1> <anna2>'.")
     return toks
@@ -205,8 +225,8 @@ class EDLoRAConfig:
     unet_lr: float = setting(1e-4, "Learning rate of the UNet LoRA.", min=0.0, max=1.0)
     emb_norm_threshold: float = setting(0.55, "Embeddings stop learning once their mean norm reaches this "
                                         "(0: never stop).", min=0.0, max=10.0, advanced=True)
-    masked_loss: bool = setting(False, "Count the loss only inside the subject masks (the dataset's masks).",
-                                advanced=True)
+    masked_loss: bool = setting(False, "Count the loss only inside subject masks, when the data loader supplies "
+                                "them (Batch.mask).", advanced=True)
     clip_skip: int = setting(1, "Use the text encoder's n-th last layer.", min=1, max=4, advanced=True)
 
 
@@ -214,7 +234,7 @@ class EDLoRAConfig:
 class EDLoRA(MethodBase):
     name = "edlora"
     Config = EDLoRAConfig
-    trains_text_encoder = True
+    contract_settings = {"sample_prompts": '["a photo of <sks1> <sks2>"]'}
 
     def prepare(self, c, cfg) -> list[ParamGroup]:
         if c.family.is_xl:
@@ -222,7 +242,8 @@ class EDLoRA(MethodBase):
         o = options(cfg)
         self.cfg, self.o = cfg, o
         self.tokens = parse_tokens(o.concept_tokens)
-        self.layers = len(cross_attention_layers(c.unet))
+        self.cross = cross_attention_layers(c.unet)
+        self.layers = len(self.cross)
         install_processors(c.unet)
         # 1. Tokens: layers rows per concept token; the first random, the second from the class word.
         gen = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
@@ -278,6 +299,7 @@ class EDLoRA(MethodBase):
         if self.stopped_at is None and self.o.emb_norm_threshold and self.embedding_norm() >= self.o.emb_norm_threshold:
             self.stopped_at = step
             self.emb.frozen = True
+        ensure_processors(c.unet, self.cross[0])
         if not self.o.masked_loss and batch.mask is not None:
             batch = dataclasses.replace(batch, mask=None)
         return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
@@ -296,6 +318,17 @@ class EDLoRA(MethodBase):
                 mods.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
 
     def preview_pipeline(self, c):
+        return LayerwisePipeline(c)
+
+    def load_output(self, pipe, paths: list[Path]):
+        """A diffusers pipeline cannot feed one embedding per layer: wrap its modules in a LayerwisePipeline."""
+        from ..models.families import detect_family_from_unet_config
+        from ..models.loading import Components
+
+        c = Components(unet=pipe.unet, vae=pipe.vae, text_encoders=[pipe.text_encoder], tokenizers=[pipe.tokenizer],
+                       scheduler=pipe.scheduler, family=detect_family_from_unet_config(dict(pipe.unet.config)),
+                       ref="pipeline")
+        apply_edlora(c, paths[0])
         return LayerwisePipeline(c)
 
     def state_dict_to_save(self, c) -> tuple[dict, dict]:
@@ -435,13 +468,7 @@ def apply_edlora(c, path: Path | str | EDLoRAFile, weight: float = 1.0, ctx: Att
     if new and len(new) != len(f.tokens):
         raise UserError(f"{f.path.name} shares some of its tokens {f.tokens} with a concept already loaded: "
                         "concept names must not overlap.")
-    if new:
-        names, rows = [], []
-        for t in f.tokens:
-            table[t] = layer_token_names(t, f.layers)
-            names += table[t]
-            rows.append(f.embeddings[t])
-        tk.add_new_tokens(c.tokenizer, c.text_encoder, names, torch.cat(rows, 0))
+    add_concept_tokens(c, f)
     install_processors(c.unet, ctx)
     hooks = []
     for model, kind in ((c.text_encoder, "te"), (c.unet, "unet")):
@@ -463,5 +490,30 @@ def apply_edlora(c, path: Path | str | EDLoRAFile, weight: float = 1.0, ctx: Att
     return AppliedEDLoRA(f, hooks)
 
 
-def concepts_summary(f: EDLoRAFile) -> str:
-    return json.dumps({"tokens": f.tokens, "class_word": f.meta.get("sdstudio.class_word", "")})
+def add_concept_tokens(c, f: EDLoRAFile) -> None:
+    """Give `c` the file's layer-wise tokens once (a plain, resized embedding table, as other loaders expect)."""
+    table = concept_table(c)
+    new = [t for t in f.tokens if t not in table]
+    if new and len(new) != len(f.tokens):
+        raise UserError(f"{f.path.name} shares some of its tokens {f.tokens} with a concept already loaded: "
+                        "concept names must not overlap.")
+    if not new:
+        return
+    names, rows = [], []
+    for t in f.tokens:
+        names += layer_token_names(t, f.layers)
+        rows.append(f.embeddings[t])
+    tk.add_new_tokens(c.tokenizer, c.text_encoder, names, torch.cat(rows, 0))
+    tk.bake(c.text_encoder)
+    for t in f.tokens:
+        table[t] = layer_token_names(t, f.layers)
+
+
+def load_concept_tokens(c, sd: dict, meta: dict, path: Path) -> dict:
+    """The Playground's door for an EDLoRA file added as a LoRA item: its tokens go into `c` (checked against
+    the base), and the rest of the state dict (a kohya LoRA) is returned for the LoRA loader."""
+    emb = {k[len(EMB_PREFIX):]: v for k, v in sd.items() if k.startswith(EMB_PREFIX)}
+    f = EDLoRAFile(Path(path), emb, {}, meta)
+    check_base(c, f)
+    add_concept_tokens(c, f)
+    return {k: v for k, v in sd.items() if not k.startswith(EMB_PREFIX)}

@@ -7,3 +7,4 @@ from . import dreambooth  # noqa: F401,E402
 from . import full  # noqa: F401,E402
 from . import textual_inversion  # noqa: F401,E402
 from . import edlora  # noqa: F401,E402
+from . import pivotal  # noqa: F401,E402

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..train.config import setting
 from .base import MethodBase, ParamGroup, register
 from . import tokens as tk
@@ -49,17 +48,18 @@ def norm_penalty(rows: torch.Tensor, target: float) -> torch.Tensor:
 
 
 def save_embedding(rows: torch.Tensor, out: Path, token: str, fmt: str, meta: dict | None = None) -> list[Path]:
-    """Write `rows` (n, dim) as an A1111 embedding (`<out>.safetensors`, key `emb_params`) and/or a diffusers
-    learned_embeds file (`<out>.learned_embeds.safetensors`, key = the token)."""
-    from ..formats.safe_io import save_safetensors
+    """Write `rows` (n, dim) through formats/embeddings.py: A1111 (`<out>.safetensors`, key `emb_params`) and/or
+    diffusers learned_embeds (`<out>.learned_embeds.safetensors`, key = the token)."""
+    from ..formats import embeddings
 
-    rows = rows.detach().float().cpu().contiguous()
     meta = {"sdstudio.token": token, "sdstudio.vectors": str(rows.shape[0]), **(meta or {})}
     written = []
     if fmt in ("a1111", "both"):
-        written.append(save_safetensors({"emb_params": rows}, out.with_name(out.name + ".safetensors"), meta))
+        written.append(embeddings.save_embedding(out.with_name(out.name + ".safetensors"), rows, token,
+                                                 fmt="a1111", metadata=meta))
     if fmt in ("diffusers", "both"):
-        written.append(save_safetensors({token: rows}, out.with_name(out.name + ".learned_embeds.safetensors"), meta))
+        written.append(embeddings.save_embedding(out.with_name(out.name + ".learned_embeds.safetensors"), rows,
+                                                 token, fmt="diffusers", metadata=meta))
     return written
 
 
@@ -85,13 +85,15 @@ class TextualInversionConfig:
 class TextualInversion(MethodBase):
     name = "textual_inversion"
     Config = TextualInversionConfig
-    trains_text_encoder = True  # captions must be encoded live: the text-embedding cache cannot be used
+    # What the contract test (tests/test_train_contract.py) needs on tiny: a new word, and prompts that use it.
+    contract_settings = {"textual_inversion.token": "<sks-obj>", "sample_prompts": '["a photo of <sks-obj>"]'}
 
     def prepare(self, c, cfg) -> list[ParamGroup]:
         o = options(cfg)
         self.cfg, self.o = cfg, o
         te, tok = c.text_encoder, c.tokenizer
-        self.names = vector_names(o.token.strip(), o.num_vectors)
+        o.token = o.token.strip().lower()  # CLIP lowercases prompts and added tokens alike
+        self.names = vector_names(o.token, o.num_vectors)
         gen = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
         init = tk.init_rows(te, tok, o.num_vectors, o.init_word, o.init_std, gen)
         self.emb = tk.add_new_tokens(tok, te, self.names, init)
@@ -129,20 +131,15 @@ class TextualInversion(MethodBase):
             meta = {**training_metadata(self.run, c.family, kind="textual-inversion"), **meta}
         return meta
 
+    def load_output(self, pipe, paths: list[Path]):
+        """As a user would in diffusers: `load_textual_inversion(file, token=...)` (A1111 files name no token)."""
+        from ..formats.safe_io import read_safetensors_metadata
+
+        for p in paths[:1]:
+            pipe.load_textual_inversion(str(p), token=read_safetensors_metadata(p).get("sdstudio.token"))
+        return pipe
+
     def save(self, c, out: Path) -> list[Path]:
         """`<run>/<output_name>.safetensors` (A1111) and/or `<output_name>.learned_embeds.safetensors`."""
         return save_embedding(self.rows(), output_stem(self.cfg, out), self.o.token.strip(), self.o.save_format,
                               self.metadata(c))
-
-
-def load_embedding_file(path: Path | str) -> torch.Tensor:
-    """Rows (n, dim) of an embedding file in A1111 (.safetensors emb_params) or diffusers learned_embeds layout."""
-    from ..formats.safe_io import load_state_dict
-
-    sd = load_state_dict(path)
-    if "emb_params" in sd:
-        return sd["emb_params"]
-    if len(sd) == 1:
-        rows = next(iter(sd.values()))
-        return rows if rows.ndim == 2 else rows.unsqueeze(0)
-    raise UserError(f"{Path(path).name} is not a textual-inversion embedding: expected emb_params or one token.")

@@ -110,7 +110,8 @@ def bake(text_encoder) -> None:
 
 def replace_word(text: str, word: str, by: str) -> str:
     """Replace `word` as a whole word (not inside a longer token such as '<cat10>' for '<cat1>')."""
-    return re.sub(rf"(?<![\w<>#]){re.escape(word)}(?![\w<>#])", by, text)
+    # Case-insensitive, as CLIP's tokenizer lowercases prompts (and the tokens added to it).
+    return re.sub(rf"(?<![\w<>#]){re.escape(word)}(?![\w<>#])", lambda m: by, text, flags=re.IGNORECASE)
 
 
 def encode_text(text_encoder, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

@@ -38,6 +38,13 @@ class Components:
     extra: dict = field(default_factory=dict)
 
     @property
+    def resolution(self) -> int:
+        """The native image size in pixels (512 for SD 1.5, 768 for SD 2.x, 1024 for SDXL, 64 for tiny), from
+        the UNet's sample size and the VAE's scale factor rather than from the family's nominal value."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.sample_size) * scale
+
+    @property
     def text_encoder(self):
         return self.text_encoders[0]
 

@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "looked up in the workspace, then next to the recipe, then in the current folder.")
     p.add_argument("recipe", type=Path, help="the recipe .toml (or a PNG this app made: its recipe is reused)")
     p.add_argument("--out", type=Path, required=True, help="folder for the images")
-    p.add_argument("--fuse", action="store_true", help="fuse the LoRA stack into the base (faster for many steps)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep LoRAs unfused (by default a stack without step ranges is fused into the base: faster)")
     p.add_argument("--x", default=None, help="X/Y grid axis, e.g. cfg=5,7,9 or lora_weight[0]=0,0.5,1")
     p.add_argument("--y", default=None, help="second grid axis")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -61,7 +61,13 @@ def latents_to_rgb(latents):
     m = torch.tensor(_PREVIEW_RGB, dtype=torch.float32)
     rgb = torch.einsum("bchw,cr->brhw", latents.detach().float().cpu(), m)
     rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(x) for x in rgb]
+    # Latents are 1/8 of the image: show them at least 256 px wide so the preview is readable.
+    out = []
+    for x in rgb:
+        im = Image.fromarray(x)
+        scale = max(1, 256 // max(im.size))
+        out.append(im.resize((im.width * max(scale, 8), im.height * max(scale, 8)), Image.Resampling.BILINEAR))
+    return out
 
 
 def to_pil(images):
@@ -121,8 +127,6 @@ def generate(comps, recipe: Recipe, *, stack=None,
     import torch
 
     # 1. Check the inputs before doing any work
-    if comps.family.is_xl:
-        raise UserError("The Playground runs SD 1.x and 2.x bases for now: pick a non-SDXL base model.")
     recipe.validate()
     cn_w, cn_r = _check_lists("ControlNet", controlnets, control_images, control_weights, control_ranges)
     ad_w, ad_r = _check_lists("T2I-Adapter", adapters, adapter_images, adapter_weights, adapter_ranges)
@@ -136,15 +140,50 @@ def generate(comps, recipe: Recipe, *, stack=None,
 
     with torch.inference_mode():
         # 2. Prompts (A1111 weighting, long prompts, embeddings, clip skip)
-        tok, te = comps.tokenizer, comps.text_encoder
-        pos = stack.expand_prompt(recipe.prompt) if stack else recipe.prompt
-        neg = stack.expand_prompt(recipe.negative_prompt) if stack else recipe.negative_prompt
-        n = max(prompt_mod.chunk_count(pos, tok), prompt_mod.chunk_count(neg, tok))
-        cond = prompt_mod.encode(pos, tok, te, recipe.clip_skip, n).to(dtype)
         use_cfg = recipe.cfg > 1.0
-        uncond = prompt_mod.encode(neg, tok, te, recipe.clip_skip, n).to(dtype) if use_cfg else None
+        added = None
+        if comps.family.is_xl:
+            toks, tes = comps.tokenizers, comps.text_encoders
+            pos = [stack.expand_prompt(recipe.prompt, i) if stack else recipe.prompt for i in range(len(tes))]
+            neg = [stack.expand_prompt(recipe.negative_prompt, i) if stack else recipe.negative_prompt
+                   for i in range(len(tes))]
+            n = max(prompt_mod.chunk_count(t, tok) for t, tok in zip(pos + neg, toks + toks))
+            cond, pooled = prompt_mod.encode_xl(pos, toks, tes, recipe.clip_skip, n)
+            rows_pooled = pooled.expand(B, -1)
+            if use_cfg:
+                uncond, upooled = prompt_mod.encode_xl(neg, toks, tes, recipe.clip_skip, n,
+                                                       zero=not recipe.negative_prompt.strip())
+                rows_pooled = torch.cat([upooled.expand(B, -1), rows_pooled])
+            cond, rows_pooled = cond.to(dtype), rows_pooled.to(dtype)
+            uncond = uncond.to(dtype) if use_cfg else None
+            time_ids = torch.tensor([[H, W, 0, 0, H, W]], device=device, dtype=dtype).expand(rows_pooled.shape[0], -1)
+            added = {"text_embeds": rows_pooled, "time_ids": time_ids}
+        else:
+            tok, te = comps.tokenizer, comps.text_encoder
+            pos = stack.expand_prompt(recipe.prompt) if stack else recipe.prompt
+            neg = stack.expand_prompt(recipe.negative_prompt) if stack else recipe.negative_prompt
+            n = max(prompt_mod.chunk_count(pos, tok), prompt_mod.chunk_count(neg, tok))
+            cond = prompt_mod.encode(pos, tok, te, recipe.clip_skip, n).to(dtype)
+            uncond = prompt_mod.encode(neg, tok, te, recipe.clip_skip, n).to(dtype) if use_cfg else None
         emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if use_cfg else cond.expand(B, -1, -1)
+        # 2b. [[region]] prompts and EDLoRA tokens: per-box and per-layer conditioning (playground/regions.py)
+        from .regions import recipe_attention
+
+        encs = list(zip(comps.tokenizers, comps.text_encoders))
+        expand = (lambda p, i=0: stack.expand_prompt(p, i)) if stack else (lambda p, i=0: p)
+
+        def encode_one(p, k):  # the same encoder as above, for a region's or a layer's prompt
+            if comps.family.is_xl:  # an empty (negative) prompt is zeros, as above
+                return prompt_mod.encode_xl([expand(p, i) for i in range(len(encs))], *zip(*encs), recipe.clip_skip,
+                                            k, zero=not p.strip())[0].to(dtype)
+            return prompt_mod.encode(expand(p), *encs[0], recipe.clip_skip, k).to(dtype)
+
+        attn = recipe_attention(comps, recipe, encode_one, lambda p: max(prompt_mod.chunk_count(expand(p, i), t)
+                                                                         for i, (t, _) in enumerate(encs)),
+                                emb, B, use_cfg, ad_w)
+        emb = attn.emb
         rows = emb.shape[0]
+        extra = {"added_cond_kwargs": added} if added is not None else {}
 
         # 3. Scheduler and timesteps
         sched = make_scheduler(recipe.sampler, comps.scheduler.config)
@@ -188,7 +227,8 @@ def generate(comps, recipe: Recipe, *, stack=None,
             t = _image_tensor(im, W, H, device, dtype, f"control image for T2I-Adapter {k + 1}")
             if ad.config.in_channels == 1:
                 t = t.mean(dim=1, keepdim=True)
-            ad_feats.append([f.expand(rows, -1, -1, -1) for f in ad(t)] if ad_w[k] != 0 else None)
+            ad_feats.append([f.expand(rows, -1, -1, -1) for f in attn.adapter_features(k, ad(t))]
+                            if ad_w[k] != 0 else None)
 
         step_kwargs = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters else {}
         total = len(timesteps)
@@ -196,6 +236,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
             stack.reset_steps()
         # 6. Denoising loop
         try:
+            attn.install()
             for i, t in enumerate(timesteps):
                 if check:
                     check()
@@ -212,7 +253,8 @@ def generate(comps, recipe: Recipe, *, stack=None,
                     if cn_w[k] == 0 or not _active(i, total, *cn_r[k]):
                         continue
                     d, m_ = net(x[:, :4] if x.shape[1] != net.config.in_channels else x, t, encoder_hidden_states=emb,
-                                controlnet_cond=cn_imgs[k], conditioning_scale=float(cn_w[k]), return_dict=False)
+                                controlnet_cond=cn_imgs[k], conditioning_scale=float(cn_w[k]), return_dict=False,
+                                **extra)
                     if down_res is None:
                         down_res, mid_res = list(d), m_
                     else:
@@ -229,7 +271,7 @@ def generate(comps, recipe: Recipe, *, stack=None,
                     intrablock = scaled if intrablock is None else [a + b for a, b in zip(intrablock, scaled)]
                 if intrablock is not None:
                     kwargs["down_intrablock_additional_residuals"] = [r.clone() for r in intrablock]
-                noise_pred = unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs)[0]
+                noise_pred = unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs, **extra)[0]
                 # 6c. Classifier-free guidance and the scheduler step
                 if use_cfg:
                     nu, nc = noise_pred.chunk(2)
@@ -245,9 +287,17 @@ def generate(comps, recipe: Recipe, *, stack=None,
                 if on_step:
                     on_step(i, total, latents)
         finally:
+            attn.close()
             if stack is not None:
                 stack.reset_steps()
 
-        # 7. Decode
-        images = vae.decode(latents / sf, return_dict=False)[0]
+        # 7. Decode (SDXL's VAE overflows in fp16: it asks to be upcast, as diffusers does)
+        upcast = vae.config.get("force_upcast", False) and vae.dtype == torch.float16
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            images = vae.decode((latents / sf).to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype)
     return to_pil(images)

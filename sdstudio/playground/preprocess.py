@@ -39,7 +39,7 @@ def preprocess(image, name: str, annotators_dir: Path | None = None, *, low: int
     if key == "lineart":
         from controlnet_aux.lineart_standard import LineartStandardDetector
 
-        out = LineartStandardDetector()(image, detect_resolution=max(image.size), image_resolution=max(image.size))
+        out = LineartStandardDetector()(image, detect_resolution=max(image.size))
         return out.convert("RGB").resize(image.size)
     if key == "shuffle":
         from controlnet_aux.shuffle import ContentShuffleDetector
@@ -49,7 +49,8 @@ def preprocess(image, name: str, annotators_dir: Path | None = None, *, low: int
         return out.convert("RGB").resize(image.size)
     if key in NEEDS_WEIGHTS:
         detector = _detector(key, annotators_dir)
-        out = detector(image, detect_resolution=min(512, max(image.size)), image_resolution=max(image.size))
+        out = detector(image, detect_resolution=min(512, max(image.size)), image_resolution=max(image.size),
+                       output_type="pil")
         return out.convert("RGB").resize(image.size)
     raise UserError(f"Unknown preprocessor {name!r}: use one of {', '.join(PREPROCESSORS)}.")
 

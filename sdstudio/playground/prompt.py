@@ -103,5 +103,41 @@ def encode(text: str, tokenizer, text_encoder, clip_skip: int = 1, n_chunks: int
     return torch.cat(outs, dim=1)
 
 
+def encode_xl(texts: list[str], tokenizers, text_encoders, clip_skip: int = 1, n_chunks: int | None = None,
+              zero: bool = False):
+    """SDXL conditioning: both encoders' penultimate hidden states side by side [1, 77 * chunks, 768 + 1280],
+    and the second encoder's pooled projection [1, 1280] from the first chunk. `zero` gives zeros (SDXL's
+    negative for an empty negative prompt)."""
+    import torch
+
+    n = n_chunks or max(chunk_count(t, tok) for t, tok in zip(texts, tokenizers))
+    parts, pooled = [], None
+    for idx, (text, tok, te) in enumerate(zip(texts, tokenizers, text_encoders)):
+        chunks = tokenize_weighted(text, tok)
+        while len(chunks) < n:
+            chunks.append(([], []))
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        outs = []
+        for c, (ids, weights) in enumerate(chunks):
+            full = [bos] + ids + [eos] + [pad] * (CHUNK - len(ids))
+            wts = [1.0] + weights + [1.0] * (CHUNK + 1 - len(weights))
+            out = te(torch.tensor([full], device=te.device), output_hidden_states=True)
+            z = out.hidden_states[-(clip_skip + 1)]  # SDXL conditions on the penultimate layer, no final norm
+            if idx == len(text_encoders) - 1 and c == 0:
+                pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+            if any(w != 1.0 for w in wts):
+                w = torch.tensor(wts, device=z.device, dtype=z.dtype)[None, :, None]
+                mean_before = z.float().mean()
+                z = z * w
+                z = z * (mean_before / z.float().mean()).to(z.dtype)
+            outs.append(z)
+        parts.append(torch.cat(outs, dim=1))
+    emb = torch.cat(parts, dim=-1)
+    if zero:
+        return torch.zeros_like(emb), torch.zeros_like(pooled)
+    return emb, pooled
+
+
 def chunk_count(text: str, tokenizer) -> int:
     return len(tokenize_weighted(text, tokenizer))

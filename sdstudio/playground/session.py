@@ -64,9 +64,16 @@ class Playground:
     def base(self, ref: str):
         from ..devices import pick_device, pick_dtype
 
-        ref_path = ref
-        if ref != "tiny" and not ("/" in ref and not Path(ref).exists() and not ref.startswith((".", "/"))):
-            ref_path = str(self.resolve(ref))
+        from ..models.loading import looks_like_hub_id
+
+        ref_path = ref = (ref or "tiny").strip()
+        if ref != "tiny":
+            try:
+                ref_path = str(self.resolve(ref))
+            except UserError:
+                if not looks_like_hub_id(ref):  # not in the workspace and not "org/name": say why
+                    raise
+                ref_path = ref
         if self.comps is None or self._ref != ref_path:
             device = self.device or pick_device()
             dtype = self.dtype or pick_dtype(device)
@@ -217,6 +224,7 @@ def generation_work(session: Playground, recipe: Recipe, out_dir: Path, *, fuse:
         else:
             ctx.emit(Status("generating", stage="generate"))
             images = session.run(recipe, fuse=fuse, on_step=on_step, check=check)
+            session.live_preview = images[0] if images else session.live_preview
             paths = save_images(images, recipe, out_dir)
         ctx.emit(Preview(step=0, paths=tuple(str(p) for p in paths), captions=tuple(p.name for p in paths)))
         ctx.emit(Finished(message=f"saved {len(paths)} image(s)", outputs=tuple(str(p) for p in paths)))

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -158,6 +157,7 @@ class _Adapter:
     path: Path
     kind: str  # "lora" | "lycoris"
     layers: list = field(default_factory=list)  # [(model key, module path, peft layer)]
+    bundle: list = field(default_factory=list)  # _LoadedEmbedding for each bundle_emb.* in the file
 
 
 @dataclass
@@ -188,6 +188,7 @@ class Stack:
         self._fused_sig = None
         self._backup: dict[int, tuple] = {}  # id(base module) -> (module, original weight on CPU)
         self._active_embeddings: list[_LoadedEmbedding] = []
+        self._wanted: dict[int, tuple] = {}  # id(layer) -> (layer, adapter names wanted there, in order)
 
     # 1. Apply a recipe with the least work ------------------------------------------------------------
     def apply(self, recipe: Recipe, fuse: bool = False) -> None:
@@ -208,6 +209,7 @@ class Stack:
         self._range_on = {a.name: True for a, _ in self._items}
         self._drop_unused({p for p, it in wanted})
         self._apply_embeddings(recipe.embedding)
+        self._active_embeddings += [e for a, _ in self._items for e in a.bundle]
 
         signature = tuple((a.name, it.weight, it.text_encoder_weight, tuple(it.blocks))
                           for a, it in self._items if self._full_range(it))
@@ -260,6 +262,16 @@ class Stack:
         sd, meta = read_adapter_file(path, self.allow_pickle)
         kind = detect_kind_from_keys(sd.keys())
         family = self.comps.family.label
+        if kind == "edlora":  # a Mix-of-Show concept: its layer-wise tokens go in, its LoRA part loads as a LoRA
+            from ..methods.edlora import load_concept_tokens
+
+            sd, kind = load_concept_tokens(self.comps, sd, meta, path), "lora"
+        bundle = {}
+        if kind == "lora":  # embeddings bundled in the LoRA (kohya/A1111 bundle_emb.*) come along with it
+            from ..methods.pivotal import bundled_embeddings
+
+            bundle = bundled_embeddings(sd)
+            sd = {k: v for k, v in sd.items() if not k.startswith("bundle_emb.")}
         if kind == "lora":
             weights = read_lora(sd, self.models, metadata=meta, file_name=path.name, family_label=family)
         elif kind == "lycoris":
@@ -268,6 +280,10 @@ class Stack:
             raise UserError(f"{path.name} is a {kind} file, not a LoRA or LyCORIS file: add it as a {kind} item.")
         self._counter += 1
         adapter = _Adapter(name=f"sds{self._counter}", path=path, kind=kind)
+        from ..formats.embeddings import Embedding
+
+        adapter.bundle = [self._install_embedding(path, Embedding([v], t), f"b{self._counter}-{i}")
+                          for i, (t, v) in enumerate(bundle.items())]
         if self._fused:
             self.unfuse()  # injecting wraps modules; keep the base weights plain while we do it
         for mk, deltas in weights.targets.items():
@@ -297,18 +313,27 @@ class Stack:
         return seen.values()
 
     def _refresh(self) -> None:
-        order = [(a, it) for a, it in self._items]
+        """Set every layer's scaling and active list from the items. Where two or more plain LoRAs are active on
+        one layer, they run as one concatenated low-rank pair (`MIX`): one A and one B matmul instead of two
+        per LoRA, which is most of the unfused per-step cost."""
+        self._wanted = {}
         for mk, layer in self._layers():
-            names = []
-            for a, it in order:
-                if a.name not in layer.scaling or a.name in self._fused or not self._range_on.get(a.name, True):
+            wanted = []
+            for a, it in self._items:
+                if a.name not in layer.scaling or not self._range_on.get(a.name, True):
                     continue
                 scale = self._scale(a.name, it, mk, layer)
                 if scale == 0:
                     continue  # skipped, not multiplied by 0: weight 0 costs nothing and equals absence exactly
                 layer.scaling[a.name] = scale
-                names.append(a.name)
-            layer._active_adapter = names
+                wanted.append(a.name)
+            self._wanted[id(layer)] = (layer, wanted)
+            names = [n for n in wanted if n not in self._fused]
+            plain = [n for n in names if _is_plain_lora(layer, n)]
+            if len(plain) >= 2:
+                _set_mix(layer, plain)
+                names = [n for n in names if n not in plain] + [MIX]
+            layer.__dict__["_active_adapter"] = names  # a plain attribute: skip nn.Module.__setattr__'s checks
 
     def _scale(self, name: str, item: LoraItem, model_key: str, layer) -> float:
         w = item.weight if model_key == "unet" else (
@@ -346,8 +371,8 @@ class Stack:
         import torch
 
         with torch.no_grad():
-            for mk, layer in self._layers():
-                for name in [n for n in layer.active_adapters if n in names]:
+            for layer, wanted in self._wanted.values():
+                for name in [n for n in wanted if n in names]:
                     base = layer.get_base_layer()
                     delta = layer.get_delta_weight(name)
                     merged = base.weight.data.float() + delta.float().reshape(base.weight.shape)
@@ -401,13 +426,20 @@ class Stack:
         sd, _meta = read_adapter_file(path, self.allow_pickle)
         emb = embedding_from_state(sd, path.name, token)
         emb.token = token or emb.token or f"<{path.stem}>"
+        loaded = self._install_embedding(path, emb, str(len(self.embeddings) + 1))
+        self.embeddings[path] = loaded
+        return loaded
+
+    def _install_embedding(self, path: Path, emb, k: str) -> _LoadedEmbedding:
+        """Add an embedding's vectors to the tokenizers/text encoders under internal tokens <sdstudio-emb{k}-j>."""
+        import torch
+
         tes, toks = self.comps.text_encoders, self.comps.tokenizers
         if len(emb.vectors) != len(tes):
             need = "clip_l and clip_g" if len(tes) == 2 else "one vector set"
             raise UserError(f"{path.name} is an embedding for another model family (this base needs {need}): "
                             f"pick a matching embedding.")
         internal = []
-        k = len(self.embeddings) + 1
         for i, (te, tok, vec) in enumerate(zip(tes, toks, emb.vectors)):
             table = te.get_input_embeddings()
             if vec.shape[1] != table.weight.shape[1]:
@@ -422,9 +454,7 @@ class Stack:
                 table.weight[ids] = vec.to(table.weight.dtype).to(table.weight.device)
             table.weight.requires_grad_(False)
             internal.append(names)
-        loaded = _LoadedEmbedding(path=path, token=emb.token, internal=internal)
-        self.embeddings[path] = loaded
-        return loaded
+        return _LoadedEmbedding(path=path, token=emb.token, internal=internal)
 
     def expand_prompt(self, text: str, encoder: int = 0) -> str:
         """Replace each active embedding's token with the internal tokens that carry its vectors. Disabled or
@@ -438,5 +468,50 @@ class Stack:
         return [f"{a.path.name} ({a.kind}) weight {it.weight:g}" for a, it in self._items]
 
 
-def finite(x: float) -> bool:
-    return math.isfinite(x)
+MIX = "sdsmix"  # the concatenated LoRA a layer runs when several plain LoRAs are active on it
+
+
+def _is_plain_lora(layer, name: str) -> bool:
+    lora_a = getattr(layer, "lora_A", None)
+    return lora_a is not None and name in lora_a and name not in getattr(layer, "lora_variant", {}) and \
+        not getattr(layer, "use_dora", {}).get(name, False)
+
+
+def _set_mix(layer, names: list[str]) -> None:
+    """Write `names` into the layer's MIX adapter: A = [A_1; A_2; ...], B = [s_1 B_1, s_2 B_2, ...], so
+    B A x = sum_i s_i B_i A_i x. A is rebuilt only when the set of LoRAs changes; B on every weight change."""
+    import torch
+
+    key = tuple(names)
+    if layer.__dict__.get("_sds_mix_key") != key:
+        a_list = [layer.lora_A[n].weight for n in names]
+        a0 = layer.lora_A[names[0]]
+        rank = sum(w.shape[0] for w in a_list)
+        b0 = layer.lora_B[names[0]].weight
+        # Built on the meta device (no random init), then given real weights.
+        if isinstance(a0, torch.nn.Conv2d):
+            mix_a = torch.nn.Conv2d(a0.in_channels, rank, a0.kernel_size, a0.stride, a0.padding, a0.dilation,
+                                    a0.groups, bias=False, device="meta")
+            mix_b = torch.nn.Conv2d(rank, b0.shape[0], 1, bias=False, device="meta")
+        else:
+            mix_a = torch.nn.Linear(a0.in_features, rank, bias=False, device="meta")
+            mix_b = torch.nn.Linear(rank, b0.shape[0], bias=False, device="meta")
+        mix_a.weight = torch.nn.Parameter(torch.cat(a_list, 0).detach(), requires_grad=False)
+        mix_b.weight = torch.nn.Parameter(torch.empty((b0.shape[0], rank, *b0.shape[2:]), dtype=b0.dtype,
+                                                      device=b0.device), requires_grad=False)
+        layer.lora_A[MIX], layer.lora_B[MIX] = mix_a, mix_b
+        layer.lora_dropout[MIX] = torch.nn.Identity()
+        layer.r[MIX], layer.lora_alpha[MIX] = rank, rank
+        layer.scaling[MIX] = 1.0
+        layer.__dict__["_sds_mix_key"] = key
+        # (output slice of the mix's B, that LoRA's own B) pairs: a weight change rescales slices in place.
+        out, start = [], 0
+        for n in names:
+            b = layer.lora_B[n].weight
+            out.append((layer.lora_B[MIX].weight[:, start:start + b.shape[1]], b))
+            start += b.shape[1]
+        layer.__dict__["_sds_mix_slices"] = out
+    scaling = layer.scaling
+    with torch.no_grad():
+        for (dst, src), n in zip(layer.__dict__["_sds_mix_slices"], names):
+            torch.mul(src, scaling[n], out=dst)

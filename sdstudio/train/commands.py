@@ -27,12 +27,13 @@ def run_train(args) -> int:
     from ..events import Failed, Finished, Preview, Progress, Saved, Status, Step
     from ..jobs import run_foreground
     from .config import load_config
-    from .loop import train
+    from .loop import preflight, train
 
     cfg = load_config(args.config, args.sets)
     if args.print_config:
         print(cfg.to_toml())
         return 0
+    checked = preflight(cfg, resume=args.resume)  # folder mistakes: one line, before any model loads
     rank0 = int(os.environ.get("RANK", "0")) == 0
     bar = _Bar(enabled=rank0)
 
@@ -49,7 +50,7 @@ def run_train(args) -> int:
             bar.note(f"saved {ev.path}")
 
     job = run_foreground(cfg.output_name, "train",
-                         lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume), listeners=[listener])
+                         lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume, checked=checked), listeners=[listener])
     bar.done()
     end = job.log.snapshot()["end"]
     if isinstance(end, Failed):

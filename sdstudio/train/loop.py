@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -123,27 +124,29 @@ def _make_accelerator(cfg: TrainConfig, device: str):
 
 # -- the entry point ------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | None = None, *,
-          resume: bool = False, home: Path | None = None, publish: Callable[[list[Path]], list[Path]] | None = None
-          ) -> list[Path]:
-    """Validate, load, train, save. Returns the final artefacts. Raises UserError for user mistakes and
-    Stopped when stopped (after saving a resumable checkpoint)."""
-    from ..data.dataset import TrainDataset, dataset_hash, tag_frequency
+@dataclass
+class Preflight:
+    """What `preflight` found: the validated dataset, the run folder and the checkpoint to resume from."""
+
+    layout: object
+    data: object
+    run_dir: Path
+    checkpoint: Path | None
+
+
+def preflight(cfg: TrainConfig, *, resume: bool = False, home: Path | None = None) -> Preflight:
+    """Check everything a user can get wrong, in seconds and before any model loads: the dataset's folder
+    level, images and captions, class images, the base model's family, the resume state. Raises UserError."""
+    from ..data.dataset import TrainDataset
     from ..data.folder import read_dataset
-    from ..devices import pick_device
-    from ..models.loading import family_of_ref, load_base
+    from ..models.loading import family_of_ref
 
-    commands = commands or Commands()
-    method = get_method(cfg.method)()
+    get_method(cfg.method)
     run_dir = cfg.run_dir(home)
-
-    # 1. Validate everything a user can get wrong, before any model loads (seconds, not minutes).
-    emit(Status("checking the dataset", stage="validate"))
     layout = read_dataset(cfg.dataset, default_caption=cfg.instance_prompt, need_class=cfg.prior_preservation,
                           class_root=cfg.class_data or None)
     data = TrainDataset(layout, cfg)
-    family = family_of_ref(cfg.base_model)
-    if family.is_xl:
+    if family_of_ref(cfg.base_model).is_xl:
         raise UserError("SDXL training is not supported yet: choose an SD 1.x or 2.x base model.")
     ckpt = None
     if resume:
@@ -154,6 +157,26 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
         _check_resume_config(run_dir, cfg)
     elif (run_dir / "log.jsonl").is_file() and latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir} already holds a run: resume it (--resume), or choose another output_name.")
+    return Preflight(layout, data, run_dir, ckpt)
+
+
+def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | None = None, *,
+          resume: bool = False, home: Path | None = None, publish: Callable[[list[Path]], list[Path]] | None = None,
+          checked: Preflight | None = None, method=None) -> list[Path]:
+    """Validate, load, train, save. Returns the final artefacts. Raises UserError for user mistakes and
+    Stopped when stopped (after saving a resumable checkpoint). `checked`: a preflight already done;
+    `method`: a method instance to use instead of the registered `cfg.method` (plug-ins, tests)."""
+    from ..data.dataset import dataset_hash, tag_frequency
+    from ..devices import pick_device
+    from ..models.loading import load_base
+
+    commands = commands or Commands()
+    method = method if method is not None else get_method(cfg.method)()
+
+    # 1. Validate everything a user can get wrong, before any model loads (seconds, not minutes).
+    emit(Status("checking the dataset", stage="validate"))
+    pre = checked or preflight(cfg, resume=resume, home=home)
+    run_dir, layout = pre.run_dir, pre.layout
     device = pick_device(cfg.device)
     acc, weight_dtype = _make_accelerator(cfg, device)
     commands.check()
@@ -164,7 +187,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
     c = load_base(cfg.base_model, dtype=weight_dtype, device=str(acc.device), prediction_type=pred)
     method.run = RunInfo(cfg=cfg, run_dir=run_dir, layout=layout, dataset_hash=dataset_hash(layout),
                          tag_frequency=tag_frequency(layout), started=time.time())
-    return run_loop(method, c, data, cfg, emit, commands, acc=acc, run_dir=run_dir, resume_from=ckpt,
+    return run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir, resume_from=pre.checkpoint,
                     publish=publish)
 
 
@@ -301,6 +324,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             ev = render_previews(method, c, cfg, run_dir, step, autocast)
         if ev:
             emit(ev)
+        emit(Status(f"training (step {step})", stage="train"))
 
     def on_pause() -> None:
         emit(Status("paused", stage="paused"))
@@ -319,7 +343,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             micro_losses = []
             for k in range(cfg.gradient_accumulation):
                 micro = step * cfg.gradient_accumulation + k
-                batch = _make_batch(c, data, cfg, micro * world + rank, latents, text_cache, device, c.vae.dtype,
+                batch = _make_batch(c, data, cfg, micro * world + rank, latents, text_cache, device, c.dtype,
                                     seed=_seed_for(cfg.seed, micro, rank))
                 with autocast():
                     loss = method.loss(c, batch, step)
@@ -441,9 +465,9 @@ def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentS
             store.mem[i] = load_state_dict(path)["latent"]
         else:
             gen = torch.Generator(device=acc.device).manual_seed(_seed_for(cfg.seed, "latent", i))
-            pix = data.pixels(i)[None].to(acc.device, c.vae.dtype)
+            pix = data.pixels(i)[None].to(acc.device, c.dtype)
             with torch.no_grad(), acc.autocast():
-                store.mem[i] = encode_images(c.vae, pix, gen)[0].float().cpu()
+                store.mem[i] = encode_images(c.vae, pix, gen, dtype=c.dtype)[0].float().cpu()
             if path is not None:
                 save_safetensors({"latent": store.mem[i]}, path)
         if i % 4 == 0 or i == n - 1:

@@ -43,9 +43,9 @@ def min_snr_weights(scheduler, timesteps, gamma: float, prediction_type: str) ->
     return clipped / (s + 1) if prediction_type == "v_prediction" else clipped / s
 
 
-def encode_images(vae, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
+def encode_images(vae, pixel_values: torch.Tensor, generator=None, dtype=None) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents (a sample of the posterior, as the diffusers examples do)."""
-    dist = vae.encode(pixel_values.to(dtype=vae.dtype)).latent_dist
+    dist = vae.encode(pixel_values.to(dtype=dtype or vae.dtype)).latent_dist
     eps = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
     latents = dist.mean + dist.std * eps
     return latents * vae.config.scaling_factor
@@ -68,7 +68,7 @@ def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None) -> t
     latents = batch.latents
     if latents is None:
         with torch.no_grad():
-            latents = encode_images(c.vae, batch.pixel_values, gen)
+            latents = encode_images(c.vae, batch.pixel_values, gen, dtype=c.dtype)
     latents = latents.float()
     # 2. Text conditioning
     ehs = encoder_hidden_states if encoder_hidden_states is not None else batch.encoder_hidden_states
@@ -81,7 +81,9 @@ def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None) -> t
     # 4. Prediction and target
     pred_type = sched.config.get("prediction_type", "epsilon")
     target = target_for(sched, pred_type, latents, noise, timesteps)
-    model_pred = unet(noisy.to(unet.dtype), timesteps, ehs.to(unet.dtype), return_dict=False)[0]
+    # c.dtype, not unet.dtype: diffusers' .dtype walks every module (milliseconds per call on a LoRA UNet).
+    dtype = c.dtype or unet.dtype
+    model_pred = unet(noisy.to(dtype), timesteps, ehs.to(dtype), return_dict=False)[0]
     per_pixel = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     if batch.mask is not None:
         per_pixel = per_pixel * batch.mask

@@ -1,10 +1,497 @@
-"""The Playground tab. (Placeholder until its issue lands: the owner replaces this module.)"""
+"""The Playground tab: a base model, a prompt, and a stack of LoRAs / LyCORIS / embeddings / ControlNets /
+T2I-Adapters with a weight each; generate as a Job with a live step preview; X/Y grids; recipe save/load;
+drop a PNG to get its recipe back.
+
+The stack is a fixed pool of MAX_ITEMS cards (no dynamic widget creation). Every handler reads the whole pool
+(`_read_items`), changes the item list, and redraws the pool (`_draw`), so edits are never lost on add /
+remove / reorder. The work runs through sdstudio.playground (the same code as `sdstudio generate`).
+"""
 from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
 
 import gradio as gr
 
+from ..errors import UserError
+from ..events import Failed
+from ..formats.kinds import detect_kind
+from ..library import scan_models
+from ..playground.grid import parse_axis
+from ..playground.outputs import read_recipe
+from ..playground.pipeline import SAMPLERS
+from ..playground.preprocess import PREPROCESSORS
+from ..playground.recipe import ControlNetItem, EmbeddingItem, LoraItem, Recipe, T2IAdapterItem, parse_blocks
+from ..playground.session import Playground, generation_work
 from .context import AppContext
+from .library_tab import base_model_choices, current_base
 
+MAX_ITEMS = 8
+KINDS = {"LoRA / LyCORIS": "lora", "Embedding": "embedding", "ControlNet": "controlnet", "T2I-Adapter": "t2i_adapter"}
+KIND_LABEL = {v: k for k, v in KINDS.items()}
+DETECTED = {"lora": "lora", "lycoris": "lora", "embedding": "embedding", "controlnet": "controlnet",
+            "t2i_adapter": "t2i_adapter", "edlora": "lora"}  # an EDLoRA file is a LoRA item; its tokens come along
+# Per card, the values read back from the page, in this order.
+CARD_FIELDS = ("enabled", "weight", "te_weight", "start", "end", "blocks", "token", "preprocessor")
+FORM_FIELDS = ("base_model", "prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height",
+               "batch", "clip_skip", "init_image", "mask_image", "strength")
+_SESSIONS: dict[int, Playground] = {}
+
+
+def session_for(ctx: AppContext) -> Playground:
+    """One Playground per app: the base, stack and control models stay loaded between generations."""
+    if id(ctx) not in _SESSIONS:
+        ws = ctx.workspace
+        _SESSIONS[id(ctx)] = Playground(lambda p: ws.resolve(p, must_exist=True), cache=ctx.cache,
+                                        lora_dir=ws.models("lora"), annotators_dir=ws.root / "models" / "annotators")
+    return _SESSIONS[id(ctx)]
+
+
+# -- items <-> recipe (plain python) --------------------------------------------------------------------
+
+def new_item(kind: str, path: str) -> dict:
+    w = 0.8 if kind != "controlnet" else 1.0
+    return {"kind": kind, "path": path, "enabled": True, "weight": w, "te_weight": w, "start": 0.0, "end": 1.0, "blocks": "", "token": "", "preprocessor": "none", "image": ""}
+
+
+def items_to_recipe(form: dict, items: list[dict]) -> Recipe:
+    r = Recipe(**form)
+    for it in items:
+        k = it["kind"]
+        if k == "lora":
+            te = float(it.get("te_weight", it["weight"]))
+            r.lora.append(LoraItem(it["path"], float(it["weight"]),
+                                   text_encoder_weight=None if te == float(it["weight"]) else te,
+                                   blocks=parse_blocks(it.get("blocks", "")),
+                                   start=float(it["start"]), end=float(it["end"]), enabled=bool(it["enabled"])))
+        elif k == "embedding":
+            r.embedding.append(EmbeddingItem(it["path"], it.get("token") or "", enabled=bool(it["enabled"])))
+        else:
+            cls = ControlNetItem if k == "controlnet" else T2IAdapterItem
+            getattr(r, k).append(cls(it["path"], image=it.get("image", ""), preprocessor=it.get("preprocessor") or "none",
+                                     weight=float(it["weight"]), start=float(it["start"]), end=float(it["end"]),
+                                     enabled=bool(it["enabled"])))
+    r.validate()
+    return r
+
+
+def recipe_to_items(recipe: Recipe, ws) -> list[dict]:
+    items = []
+    for it in recipe.lora:
+        te = it.weight if it.text_encoder_weight is None else it.text_encoder_weight
+        items.append(dict(new_item("lora", ws.relative(it.path)), enabled=it.enabled, weight=it.weight, te_weight=te,
+                          start=it.start,
+                          end=it.end, blocks=",".join(f"{b:g}" for b in it.blocks)))
+    for it in recipe.embedding:
+        items.append(dict(new_item("embedding", ws.relative(it.path)), enabled=it.enabled, token=it.token))
+    for kind in ("controlnet", "t2i_adapter"):
+        for it in getattr(recipe, kind):
+            items.append(dict(new_item(kind, ws.relative(it.path)), enabled=it.enabled, weight=it.weight,
+                              start=it.start, end=it.end, preprocessor=it.preprocessor,
+                              image=ws.relative(it.image) if it.image else ""))
+    return items[:MAX_ITEMS]
+
+
+def model_choices(ctx: AppContext, kind: str) -> list[str]:
+    return [m.path for m in scan_models(ctx.workspace) if DETECTED.get(m.kind) == kind]
+
+
+# -- the tab ----------------------------------------------------------------------------------------------
 
 def build(ctx: AppContext) -> None:
-    gr.Markdown("The Playground tab is being built.", elem_id="playground-placeholder")
+    ws = ctx.workspace
+    saved = ctx.settings.load("playground")
+    d = Recipe(base_model=current_base(ctx), prompt="a photo of a cat, (masterpiece:1.2)", steps=20,
+               width=512, height=512)
+    if saved.get("form"):
+        try:
+            d = Recipe.from_dict({k: v for k, v in saved["form"].items() if k in FORM_FIELDS})
+        except UserError:
+            pass
+    items_state = gr.State([])
+
+    with gr.Row():
+        # 1. Left: prompt and sampler settings
+        with gr.Column(scale=3, min_width=300):
+            base = gr.Dropdown(base_model_choices(ctx), value=d.base_model, label="Base model", allow_custom_value=True,
+                               elem_id="playground-base")
+            prompt = gr.Textbox(d.prompt, label="Prompt", lines=3, elem_id="playground-prompt",
+                                info="(word:1.2) to emphasise, <lora:name:0.8> to add a LoRA from models/lora")
+            negative = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=2, elem_id="playground-negative")
+            with gr.Row():
+                sampler = gr.Dropdown(list(SAMPLERS), value=d.sampler, label="Sampler", elem_id="playground-sampler")
+                steps = gr.Slider(1, 150, value=d.steps, step=1, label="Steps", elem_id="playground-steps")
+            with gr.Row():
+                cfg = gr.Slider(0, 30, value=d.cfg, step=0.5, label="CFG", elem_id="playground-cfg")
+                seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="playground-seed")
+            with gr.Row():
+                width = gr.Slider(64, 2048, value=d.width, step=8, label="Width", elem_id="playground-width")
+                height = gr.Slider(64, 2048, value=d.height, step=8, label="Height", elem_id="playground-height")
+            with gr.Accordion("Advanced", open=False):
+                batch = gr.Slider(1, 16, value=d.batch, step=1, label="Batch (image i uses seed + i)",
+                                  elem_id="playground-batch")
+                clip_skip = gr.Slider(1, 4, value=d.clip_skip, step=1, label="CLIP skip", elem_id="playground-clip-skip")
+                init_image = gr.Textbox(d.init_image, label="Init image (img2img / inpaint), a workspace path",
+                                        elem_id="playground-init")
+                mask_image = gr.Textbox(d.mask_image, label="Inpaint mask (white = repaint)", elem_id="playground-mask")
+                strength = gr.Slider(0.05, 1.0, value=d.strength, step=0.05, label="Denoising strength",
+                                     elem_id="playground-strength")
+                fuse = gr.Checkbox(True, label="Fuse the LoRA stack for speed (not with step ranges)",
+                                   elem_id="playground-fuse")
+
+        # 2. Middle: the stack
+        with gr.Column(scale=4, min_width=360):
+            gr.Markdown("#### Stack")
+            with gr.Row():
+                add_kind = gr.Dropdown(list(KINDS), value="LoRA / LyCORIS", label="Kind", scale=1,
+                                       elem_id="playground-add-kind")
+                add_file = gr.Dropdown(model_choices(ctx, "lora"), label="File", allow_custom_value=True, scale=2,
+                                       elem_id="playground-add-file")
+            with gr.Row():
+                add_btn = gr.Button("Add to stack", variant="secondary", elem_id="playground-add")
+                refresh = gr.Button("Refresh files", size="sm", elem_id="playground-refresh")
+            empty = gr.Markdown("The stack is empty: pick a file above and add it.", elem_id="playground-empty")
+            cards = []
+            for i in range(MAX_ITEMS):
+                with gr.Group(visible=False, elem_id=f"pg-card-{i}") as group:
+                    title = gr.Markdown(elem_id=f"pg-title-{i}")
+                    with gr.Row():
+                        enabled = gr.Checkbox(True, label="On", scale=0, min_width=60, elem_id=f"pg-enabled-{i}")
+                        weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=4,
+                                           elem_id=f"pg-weight-{i}")
+                        up = gr.Button("↑", size="sm", scale=0, min_width=36, elem_id=f"pg-up-{i}")
+                        down = gr.Button("↓", size="sm", scale=0, min_width=36, elem_id=f"pg-down-{i}")
+                        remove = gr.Button("✕", size="sm", scale=0, min_width=36, elem_id=f"pg-remove-{i}")
+                    with gr.Row():
+                        te_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Text encoder",
+                                              elem_id=f"pg-te-{i}")
+                        start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start", elem_id=f"pg-start-{i}")
+                        end = gr.Slider(0, 1, value=1.0, step=0.05, label="End", elem_id=f"pg-end-{i}")
+                    blocks = gr.Textbox(label="Block weights (17 or 26 values, BASE,IN01,...)", placeholder="empty = all 1",
+                                        elem_id=f"pg-blocks-{i}")
+                    token = gr.Textbox(label="Token in the prompt", placeholder="<name>", elem_id=f"pg-token-{i}")
+                    with gr.Row() as control_row:
+                        image = gr.Image(type="filepath", label="Control image", sources=["upload", "clipboard"],
+                                         height=160, elem_id=f"pg-image-{i}")
+                        with gr.Column():
+                            pre = gr.Dropdown(list(PREPROCESSORS), value="none", label="Preprocessor",
+                                              elem_id=f"pg-pre-{i}")
+                            preview = gr.Image(label="Preprocessed", interactive=False, height=120,
+                                               elem_id=f"pg-preview-{i}")
+                cards.append(dict(group=group, title=title, enabled=enabled, weight=weight, te_weight=te_weight,
+                                  start=start, end=end,
+                                  blocks=blocks, token=token, control_row=control_row, image=image, preprocessor=pre,
+                                  preview=preview, up=up, down=down, remove=remove))
+
+        # 3. Right: run, preview, gallery, grid, recipes
+        with gr.Column(scale=4, min_width=320):
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary", elem_id="playground-generate")
+                stop = gr.Button("Stop", elem_id="playground-stop")
+            status = gr.Markdown("", elem_id="playground-status", elem_classes=["status-line"])
+            live = gr.Image(label="Live preview", interactive=False, height=200, elem_id="playground-live")
+            gallery = gr.Gallery(label="Outputs", columns=3, height=320, elem_id="playground-gallery")
+            with gr.Accordion("X/Y grid", open=False):
+                grid_x = gr.Textbox(label="X axis", placeholder="lora_weight[0]=0,0.5,1", elem_id="playground-grid-x")
+                grid_y = gr.Textbox(label="Y axis (optional)", placeholder="cfg=5,7,9", elem_id="playground-grid-y")
+                grid_btn = gr.Button("Run grid", elem_id="playground-grid-run")
+            with gr.Accordion("Recipe", open=False):
+                with gr.Row():
+                    recipe_name = gr.Textbox("my-recipe", label="Name", elem_id="playground-recipe-name")
+                    save_btn = gr.Button("Save", elem_id="playground-recipe-save")
+                with gr.Row():
+                    recipe_pick = gr.Dropdown(_recipe_files(ctx), label="Saved recipes", elem_id="playground-recipe-pick")
+                    load_btn = gr.Button("Load", elem_id="playground-recipe-load")
+                png_drop = gr.File(label="Drop a PNG to restore its recipe", file_types=[".png"],
+                                   elem_id="playground-png-drop")
+                recipe_text = gr.Code(label="Recipe TOML", language=None, elem_id="playground-recipe-toml")
+    inbox = gr.Textbox(visible=False, elem_id="playground-inbox")
+    ctx.components["playground.inbox"] = inbox
+    timer = gr.Timer(0.5, active=False)
+
+    form = [base, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip, init_image,
+            mask_image, strength]
+    card_inputs = [cards[i][f] for i in range(MAX_ITEMS) for f in CARD_FIELDS]
+    card_outputs = [cards[i][f] for i in range(MAX_ITEMS) for f in
+                    ("group", "title", "enabled", "weight", "te_weight", "start", "end", "blocks", "token",
+                     "control_row", "image", "preprocessor", "preview")]
+    redraw = [items_state, empty] + card_outputs
+
+    def read_items(items, values) -> list[dict]:
+        out = []
+        for i, it in enumerate(items[:MAX_ITEMS]):
+            vals = dict(zip(CARD_FIELDS, values[i * len(CARD_FIELDS):(i + 1) * len(CARD_FIELDS)]))
+            out.append({**it, **{k: v for k, v in vals.items() if v is not None}})
+        return out
+
+    def draw(items) -> list:
+        ups = [items, gr.update(visible=not items)]
+        for i in range(MAX_ITEMS):
+            if i < len(items):
+                it = items[i]
+                k = it["kind"]
+                control = k in ("controlnet", "t2i_adapter")
+                img = str(ws.root / it["image"]) if it.get("image") else None
+                ups += [gr.update(visible=True), f"**{KIND_LABEL[k]}** · `{it['path']}`",
+                        gr.update(value=it["enabled"]), gr.update(value=it["weight"], visible=k != "embedding",
+                                                                    label="UNet weight" if k == "lora" else "Weight"),
+                        gr.update(value=it.get("te_weight", it["weight"]), visible=k == "lora"),
+                        gr.update(value=it["start"], visible=k != "embedding"),
+                        gr.update(value=it["end"], visible=k != "embedding"),
+                        gr.update(value=it.get("blocks", ""), visible=k == "lora"),
+                        gr.update(value=it.get("token", ""), visible=k == "embedding"),
+                        gr.update(visible=control), gr.update(value=img), gr.update(value=it.get("preprocessor", "none")),
+                        gr.update(value=_preview(ctx, it) if control and img else None)]
+            else:
+                ups += [gr.update(visible=False)] + [gr.update()] * 12
+        return ups
+
+    def form_values(*vals) -> dict:
+        f = dict(zip(FORM_FIELDS, vals))
+        f["base_model"] = (f["base_model"] or "tiny").strip()
+        for k in ("steps", "seed", "width", "height", "batch", "clip_skip"):
+            f[k] = int(f[k] or 0)
+        for k in ("cfg", "strength"):
+            f[k] = float(f[k])
+        return f
+
+    # -- stack editing ----------------------------------------------------------------------------------
+    def on_kind(kind_label):
+        return gr.update(choices=model_choices(ctx, KINDS[kind_label]), value=None)
+
+    add_kind.change(on_kind, [add_kind], [add_file])
+    refresh.click(lambda k: (gr.update(choices=model_choices(ctx, KINDS[k])), gr.update(choices=base_model_choices(ctx))),
+                  [add_kind], [add_file, base])
+
+    def add(items, kind_label, path, *values):
+        items = read_items(items, values)
+        if not path:
+            gr.Warning("Pick a file to add first.")
+            return draw(items)
+        try:
+            p = ws.resolve(path, must_exist=True)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return draw(items)
+        if len(items) >= MAX_ITEMS:
+            gr.Warning(f"The stack holds {MAX_ITEMS} items: remove one first.")
+            return draw(items)
+        kind = KINDS[kind_label]
+        found = DETECTED.get(detect_kind(p))
+        if found and found != kind:
+            gr.Info(f"{p.name} is a {KIND_LABEL[found]}: added as that.")
+            kind = found
+        items.append(new_item(kind, ws.relative(p)))
+        return draw(items)
+
+    add_btn.click(add, [items_state, add_kind, add_file] + card_inputs, redraw)
+
+    def from_inbox(items, path, *values):
+        """Another tab (Train: "Open in Playground") sent a model path: add it with its detected kind."""
+        items = read_items(items, values)
+        if not path:
+            return draw(items)
+        try:
+            p = ws.resolve(path, must_exist=True)
+            kind = DETECTED.get(detect_kind(p))
+            if kind is None:
+                raise UserError(f"{p.name} is not a LoRA, embedding, ControlNet or T2I-Adapter the Playground can use.")
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return draw(items)
+        if not any(it["path"] == ws.relative(p) for it in items) and len(items) < MAX_ITEMS:
+            items.append(new_item(kind, ws.relative(p)))
+            gr.Info(f"Added {p.name} to the Playground stack.")
+        return draw(items)
+
+    inbox.change(from_inbox, [items_state, inbox] + card_inputs, redraw)
+
+    for i in range(MAX_ITEMS):
+        def move(items, *values, i=i, delta=0):
+            items = read_items(items, values)
+            if delta == 0:
+                items.pop(i)
+            else:
+                j = i + delta
+                if 0 <= j < len(items):
+                    items[i], items[j] = items[j], items[i]
+            return draw(items)
+
+        cards[i]["remove"].click(lambda items, *v, i=i: move(items, *v, i=i, delta=0), [items_state] + card_inputs, redraw)
+        cards[i]["up"].click(lambda items, *v, i=i: move(items, *v, i=i, delta=-1), [items_state] + card_inputs, redraw)
+        cards[i]["down"].click(lambda items, *v, i=i: move(items, *v, i=i, delta=1), [items_state] + card_inputs, redraw)
+
+        def upload(items, file, pre_name, i=i):
+            """Copy the control image into workspace/inputs (the recipe refers to it there) and preview it."""
+            if not file or i >= len(items):
+                return items, gr.update()
+            src = Path(file)
+            dest = ws.root / "inputs" / f"{src.stem[:40]}-{uuid.uuid4().hex[:6]}{src.suffix.lower() or '.png'}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            items = [dict(it) for it in items]
+            items[i]["image"] = ws.relative(dest)
+            items[i]["preprocessor"] = pre_name or "none"
+            return items, _preview(ctx, items[i])
+
+        cards[i]["image"].upload(upload, [items_state, cards[i]["image"], cards[i]["preprocessor"]],
+                                 [items_state, cards[i]["preview"]])
+
+        def on_pre(items, pre_name, i=i):
+            if i >= len(items) or not items[i].get("image"):
+                return items, gr.update()
+            items = [dict(it) for it in items]
+            items[i]["preprocessor"] = pre_name
+            return items, _preview(ctx, items[i])
+
+        def on_weight(items, w, te, i=i):
+            """The text-encoder weight follows the UNet weight while the two are equal (A1111's one multiplier);
+            once set apart, each keeps its own value (ComfyUI's strength_model / strength_clip)."""
+            if i >= len(items) or w is None:
+                return items, gr.update()
+            items = [dict(it) for it in items]
+            old = float(items[i]["weight"])
+            linked = te is not None and float(te) == old
+            items[i]["weight"] = float(w)
+            if linked:
+                items[i]["te_weight"] = float(w)
+                return items, float(w)
+            return items, gr.update()
+
+        cards[i]["weight"].input(on_weight, [items_state, cards[i]["weight"], cards[i]["te_weight"]],
+                                 [items_state, cards[i]["te_weight"]])
+        cards[i]["preprocessor"].input(on_pre, [items_state, cards[i]["preprocessor"]], [items_state, cards[i]["preview"]])
+
+    # -- generate / grid as Jobs -------------------------------------------------------------------------
+    def start(items, fuse_on, gx, gy, grid_mode, *vals):
+        n = len(form)
+        form_vals, card_vals = vals[:n], vals[n:]
+        items = read_items(items, card_vals)
+        try:
+            recipe = items_to_recipe(form_values(*form_vals), items)
+            x = parse_axis(gx) if grid_mode else None
+            y = parse_axis(gy) if grid_mode and (gy or "").strip() else None
+            if grid_mode and not (gx or "").strip():
+                raise UserError("Set the X axis of the grid first, e.g. cfg=5,7,9.")
+            session = session_for(ctx)
+            work = generation_work(session, recipe, ws.root / "outputs", fuse=fuse_on, x=x, y=y)
+            job = ctx.jobs.start("playground", "generate", work)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return items, gr.update(), gr.update(active=False), gr.update()
+        ctx.settings.save("playground", {"form": form_values(*form_vals), "items": items})
+        return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml()
+
+    run_inputs = [items_state, fuse, grid_x, grid_y]
+    go.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, False, *v), run_inputs + form + card_inputs,
+             [items_state, status, timer, recipe_text])
+    grid_btn.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, True, *v), run_inputs + form + card_inputs,
+                   [items_state, status, timer, recipe_text])
+
+    def tick(shown):
+        job = ctx.jobs.latest("generate")
+        if job is None:
+            return gr.update(active=False), gr.update(), gr.update(), gr.update(), shown
+        snap = job.log.snapshot()
+        session = session_for(ctx)
+        prog = snap["progress"]
+        text = snap["status"]
+        if prog:
+            text = f"{prog[3] or prog[2]} ({prog[0]}/{prog[1]})"
+        end = snap["end"]
+        paths = [p for ev in snap["previews"] for p in ev.paths]
+        gallery_update = gr.update()
+        if paths and paths != shown.get("last"):
+            shown = {"last": paths, "all": (paths + shown.get("all", []))[:48]}
+            gallery_update = gr.update(value=shown["all"])
+        if end is not None:
+            if isinstance(end, Failed):
+                gr.Warning(end.message)
+                text = f"failed: {end.message}"
+            else:
+                text = end.message
+            return gr.update(active=False), text, session.live_preview, gallery_update, shown
+        return gr.update(active=True), text, session.live_preview, gallery_update, shown
+
+    shown_state = gr.State({})
+    timer.tick(tick, [shown_state], [timer, status, live, gallery, shown_state])
+
+    def on_stop():
+        job = ctx.jobs.latest("generate")
+        if job is not None and job.running:
+            job.stop()
+            return "stopping..."
+        return gr.update()
+
+    stop.click(on_stop, None, [status])
+
+    # -- recipes and PNGs ---------------------------------------------------------------------------------
+    def show_recipe(recipe: Recipe) -> list:
+        vals = [recipe.base_model if recipe.base_model == "tiny" else ws.relative(recipe.base_model)]
+        vals += [getattr(recipe, f) for f in FORM_FIELDS[1:]]
+        return vals + [recipe.to_toml()] + draw(recipe_to_items(recipe, ws))
+
+    def save_recipe(name, items, *vals):
+        n = len(form)
+        try:
+            recipe = items_to_recipe(form_values(*vals[:n]), read_items(items, vals[n:]))
+            from ..workspace import safe_name
+
+            path = recipe.save(ws.root / "recipes" / f"{safe_name(name)}.toml")
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return gr.update(), gr.update()
+        gr.Info(f"Saved {ws.relative(path)}")
+        return gr.update(choices=_recipe_files(ctx), value=ws.relative(path)), recipe.to_toml()
+
+    save_btn.click(save_recipe, [recipe_name, items_state] + form + card_inputs, [recipe_pick, recipe_text])
+
+    def load_recipe(path):
+        try:
+            recipe = Recipe.load(ws.resolve(path, must_exist=True))
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return [gr.update()] * (len(form) + 1 + len(redraw))
+        return show_recipe(recipe)
+
+    load_btn.click(load_recipe, [recipe_pick], form + [recipe_text] + redraw)
+
+    def drop_png(file):
+        if not file:
+            return [gr.update()] * (len(form) + 1 + len(redraw))
+        try:
+            recipe = read_recipe(file)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return [gr.update()] * (len(form) + 1 + len(redraw))
+        gr.Info("Recipe restored from the PNG.")
+        return show_recipe(recipe)
+
+    png_drop.upload(drop_png, [png_drop], form + [recipe_text] + redraw)
+
+    # On page load, draw the last-used stack (a reload loses nothing).
+    def on_load():
+        items = ctx.settings.load("playground").get("items", [])[:MAX_ITEMS]
+        return draw([it for it in items if isinstance(it, dict) and it.get("kind") in KIND_LABEL])
+
+    gr.on(None, on_load, None, redraw)
+
+
+def _recipe_files(ctx: AppContext) -> list[str]:
+    folder = ctx.workspace.root / "recipes"
+    return [ctx.workspace.relative(p) for p in sorted(folder.glob("*.toml"))] if folder.is_dir() else []
+
+
+def _preview(ctx: AppContext, item: dict):
+    """The control image after its preprocessor, for the card (errors become a toast, not a crash)."""
+    from ..data.images import open_rgb
+    from ..playground.preprocess import preprocess
+
+    try:
+        img = open_rgb(ctx.workspace.resolve(item["image"], must_exist=True))
+        img.thumbnail((256, 256))
+        return preprocess(img, item.get("preprocessor") or "none", ctx.workspace.root / "models" / "annotators")
+    except UserError as exc:
+        gr.Warning(str(exc))
+        return None

@@ -1,10 +1,467 @@
-"""The Train tab. (Placeholder until its issue lands: the owner replaces this module.)"""
+"""The Train tab: method + preset, a form drawn from the config dataclasses, and a live view of the run.
+
+The form is generated from TrainConfig's and each method's Config field metadata (label, help, bounds,
+choices, basic/advanced), so a new setting or a new method appears here without UI code. Start runs
+`train.loop.train` as a Job; a `gr.Timer` polls `job.log.snapshot()` for the loss plot, progress, stats and
+previews. State lives in the Job, so a page reload reconnects to a running run.
+"""
 from __future__ import annotations
 
-import gradio as gr
+import dataclasses
+import json
+from pathlib import Path
 
+import gradio as gr
+import pandas as pd
+
+from ..errors import UserError
+from ..events import Failed, Finished
+from ..methods.base import all_methods
+from ..train.config import TrainConfig, list_presets, load_config, preset_header, read_toml, user_fields
 from .context import AppContext
 
+TAB = "train"
+JOB_KIND = "train"
+TOP = ("method", "base_model", "dataset", "output_name")  # drawn in the top row, not in the form
+HIDDEN = ("output_dir", "schema_version", "device")  # the tab decides these (run folder in the workspace)
+NO_PRESET = "(defaults)"
+
+
+# -- the form, from dataclass metadata ------------------------------------------------------------------
+
+def _label(f: dataclasses.Field) -> str:
+    return f.metadata.get("label") or f.name.replace("_", " ").capitalize()
+
+
+def _widget(f: dataclasses.Field, value, elem_id: str):
+    m = f.metadata
+    kw = dict(label=_label(f), info=m.get("help"), elem_id=elem_id)
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    if m.get("choices"):
+        return gr.Dropdown(choices=list(m["choices"]), value=value, **kw)
+    if t == "bool":
+        return gr.Checkbox(value=bool(value), **kw)
+    if t in ("int", "float"):
+        return gr.Number(value=value, minimum=m.get("min"), maximum=m.get("max"), precision=0 if t == "int" else None,
+                         **kw)
+    if t == "list":
+        return gr.Textbox(value="\n".join(value or []), lines=2, **kw)
+    return gr.Textbox(value=value, **kw)
+
+
+def _grid(items, vals: dict, widgets: dict, per_row: int = 3) -> None:
+    """Widgets in rows of `per_row`; lists (prompts) take a row of their own."""
+    row: list = []
+
+    def flush():
+        if row:
+            with gr.Row(equal_height=True):
+                for key, f in row:
+                    widgets[key] = _widget(f, vals.get(key), "train-" + key.replace(".", "-").replace("_", "-"))
+            row.clear()
+
+    for key, f in items:
+        if f.type == "list" or f.name == "instance_prompt":
+            flush()
+            widgets[key] = _widget(f, vals.get(key), "train-" + key.replace(".", "-").replace("_", "-"))
+            continue
+        row.append((key, f))
+        if len(row) == per_row:
+            flush()
+    flush()
+
+
+def _from_widget(f: dataclasses.Field, value):
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    if t == "list":
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if t == "int" and value is not None:
+        return int(value)
+    return value
+
+
+def _to_widget(f: dataclasses.Field, value):
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    return "\n".join(value or []) if t == "list" else value
+
+
+def _form_fields() -> list[tuple[str, dataclasses.Field, str]]:
+    """(key, field, group) for every field the form shows: group "basic", "advanced" or "method:<name>"."""
+    out = []
+    for f in user_fields(TrainConfig):
+        if f.name not in TOP and f.name not in HIDDEN:
+            out.append((f.name, f, "advanced" if f.metadata.get("advanced") else "basic"))
+    for name, cls in sorted(all_methods().items()):
+        for f in user_fields(cls.Config):
+            out.append((f"{name}.{f.name}", f, f"method:{name}"))
+    return out
+
+
+def _defaults() -> dict:
+    cfg = TrainConfig()
+    vals = {f.name: getattr(cfg, f.name) for f in user_fields(TrainConfig)}
+    for name, cls in all_methods().items():
+        inst = cls.Config()
+        vals.update({f"{name}.{f.name}": getattr(inst, f.name) for f in user_fields(cls.Config)})
+    return vals
+
+
+def _flatten(values: dict) -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _preset_values(preset: str | None) -> dict:
+    """Defaults with the preset merged over them, flat ("lora.rank")."""
+    vals = _defaults()
+    if preset and preset != NO_PRESET:
+        vals.update(_flatten(read_toml(Path(preset))))
+    return vals
+
+
+# -- job view -------------------------------------------------------------------------------------------
+
+def _loss_frame(steps: list) -> pd.DataFrame | None:
+    # None, not an empty frame: Gradio 6.31 fixes a plot's colour domain from its first value, so a plot that
+    # starts from an empty frame never draws its lines.
+    if not steps:
+        return None
+    xs = [s[0] for s in steps]
+    raw = [s[1] for s in steps]
+    smooth, acc = [], None
+    for v in raw:  # exponential smoothing, as TensorBoard does
+        acc = v if acc is None else 0.9 * acc + 0.1 * v
+        smooth.append(acc)
+    return pd.DataFrame({"step": xs + xs, "loss": raw + smooth,
+                         "series": ["raw"] * len(xs) + ["smoothed"] * len(xs)})
+
+
+def _progress_html(done: int, total: int, text: str) -> str:
+    pct = 100.0 * done / total if total else 0.0
+    return (f'<div class="sd-progress"><div style="background:var(--color-accent);height:10px;width:{pct:.1f}%;'
+            f'border-radius:4px"></div></div><div id="train-progress-text">{text}</div>')
+
+
+def _fmt_eta(s) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def job_view(job) -> dict:
+    """Plain data the tick draws: plot frame, progress, stats, gallery, status, whether it ended."""
+    snap = job.log.snapshot()
+    last = snap["last_step"]
+    end = snap["end"]
+    if last is not None:
+        progress = _progress_html(last.step, last.total, f"step {last.step}/{last.total} · ETA {_fmt_eta(last.eta_s)}")
+        stats = f"loss **{last.loss:.4f}** · lr **{last.lr:.2e}** · **{last.it_per_s:.2f}** it/s"
+    elif snap["progress"]:
+        done, total, _stage, msg = snap["progress"]
+        progress, stats = _progress_html(done, total, f"{msg} {done}/{total}"), ""
+    else:
+        progress, stats = _progress_html(0, 1, snap["status"] or "starting"), ""
+    gallery = [(p, f"step {ev.step}: {cap}") for ev in reversed(snap["previews"])
+               for p, cap in zip(ev.paths, ev.captions or [""] * len(ev.paths))]
+    if isinstance(end, Failed):
+        status = f"**Failed:** {end.message}"
+    elif isinstance(end, Finished):
+        status = ("**Stopped.** Resume continues from the last checkpoint." if end.stopped
+                  else f"**Finished.** {', '.join(Path(p).name for p in end.outputs)}")
+    else:
+        status = f"**{job.name}**: {snap['status'] or 'starting'}"
+    return {"frame": _loss_frame(snap["steps"]), "progress": progress, "stats": stats, "gallery": gallery,
+            "status": status, "ended": end is not None, "failed": isinstance(end, Failed)}
+
+
+def _runs_frame(ctx: AppContext) -> pd.DataFrame:
+    from ..library import scan_runs
+
+    rows = [[r.name, r.method, r.steps, None if r.last_loss is None else round(r.last_loss, 4), r.checkpoints,
+             ", ".join(Path(a).name for a in r.artefacts)] for r in scan_runs(ctx.workspace)]
+    return pd.DataFrame(rows, columns=["run", "method", "steps", "last loss", "checkpoints", "files"])
+
+
+def _run_names(ctx: AppContext) -> list[str]:
+    root = ctx.workspace.root / "runs"
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "config.toml").is_file()) if root.is_dir() else []
+
+
+# -- starting a run -------------------------------------------------------------------------------------
+
+def _publisher(ctx: AppContext):
+    """Copy finished artefacts into the workspace's model folders (atomically), so the Library and the
+    Playground list them at once."""
+    def publish(paths: list[Path]) -> list[Path]:
+        from ..formats.kinds import detect_kind
+        from ..formats.safe_io import atomic_write_bytes
+        from ..workspace import MODEL_DIRS
+
+        out = []
+        for p in paths:
+            p = Path(p)
+            kind = detect_kind(p)
+            if p.is_file() and kind in MODEL_DIRS:
+                out.append(atomic_write_bytes(ctx.workspace.root / MODEL_DIRS[kind] / p.name, p.read_bytes()))
+        return out
+    return publish
+
+
+def _resolve_base(ctx: AppContext, base: str) -> str:
+    """'tiny', a model inside the workspace (confined), or a hub id."""
+    from ..models.loading import TINY
+
+    if base == TINY:
+        return base
+    inside = ctx.workspace.root / base
+    if inside.exists() or base.startswith(("/", ".", "~")) or base.count("/") != 1:
+        return str(ctx.workspace.resolve(base, must_exist=True))
+    return base  # org/name: a hub id
+
+
+def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = False):
+    """Validate (in a second, before any model loads) and start the run as a Job. Raises UserError."""
+    from ..train.loop import preflight, train
+
+    ws = ctx.workspace
+    values = dict(values)
+    if not str(values.get("dataset") or "").strip():
+        raise UserError("Choose a dataset folder first (make one in the Dataset tab, or put images in "
+                        "workspace/datasets/).")
+    values["dataset"] = str(ws.resolve(values["dataset"], must_exist=True))
+    values["base_model"] = _resolve_base(ctx, str(values.get("base_model") or "tiny").strip())
+    values["output_dir"] = str(ws.run_dir(values.get("output_name") or "run"))
+    tables: dict = {}
+    flat = {}
+    for k, v in values.items():
+        if "." in k:
+            table, _, sub = k.partition(".")
+            if table == values.get("method"):
+                tables.setdefault(table, {})[sub] = v
+        else:
+            flat[k] = v
+    preset_path = Path(preset) if preset and preset != NO_PRESET else None
+    base_vals = read_toml(preset_path) if preset_path else {}
+    # The form shows every field, so only the chosen method's table and the top-level keys go in.
+    base_vals = {k: v for k, v in base_vals.items() if not isinstance(v, dict) or k == flat.get("method")}
+    cfg = load_config(None, extra={**base_vals, **flat, **tables})
+    pre = preflight(cfg, resume=resume, home=ws.root)
+    return ctx.jobs.start(cfg.output_name, JOB_KIND, lambda jc: train(cfg, jc.emit, jc.commands, resume=resume,
+                                                                      checked=pre, publish=_publisher(ctx)))
+
+
+# -- the tab --------------------------------------------------------------------------------------------
 
 def build(ctx: AppContext) -> None:
-    gr.Markdown("The Train tab is being built.", elem_id="train-placeholder")
+    from .library_tab import base_model_choices, current_base
+
+    from ..train.config import PRESETS_DIR
+
+    saved = ctx.settings.load(TAB)
+    presets = [(NO_PRESET, NO_PRESET)] + [(p, str(PRESETS_DIR / f"{p}.toml")) for p in list_presets()]
+    preset_value = saved.get("_preset") or (presets[1][1] if len(presets) > 1 else NO_PRESET)
+    vals = {**_preset_values(preset_value), **{k: v for k, v in saved.items() if not k.startswith("_")}}
+    ui: dict = {}
+
+    with gr.Row():
+        ui["method"] = gr.Dropdown(sorted(all_methods()), value=vals["method"], label="Method", elem_id="train-method",
+                                   scale=1)
+        ui["preset"] = gr.Dropdown(presets, value=preset_value, label="Preset", elem_id="train-preset", scale=2)
+        choices = base_model_choices(ctx)
+        ui["base_model"] = gr.Dropdown(choices, value=saved.get("base_model") or current_base(ctx), label="Base model",
+                                       allow_custom_value=True, elem_id="train-base", scale=2)
+        ui["dataset"] = gr.Textbox(value=vals.get("dataset", ""), label="Dataset folder",
+                                   placeholder="datasets/my-dataset", elem_id="train-dataset", scale=3,
+                                   info="A folder in the workspace: a kohya dataset (img/) or images with captions.")
+        ui["output_name"] = gr.Textbox(value=vals.get("output_name", "my-lora"), label="Run name",
+                                       elem_id="train-output-name", scale=2)
+    preset_info = gr.Markdown(preset_header(Path(preset_value).stem) if preset_value != NO_PRESET else "",
+                              elem_id="train-preset-info")
+    ctx.components["train.dataset"] = ui["dataset"]
+
+    fields = _form_fields()
+    widgets: dict = {}
+    groups: dict = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            _grid([(k, f) for k, f, g in fields if g == "basic"], vals, widgets)
+            for name in sorted(all_methods()):
+                mine = [(k, f) for k, f, g in fields if g == f"method:{name}"]
+                with gr.Group(visible=name == vals["method"]) as box:
+                    gr.Markdown(f"**{name} settings**")
+                    _grid([(k, f) for k, f in mine if not f.metadata.get("advanced")], vals, widgets)
+                    with gr.Accordion(f"Advanced {name} settings", open=False):
+                        _grid([(k, f) for k, f in mine if f.metadata.get("advanced")], vals, widgets)
+                groups[name] = box
+            with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+                _grid([(k, f) for k, f, g in fields if g == "advanced"], vals, widgets)
+        with gr.Column(scale=4):
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="train-start")
+                pause = gr.Button("Pause", elem_id="train-pause")
+                cont = gr.Button("Continue", elem_id="train-continue")
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                sample = gr.Button("Sample now", elem_id="train-sample")
+                save = gr.Button("Save now", elem_id="train-save")
+            status = gr.Markdown("No run yet.", elem_id="train-status")
+            progress = gr.HTML(_progress_html(0, 1, ""), elem_id="train-progress")
+            stats = gr.Markdown("", elem_id="train-stats")
+            plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260, color_map={"raw": "#a5b4fc", "smoothed": "#4338ca"},
+                               elem_id="train-loss")
+            gallery = gr.Gallery([], label="Previews", columns=4, height=280, elem_id="train-previews")
+    gr.Markdown("### Runs")
+    with gr.Row():
+        runs_table = gr.Dataframe(_runs_frame(ctx), interactive=False, elem_id="train-runs", scale=4)
+        with gr.Column(scale=1):
+            run_pick = gr.Dropdown(_run_names(ctx), label="Run", elem_id="train-run-pick", allow_custom_value=True)
+            resume_btn = gr.Button("Resume", elem_id="train-resume")
+            open_pg = gr.Button("Open in Playground", elem_id="train-open-playground")
+            refresh = gr.Button("Refresh", elem_id="train-runs-refresh")
+    timer = gr.Timer(0.5, active=False)
+
+    keys = list(widgets)
+    form = [widgets[k] for k in keys]
+    top_keys = ["method", "base_model", "dataset", "output_name"]
+    top = [ui[k] for k in top_keys]
+    field_of = {k: f for k, f, _g in fields}
+
+    def collect(args) -> tuple[dict, str]:
+        preset, *rest = args
+        values = dict(zip(top_keys, rest[:len(top_keys)]))
+        for k, v in zip(keys, rest[len(top_keys):]):
+            values[k] = _from_widget(field_of[k], v)
+        return values, preset
+
+    def save_settings(values: dict, preset: str) -> None:
+        ctx.settings.save(TAB, {**values, "_preset": preset})
+
+    def on_start(*args):
+        values, preset = collect(args)
+        save_settings(values, preset)
+        try:
+            job = start_run(ctx, values, preset)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return gr.Timer(active=False), f"**Not started:** {exc}"
+        return gr.Timer(active=True), f"**{job.name}**: starting"
+
+    start.click(on_start, [ui["preset"], *top, *form], [timer, status])
+
+    def on_resume(name):
+        if not name:
+            gr.Warning("Pick a run to resume.")
+            return gr.Timer(active=False), gr.update()
+        try:
+            run = ctx.workspace.run_dir(name)
+            values = _flatten(read_toml(run / "config.toml"))
+            values["output_name"] = name
+            job = start_run(ctx, values, None, resume=True)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return gr.Timer(active=False), f"**Not resumed:** {exc}"
+        return gr.Timer(active=True), f"**{job.name}**: resuming"
+
+    resume_btn.click(on_resume, [run_pick], [timer, status])
+
+    def command(what):
+        def fn():
+            job = ctx.jobs.latest(JOB_KIND)
+            if job is None or not job.running:
+                gr.Warning("No run is in progress.")
+                return
+            {"stop": job.commands.stop, "pause": job.commands.pause, "continue": job.commands.resume,
+             "sample": lambda: job.commands.request("sample"), "save": lambda: job.commands.request("save")}[what]()
+            gr.Info({"stop": "Stopping after this step (a checkpoint is kept).", "pause": "Pausing.",
+                     "continue": "Continuing.", "sample": "Previews at the next step.",
+                     "save": "A checkpoint at the next step."}[what])
+        return fn
+
+    for btn, what in ((stop, "stop"), (pause, "pause"), (cont, "continue"), (sample, "sample"), (save, "save")):
+        btn.click(command(what), None, None)
+
+    def on_tick():
+        job = ctx.jobs.latest(JOB_KIND)
+        if job is None:
+            return gr.Timer(active=False), *[gr.skip()] * 7
+        v = job_view(job)
+        if v["ended"]:
+            return (gr.Timer(active=False), v["status"], v["progress"], v["stats"], v["frame"], v["gallery"],
+                    _runs_frame(ctx), gr.update(choices=_run_names(ctx), value=job.name))
+        return (gr.Timer(active=True), v["status"], v["progress"], v["stats"], v["frame"], v["gallery"], gr.skip(),
+                gr.skip())
+
+    tick_outputs = [timer, status, progress, stats, plot, gallery, runs_table, run_pick]
+    timer.tick(on_tick, None, tick_outputs)
+    refresh.click(lambda: (_runs_frame(ctx), gr.update(choices=_run_names(ctx))), None, [runs_table, run_pick])
+
+    def on_method(method):
+        return [gr.update(visible=name == method) for name in sorted(groups)]
+
+    ui["method"].change(on_method, [ui["method"]], [groups[n] for n in sorted(groups)])
+
+    def on_preset(preset):
+        v = _preset_values(preset)
+        header = preset_header(Path(preset).stem) if preset and preset != NO_PRESET else ""
+        return [header, v["method"], v["output_name"], *[_to_widget(field_of[k], v.get(k)) for k in keys]]
+
+    ui["preset"].input(on_preset, [ui["preset"]], [preset_info, ui["method"], ui["output_name"], *form])
+
+    def on_load_settings():
+        """A reload shows the last-used settings (component defaults were fixed when the app started)."""
+        saved = ctx.settings.load(TAB)
+        if not saved:
+            return [gr.skip()] * (1 + len(top) + len(form))
+        v = {**_preset_values(saved.get("_preset")), **saved}
+        return [saved.get("_preset") or gr.skip(), *[v.get(k, gr.skip()) for k in top_keys],
+                *[_to_widget(field_of[k], v[k]) if k in v else gr.skip() for k in keys]]
+
+    ctx.components["train._ui"] = {"open_pg": open_pg, "run_pick": run_pick, "timer": timer,
+                                   "tick": (on_tick, tick_outputs),
+                                   "restore": (on_load_settings, [ui["preset"], *top, *form])}
+
+
+def _run_artefact(ctx: AppContext, name: str) -> str | None:
+    """The workspace path of a run's model file (the published copy when there is one)."""
+    if not name:
+        return None
+    run = ctx.workspace.run_dir(name)
+    files = sorted(run.glob("*.safetensors"))
+    if not files:
+        return None
+    published = ctx.workspace.models("lora") / files[0].name
+    return ctx.workspace.relative(published if published.is_file() else files[0])
+
+
+def wire(ctx: AppContext) -> None:
+    ui = ctx.components.get("train._ui")
+    if not ui:
+        return
+    tabs = ctx.components.get("tabs")
+    inbox = ctx.components.get("playground.inbox")
+
+    def on_open(name):
+        path = _run_artefact(ctx, name)
+        if path is None:
+            gr.Warning("This run has no model file yet: let it finish (or Save now), then try again.")
+            return gr.update(), gr.update()
+        if inbox is None:
+            gr.Info(f"Model file: {path}")
+            return gr.update(), gr.update()
+        return gr.update(value=path), gr.Tabs(selected="tab-playground")
+
+    outputs = [inbox if inbox is not None else ui["run_pick"], tabs if tabs is not None else ui["run_pick"]]
+    ui["open_pg"].click(on_open, [ui["run_pick"]], outputs)
+
+    # A page reload reconnects to a running job: poll again, and draw what it has done so far.
+    root = gr.context.Context.root_block
+    if root is not None:
+        fn, outs = ui["restore"]
+        root.load(fn, None, outs)
+        fn, outs = ui["tick"]
+        root.load(fn, None, outs)

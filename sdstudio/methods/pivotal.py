@@ -1,0 +1,155 @@
+"""Pivotal tuning: a new word (Textual Inversion) and a LoRA, trained in a chosen order.
+
+Orders: ti_then_lora (learn the word, freeze it, then fit the LoRA around it: the classic "pivot"),
+lora_then_ti (fit the LoRA, then find the word that best uses it), or joint (both at once, each at its own lr).
+A phase's idle parameters get no gradient, so the optimizer leaves them alone (no update, no weight decay).
+
+Saves one kohya LoRA with the embedding bundled the way A1111 and kohya read it
+(`bundle_emb.<token>.string_to_param.*`), plus the embedding on its own (A1111 `emb_params`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..train.config import setting
+from .base import MethodBase, ParamGroup, register
+from .lora import TARGETS, Lora, LoraConfig
+from .textual_inversion import (TextualInversion, TextualInversionConfig, options, output_stem, save_embedding)
+
+ORDERS = ("ti_then_lora", "lora_then_ti", "joint")
+
+
+@dataclass
+class PivotalConfig:
+    token: str = setting("<my-concept>", "The new word you will write in prompts; it must not be a known word.")
+    num_vectors: int = setting(2, "Vectors behind the word.", min=1, max=75)
+    init_word: str = setting("person", "Start the word from this word's embedding (empty: random).")
+    order: str = setting("ti_then_lora", "Order: ti_then_lora (word first, then LoRA), lora_then_ti, or joint.",
+                         choices=ORDERS)
+    first_phase: float = setting(0.3, "Share of the steps the first phase takes (sequential orders).", min=0.0,
+                                 max=1.0)
+    embedding_lr: float = setting(5e-3, "Learning rate of the word's vectors (the LoRA uses learning_rate).",
+                                  min=0.0, max=10.0)
+    rank: int = setting(16, "LoRA rank.", min=1, max=1024)
+    alpha: float = setting(16.0, "LoRA alpha (scale alpha/rank).", min=0.0, max=4096.0)
+    targets: str = setting("attention_mlp", "Which UNet layers get the LoRA.", choices=TARGETS, advanced=True)
+    train_text_encoder: bool = setting(False, "Also put a LoRA on the text encoder.", advanced=True)
+    text_encoder_lr: float = setting(5e-5, "Learning rate of the text-encoder LoRA.", min=0.0, max=10.0,
+                                     advanced=True)
+    init_std: float = setting(0.017, "Spread of a random start.", min=0.0, max=1.0, advanced=True)
+    norm_decay: float = setting(0.0, "Pull the vectors' length toward the vocabulary's (0: off).", min=0.0,
+                                max=100.0, advanced=True)
+    clip_skip: int = setting(1, "Use the text encoder's n-th last layer.", min=1, max=4, advanced=True)
+
+
+@register
+class Pivotal(MethodBase):
+    name = "pivotal"
+    Config = PivotalConfig
+    contract_settings = {"pivotal.token": "<sks-piv>", "pivotal.rank": 4, "pivotal.first_phase": 0.5,
+                         "sample_prompts": '["a photo of <sks-piv>"]'}
+
+    def prepare(self, c, cfg) -> list[ParamGroup]:
+        o: PivotalConfig = options(cfg)
+        self.cfg, self.o = cfg, o
+        # The two halves are the real LoRA and TI methods, each with its own table built from ours.
+        lcfg = copy.copy(cfg)
+        lcfg.options = LoraConfig(rank=o.rank, alpha=o.alpha, targets=o.targets,
+                                  train_text_encoder=o.train_text_encoder, text_encoder_lr=o.text_encoder_lr)
+        tcfg = copy.copy(cfg)
+        tcfg.options = TextualInversionConfig(token=o.token, num_vectors=o.num_vectors, init_word=o.init_word,
+                                              init_std=o.init_std, norm_decay=o.norm_decay, clip_skip=o.clip_skip)
+        tcfg.learning_rate = o.embedding_lr
+        self.lora, self.ti = Lora(), TextualInversion()
+        self.lora.run = self.ti.run = self.run
+        lora_groups = self.lora.prepare(c, lcfg)
+        ti_groups = self.ti.prepare(c, tcfg)
+        self.lora_params = [p for g in lora_groups for p in g.params]
+        self.phase = None
+        return ti_groups + lora_groups
+
+    def phase_at(self, step: int) -> str:
+        """"ti", "lora" or "both" for this step."""
+        if self.o.order == "joint":
+            return "both"
+        split = round(self.o.first_phase * int(getattr(self.cfg, "max_steps", 1)))
+        first, second = ("ti", "lora") if self.o.order == "ti_then_lora" else ("lora", "ti")
+        return first if step < split else second
+
+    def _set_phase(self, phase: str) -> None:
+        if phase == self.phase:
+            return
+        self.phase = phase
+        self.ti.emb.frozen = phase == "lora"
+        for p in self.lora_params:
+            p.requires_grad_(phase != "ti")
+
+    def loss(self, c, batch, step: int) -> torch.Tensor:
+        self._set_phase(self.phase_at(step))
+        return self.ti.loss(c, batch, step)  # TI's loss encodes captions with the word; the LoRA is in the UNet
+
+    def trainable_state_dict(self, c) -> dict:
+        # LoRA params frozen in the TI phase still belong in a checkpoint: list every trained tensor by name.
+        out = {f"unet.{n}": p.detach() for n, p in c.unet.named_parameters() if "lora_" in n}
+        for i, te in enumerate(c.text_encoders):
+            out.update({f"te{i}.{n}": p.detach() for n, p in te.named_parameters() if "lora_" in n})
+        out["embedding"] = self.ti.emb.new.detach()
+        return out
+
+    def load_trainable_state_dict(self, c, sd: dict) -> None:
+        with torch.no_grad():
+            self.ti.emb.new.copy_(sd["embedding"])
+            for prefix, module in [("unet", c.unet)] + [(f"te{i}", te) for i, te in enumerate(c.text_encoders)]:
+                params = dict(module.named_parameters())
+                for k, v in sd.items():
+                    if k.startswith(prefix + "."):
+                        params[k[len(prefix) + 1:]].copy_(v)
+
+    def load_output(self, pipe, paths: list[Path]):
+        """diffusers: the LoRA's kohya keys with load_lora_weights, the embedding with load_textual_inversion."""
+        from ..formats.safe_io import load_state_dict, read_safetensors_metadata
+
+        lora, emb = paths[0], paths[1]
+        pipe.load_lora_weights({k: v for k, v in load_state_dict(lora).items() if not k.startswith("bundle_emb.")})
+        pipe.load_textual_inversion(str(emb), token=read_safetensors_metadata(emb).get("sdstudio.token"))
+        return pipe
+
+    def save(self, c, out: Path) -> list[Path]:
+        from ..formats.lora import peft_to_kohya
+        from ..formats.safe_io import save_safetensors
+
+        stem = output_stem(self.cfg, out)
+        rows = self.ti.rows().detach().float().cpu()
+        token = self.ti.o.token  # lowercased, as the tokenizer holds it
+        sd = peft_to_kohya(c.unet, "unet", dtype=torch.float16)
+        if self.o.train_text_encoder:
+            sd.update(peft_to_kohya(c.text_encoder, "te", dtype=torch.float16))
+        # kohya/A1111 bundle: the embedding rides inside the LoRA file under its prompt word.
+        sd[f"bundle_emb.{token}.string_to_param.*"] = rows
+        meta = self.ti.metadata(c)
+        if self.run is not None:
+            from ..formats.metadata import training_metadata
+
+            meta |= training_metadata(self.run, c.family, network_dim=self.o.rank, network_alpha=self.o.alpha,
+                                      network_module="networks.lora", network_args={"targets": self.o.targets},
+                                      kind="lora")
+        meta |= {"sdstudio.method": self.name, "sdstudio.order": self.o.order, "sdstudio.token": token}
+        lora = save_safetensors(sd, stem.with_name(stem.name + ".safetensors"), meta)
+        emb = save_embedding(rows, stem.with_name(stem.name + ".embedding"), token, "a1111", meta)
+        return [lora, *emb]
+
+
+def bundled_embeddings(sd: dict) -> dict[str, torch.Tensor]:
+    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (kohya/A1111 layout; SDXL: clip_l)."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith("bundle_emb."):
+            continue
+        name, _, rest = k[len("bundle_emb."):].partition(".")
+        if rest.startswith("string_to_param") or rest in ("emb_params", "clip_l"):
+            out[name] = v.reshape(-1, v.shape[-1]).float()
+    return out

@@ -1,0 +1,190 @@
+"""`sdstudio bench train`: our loop against a minimal plain-diffusers LoRA loop, same model, data and seed.
+
+The reference is written the way diffusers' examples/dreambooth/train_dreambooth_lora.py trains: a
+DataLoader with torchvision transforms, the VAE and the text encoder run every step, peft LoRA on the UNet's
+attention, AdamW, clip-grad, MSE on eps. Each variant runs in its own process, so peak memory (RSS on the
+CPU, max allocated on CUDA) is that variant's alone. Timing starts after the model is loaded and ends after
+the last step and the LoRA file are written; our caching time counts against us.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("reference", "ours", "ours-cached")
+
+
+def register_bench(sub) -> None:
+    p = sub.add_parser("train", help="our training loop vs a plain diffusers LoRA loop (steps/s, peak memory)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (default 30)")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds, variants interleaved; the best round of each counts (a shared machine is noisy)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="sdstudio-bench-") as tmp:
+        ds = _make_dataset(Path(tmp) / "ds", args.images)
+        results: dict = {}
+        for round_ in range(args.repeats):
+            for v in VARIANTS:
+                cmd = [sys.executable, "-m", "sdstudio.train.bench", v, str(ds), str(Path(tmp) / f"{v}-{round_}"),
+                       str(args.steps), str(args.resolution), str(args.batch_size), args.base, args.device]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                if r.returncode != 0:
+                    print(r.stderr[-2000:], file=sys.stderr)
+                    return 1
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                best = results.get(v)
+                if best is None or got["steps_per_s"] > best["steps_per_s"]:
+                    results[v] = dict(got, peak_mb=min(got["peak_mb"], best["peak_mb"]) if best else got["peak_mb"])
+    ref = results["reference"]
+    print(f"sdstudio bench train: {args.steps} steps, batch {args.batch_size}, {args.resolution} px, "
+          f"{args.images} images, base {args.base}, device {args.device}, best of {args.repeats} interleaved rounds")
+    print(f"{'variant':<14}{'steps/s':>10}{'peak MB':>10}{'speed (ours/ref)':>18}{'memory (ours/ref)':>19}")
+    for v in VARIANTS:
+        r = results[v]
+        print(f"{v:<14}{r['steps_per_s']:>10.2f}{r['peak_mb']:>10.0f}{r['steps_per_s'] / ref['steps_per_s']:>17.2f}x"
+              f"{r['peak_mb'] / ref['peak_mb']:>18.2f}x")
+    return 0
+
+
+def _make_dataset(folder: Path, n: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = np.kron(rng.random((4, 4, 3)), np.ones((32, 32, 1)))
+        Image.fromarray((img * 255).astype("uint8")).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"a photo of sks dog, {i}")
+    return folder
+
+
+def _peak_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reference(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, device: str) -> float:
+    """A plain diffusers LoRA loop, as train_dreambooth_lora.py writes it."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from ..models.loading import load_base
+
+    torch.manual_seed(0)
+    c = load_base(base, device=device)
+    noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
+    t0 = time.time()
+    c.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                  target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in c.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    tf = transforms.Compose([transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR),
+                             transforms.CenterCrop(res), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+    class DreamBoothDataset(Dataset):
+        def __init__(self):
+            self.images = sorted(ds.glob("*.png"))
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            ids = c.tokenizer(self.images[i].with_suffix(".txt").read_text(), truncation=True, padding="max_length",
+                              max_length=c.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+            return {"pixel_values": tf(Image.open(self.images[i]).convert("RGB")), "input_ids": ids}
+
+    loader = DataLoader(DreamBoothDataset(), batch_size=bs, shuffle=True, num_workers=0)
+    c.unet.train()
+    step = 0
+    while step < steps:
+        for batch in loader:
+            pixel_values = batch["pixel_values"].to(device)
+            model_input = c.vae.encode(pixel_values).latent_dist.sample() * c.vae.config.scaling_factor
+            noise = torch.randn_like(model_input)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],),
+                                      device=device).long()
+            noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+            ehs = c.text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+            pred = c.unet(noisy, timesteps, ehs, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            if step >= steps:
+                break
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=get_peft_model_state_dict(c.unet))
+    return time.time() - t0
+
+
+def _ours(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, device: str, cached: bool) -> float:
+    import torch
+
+    from ..data.dataset import TrainDataset
+    from ..data.folder import read_dataset
+    from ..jobs import Commands
+    from ..methods.base import RunInfo, get_method
+    from ..models.loading import load_base
+    from .config import load_config
+    from .loop import _make_accelerator, run_loop
+
+    cfg = load_config(None, [f"dataset={ds}", f"base_model={base}", f"output_dir={out}", f"resolution={res}",
+                             f"max_steps={steps}", f"batch_size={bs}", "sample_every=0", "save_every=0",
+                             "sample_prompts=[]", "lora.rank=4", "lora.alpha=4", "lora.targets=attention",
+                             "buckets=false", f"device={device}", "precision=fp32",
+                             f"cache_latents={'memory' if cached else 'off'}", f"cache_text={str(cached).lower()}"])
+    layout = read_dataset(ds)
+    data = TrainDataset(layout, cfg)
+    acc, dtype = _make_accelerator(cfg, device)
+    torch.manual_seed(0)
+    c = load_base(base, device=device, dtype=dtype)
+    method = get_method("lora")()
+    method.run = RunInfo(cfg=cfg, run_dir=out, layout=layout)
+    t0 = time.time()
+    run_loop(method, c, data, cfg, lambda e: None, Commands(), acc=acc, run_dir=out)
+    return time.time() - t0
+
+
+def main(argv: list[str]) -> None:
+    variant, ds, out, steps, res, bs, base, device = argv
+    steps, res, bs = int(steps), int(res), int(bs)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if variant == "reference":
+        secs = _reference(Path(ds), Path(out), steps, res, bs, base, device)
+    else:
+        secs = _ours(Path(ds), Path(out), steps, res, bs, base, device, cached=variant == "ours-cached")
+    print(json.dumps({"variant": variant, "seconds": secs, "steps_per_s": steps / secs, "peak_mb": _peak_mb(device)}))
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    main(sys.argv[1:])
