@@ -41,22 +41,24 @@ def test_quick_tab_whole_flow(app_server, page, tmp_path):
     page.locator("#quick-class input").first.fill("woman")
     page.locator("#quick-class input").first.press("Enter")
     page.locator("#quick-advanced").get_by_text("Advanced").first.click()
-    _fill(page, "quick-steps", 8)
+    _fill(page, "quick-steps", 30)
     _fill(page, "quick-res", 64)
     _fill(page, "quick-sample-steps", 2)
-    for elem, value in (("quick-steps", "8"), ("quick-res", "64"), ("quick-sample-steps", "2")):
+    for elem, value in (("quick-steps", "30"), ("quick-res", "64"), ("quick-sample-steps", "2")):
         expect(page.locator(f"#{elem} input")).to_have_value(value)
     page.wait_for_timeout(500)  # let the last change reach the server before the click reads the form
     page.locator("#quick-start").click()
-    expect(page.locator("#quick-status")).to_contain_text("8 steps", timeout=30_000)
+    expect(page.locator("#quick-status")).to_contain_text("30 steps", timeout=30_000)
 
     _stage(page, "check", "done")
     _stage(page, "crop", "done")
     _stage(page, "caption", "done")  # no BLIP offline: trigger + class captions, with a note
     _stage(page, "regularize", "skipped")
     _stage(page, "train", "running", 180_000)
-    expect(page.locator("#quick-progress")).to_contain_text("Train", timeout=60_000)
-    page.wait_for_timeout(1500)
+    expect(page.locator("#quick-progress")).to_contain_text("Train: step", timeout=120_000)
+    for close in page.locator(".toast-close").all():  # the earlier warning toast would hide the plot
+        close.click()
+    page.wait_for_timeout(1000)
     DOCS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(DOCS / "quick-running.png"), full_page=True)
 
@@ -72,6 +74,7 @@ def test_quick_tab_whole_flow(app_server, page, tmp_path):
     expect(result).to_contain_text("models/loras")  # and for ComfyUI
     assert (app_server.home / "models" / "lora" / "mira-woman.safetensors").is_file()
     assert (app_server.home / "runs" / "mira-woman" / "samples" / "final-grid.png").is_file()
+    page.wait_for_timeout(1500)  # let the plot draw its lines
     screenshot(page, "quick-finished")
     page.screenshot(path=str(DOCS / "quick-finished.png"), full_page=True)
 

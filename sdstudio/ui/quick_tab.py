@@ -13,7 +13,7 @@ import pandas as pd
 
 from .. import wizard
 from ..errors import UserError
-from ..events import Failed, Finished, Saved
+from ..events import Failed, Finished, Progress, Saved, Status
 from .context import AppContext
 from .library_tab import base_model_choices, current_base
 
@@ -100,11 +100,17 @@ def job_view(ctx: AppContext, job) -> dict:
     if running and running["id"] == "train" and last is not None:
         progress = _progress_html(last.step, last.total, f"Train: step {last.step}/{last.total} · loss "
                                                          f"{last.loss:.4f} · ETA {_eta(last.eta_s)}")
-    elif snap["progress"] and running:
-        done, total, _st, msg = snap["progress"]
-        progress = _progress_html(done, total, f"{running['label']}: {done}/{total} {msg}")
     elif running:
-        progress = _progress_html(0, 1, f"{running['label']}: {running['note']}")
+        # Only progress reported since this stage began (the previous stage's last count would mislead).
+        began = max((ev.t for ev in events if isinstance(ev, Status) and ev.stage == f"quick.{running['id']}"),
+                    default=0.0)
+        prog = next((ev for ev in reversed(events) if isinstance(ev, Progress) and ev.t >= began), None)
+        if prog is not None and prog.total:
+            progress = _progress_html(prog.done, prog.total, f"{running['label']}: {prog.done}/{prog.total} "
+                                                             f"{prog.message}")
+        else:
+            note = snap["status"] if running["id"] == "train" and snap["status"] else running["note"]
+            progress = _progress_html(0, 1, f"{running['label']}: {note}")
     else:
         progress = _progress_html(1 if end is not None and not isinstance(end, Failed) else 0, 1,
                                   "done" if isinstance(end, Finished) and not end.stopped else "")
@@ -193,7 +199,8 @@ def build(ctx: AppContext) -> None:
             stages = gr.HTML(_stages_html(wizard.stage_states([])), elem_id="quick-stages")
             progress = gr.HTML(_progress_html(0, 1, ""), elem_id="quick-progress")
             status = gr.Markdown("", elem_id="quick-status")
-            loss = gr.LinePlot(_loss_frame([]), x="step", y="loss", color="series", title="Loss", height=220,
+            loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=220,
+                               color_map={"raw": "#a5b4fc", "smoothed": "#4338ca"},
                                elem_id="quick-loss")
             previews = gr.Gallery([], label="Previews while training", columns=4, height=200,
                                   elem_id="quick-previews")
@@ -241,6 +248,8 @@ def build(ctx: AppContext) -> None:
             base_ref = (qc.base_model or "tiny").strip()
             if base_ref != "tiny" and (ctx.workspace.root / base_ref).exists():
                 qc.base_model = str(ctx.workspace.resolve(base_ref, must_exist=True))
+            qc.photos = list(args[0])
+            wizard.plan(qc, ctx.workspace)  # every check first, so a refused start leaves no copies behind
             qc.photos = _copy_uploads(ctx, args[0])
             p = wizard.plan(qc, ctx.workspace)
             job = ctx.jobs.start(p.run_name, JOB_KIND, wizard.quick_work(p, ctx.workspace, cache=ctx.cache))
