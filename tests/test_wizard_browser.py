@@ -78,6 +78,17 @@ def test_quick_tab_whole_flow(app_server, page, tmp_path):
     screenshot(page, "quick-finished")
     page.screenshot(path=str(DOCS / "quick-finished.png"), full_page=True)
 
+    # Any step opens in its own tab with the wizard's choices filled in.
+    page.locator("#quick-open-dataset").click()
+    expect(page.get_by_role("tab", name="Dataset")).to_have_attribute("aria-selected", "true", timeout=20_000)
+    expect(page.locator("#ds-name input, #ds-name textarea").first).to_have_value("mira-woman")
+    expect(page.locator("#ds-trigger input, #ds-trigger textarea").first).to_have_value("mira")
+    page.get_by_role("tab", name="Quick").click()
+    page.locator("#quick-open-train").click()
+    expect(page.get_by_role("tab", name="Train")).to_have_attribute("aria-selected", "true", timeout=20_000)
+    expect(page.locator("#train-dataset input, #train-dataset textarea").first).to_have_value("datasets/mira-woman")
+    page.get_by_role("tab", name="Quick").click()
+
     # Open in Playground: the LoRA lands in the stack, and one generation with it succeeds.
     page.locator("#quick-open-playground").click()
     expect(page.get_by_role("tab", name="Playground")).to_have_attribute("aria-selected", "true", timeout=20_000)

@@ -212,6 +212,7 @@ def build(ctx: AppContext) -> None:
         more = gr.Number(500, precision=0, minimum=1, label="More steps", elem_id="quick-more-steps", scale=0,
                          min_width=120)
         again = gr.Button("Train again with more steps", elem_id="quick-more")
+        open_dataset = gr.Button("Open in Dataset tab", elem_id="quick-open-dataset")
         open_train = gr.Button("Open in Train tab", elem_id="quick-open-train")
     lora_path = gr.State("")
     run_name = gr.State("")
@@ -295,7 +296,7 @@ def build(ctx: AppContext) -> None:
         return gr.Timer(active=True)
 
     again.click(on_more, [run_name, more], [timer])
-    ctx.components["quick._ui"] = {"open_pg": open_pg, "open_train": open_train, "lora": lora_path, "run": run_name,
+    ctx.components["quick._ui"] = {"open_pg": open_pg, "open_train": open_train, "open_dataset": open_dataset, "lora": lora_path, "run": run_name,
                                    "tick": (on_tick, tick_outputs)}
 
 
@@ -330,6 +331,30 @@ def wire(ctx: AppContext) -> None:
         ui["open_train"].click(on_train, [ui["run"]], [train_dataset, tabs if tabs is not None else ui["run"]])
     else:
         ui["open_train"].click(lambda: gr.Info("The Train tab is not available in this build."), None, None)
+
+    ds_ui = ctx.components.get("dataset._ui") or {}
+    keys = [k for k in ("name", "crop", "caption", "trigger", "class_word", "size") if k in ds_ui]
+
+    def on_dataset(run):
+        """The Dataset tab with the wizard's choices: the run's dataset name, crop, captioner, trigger, class."""
+        import tomllib
+
+        if not run:
+            gr.Warning("Start a Quick run first: its dataset then opens in the Dataset tab.")
+            return [gr.skip()] * (len(keys) + 1)
+        try:
+            done = tomllib.loads((ctx.workspace.root / "datasets" / run / "dataset.toml").read_text("utf-8"))
+            settings = done.get("settings", {})
+        except (OSError, ValueError):
+            settings = {}
+        values = {"name": run, "crop": settings.get("crop"), "caption": settings.get("caption"),
+                  "trigger": settings.get("trigger"), "class_word": settings.get("class_word"),
+                  "size": str(settings["size"]) if settings.get("size") else None}
+        return [gr.update(value=values[k]) if values.get(k) is not None else gr.skip() for k in keys] + [
+            gr.Tabs(selected="tab-dataset")]
+
+    if keys and tabs is not None:
+        ui["open_dataset"].click(on_dataset, [ui["run"]], [ds_ui[k] for k in keys] + [tabs])
 
     # A page reload reconnects to the running (or last) Quick job.
     root = gr.context.Context.root_block
