@@ -54,10 +54,11 @@ def _progress_html(done: float, total: float, text: str) -> str:
             f'border-radius:4px"></div></div><div id="quick-progress-text">{html.escape(text)}</div>')
 
 
-def _loss_frame(steps: list) -> pd.DataFrame:
+def _loss_frame(steps: list) -> pd.DataFrame | None:
+    # None, not an empty frame: Gradio 6.31 fixes a plot's colour domain from its first value, so a plot fed
+    # an empty frame first never draws its lines (found by the Train tab's author).
     if not steps:
-        return pd.DataFrame({"step": pd.Series([], dtype="int64"), "loss": pd.Series([], dtype="float64"),
-                             "series": pd.Series([], dtype="str")})
+        return None
     xs = [s[0] for s in steps]
     raw = [s[1] for s in steps]
     smooth, acc = [], None
@@ -122,7 +123,7 @@ def job_view(ctx: AppContext, job) -> dict:
         status = f"**Stopped by a problem:** {end.message}"
     elif isinstance(end, Finished):
         status = ("**Stopped.** The last checkpoint is kept: 'Train again with more steps' continues it."
-                  if end.stopped else f"**Done.** {end.message}")
+                  if end.stopped else f"**Done.** {html.escape(end.message)}")
     else:
         status = f"**{job.name}**: {running['label'] + ' - ' + running['note'] if running else 'starting'}"
     if warnings:
