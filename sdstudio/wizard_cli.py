@@ -26,7 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                               "(default: the Library's choice, else tiny)")
     p.add_argument("--preset", default="", help="use this preset instead of the one picked for the memory")
     p.add_argument("--class-images", action="store_true", help="make class images and train with prior preservation")
-    p.add_argument("--yes", "-y", action="store_true", help="do not pause to show the plan")
     p.add_argument("--more-steps", type=int, default=0, metavar="N",
                    help="with --run: resume a finished Quick run and train N more steps")
     p.add_argument("--run", default="", help="the run to continue with --more-steps")
@@ -81,6 +80,8 @@ def run_quick_cmd(args) -> int:
         job = run_foreground(args.run, "quick", work, listeners=[_printer])
     else:
         base = args.base or _library_base(ws)
+        if base != "tiny" and not Path(base).exists() and (ws.root / base).exists():
+            base = str(ws.root / base)  # the Library stores workspace-relative paths
         qc = QuickConfig(photos=list(args.photos), name=args.name, class_word=args.class_word, base_model=base,
                          memory_gb=args.memory if args.memory is not None else _memory_default(),
                          regularization=args.class_images, preset=args.preset, max_steps=args.max_steps,
