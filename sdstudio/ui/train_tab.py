@@ -8,7 +8,6 @@ previews. State lives in the Job, so a page reload reconnects to a running run.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import gradio as gr
