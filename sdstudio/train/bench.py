@@ -8,7 +8,6 @@ the last step and the LoRA file are written; our caching time counts against us.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess

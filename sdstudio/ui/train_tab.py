@@ -8,7 +8,6 @@ previews. State lives in the Job, so a page reload reconnects to a running run.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import gradio as gr
@@ -137,6 +136,9 @@ def _loss_frame(steps: list) -> pd.DataFrame | None:
     for v in raw:  # exponential smoothing, as TensorBoard does
         acc = v if acc is None else 0.9 * acc + 0.1 * v
         smooth.append(acc)
+    if len(xs) > 2000:  # a long run: thin the points the browser draws (the smoothing used all of them)
+        k = len(xs) // 2000 + 1
+        xs, raw, smooth = xs[::k] + xs[-1:], raw[::k] + raw[-1:], smooth[::k] + smooth[-1:]
     return pd.DataFrame({"step": xs + xs, "loss": raw + smooth,
                          "series": ["raw"] * len(xs) + ["smoothed"] * len(xs)})
 
