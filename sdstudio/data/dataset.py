@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError
 from .folder import DatasetLayout
+from .crop import make_buckets, nearest_bucket  # one bucket list for the preparer and the trainer
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,6 @@ class Item:
     is_class: bool
     size: tuple[int, int]  # original (w, h)
     bucket: tuple[int, int]  # training (w, h)
-
-
-def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(w, h) sizes, multiples of `step`, with about resolution² pixels and aspect ratios up to max_ratio."""
-    area = resolution * resolution
-    out = {(resolution, resolution)}
-    w = step
-    while w <= resolution * max_ratio:
-        h = (area // w) // step * step
-        if h >= step and max(w / h, h / w) <= max_ratio:
-            out.add((w, h))
-        w += step
-    return sorted(out)
-
-
-def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    ratio = math.log(size[0] / size[1])
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
 def _rng(*key) -> random.Random:
@@ -101,7 +84,7 @@ class TrainDataset:
                             size = im.size
                     except Exception as exc:
                         raise UserError(f"{p.name} in {c.path} is not a readable image ({exc}): remove it.") from None
-                    self.items.append(Item(p, layout.captions[p], is_class, size, nearest_bucket(size, buckets)))
+                    self.items.append(Item(p, layout.captions[p], is_class, size, nearest_bucket(size[0], size[1], buckets)))
                     (self.class_idx if is_class else self.instance_idx).extend([len(self.items) - 1] * (
                         1 if is_class else c.repeats))
         # Batches are built once (structure) and shuffled per epoch (order), so every epoch has the same count.
