@@ -46,6 +46,14 @@ def test_character_presets_fit_their_memory_and_form_a_ladder():
     assert six.precision == "auto"  # bf16 on Ampere+, fp16 before
 
 
+@pytest.mark.parametrize("name", list_presets())
+def test_every_header_states_the_estimated_memory(name):
+    """No preset claims a VRAM figure that our own estimator contradicts (neither is GPU-measured yet: see
+    tests/test_wizard_gpu.py, which measures the character presets when a GPU is available)."""
+    e = estimate(load_config(name))
+    assert f"about {e.vram_gb:.1f} GB" in preset_header(name), f"{name}: header disagrees with the estimate {e.vram_gb}"
+
+
 def test_header_times_match_the_estimator():
     import re
 
