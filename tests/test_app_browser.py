@@ -15,7 +15,7 @@ def test_app_opens_every_tab(app_server, page, tiny_dir):
     shutil.copytree(tiny_dir, app_server.home / "models" / "checkpoints" / "my-model")
     page.goto(app_server.url, wait_until="domcontentloaded")
     page.wait_for_selector("#tabs")
-    for label in ("Dataset", "Train", "Playground", "Library"):
+    for label in ("Quick", "Dataset", "Train", "Playground", "Library"):
         page.get_by_role("tab", name=label).click()
         page.wait_for_timeout(300)
         assert page.get_by_role("tab", name=label).get_attribute("aria-selected") == "true"
@@ -23,6 +23,9 @@ def test_app_opens_every_tab(app_server, page, tiny_dir):
         assert shot.stat().st_size > 10_000
     from playwright.sync_api import expect
 
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#fuse-panel")).to_contain_text("Fuse EDLoRA concepts")  # fusion is a Train-tab section
+    page.get_by_role("tab", name="Library").click()
     page.click("#library-refresh")
     expect(page.locator("#library-models")).to_contain_text("my-model")
     expect(page.locator("#library-models")).to_contain_text("Checkpoint")

@@ -5,18 +5,18 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import dataset_tab, library_tab, playground_tab, quick_tab, train_tab
+from . import dataset_tab, fusion_panel, library_tab, playground_tab, quick_tab, train_tab
 from .context import AppContext
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 CSS_FILE = Path(__file__).resolve().parent / "style.css"
 
-# (tab label, elem_id, module). Each module has build(ctx) and may have wire(ctx), which runs after every tab
-# is built so that a tab can drive another tab's components.
+# (tab label, elem_id, modules). Each module has build(ctx) and may have wire(ctx), which runs after every tab
+# is built so that a tab can drive another tab's components. A tab may stack several modules (sections).
 TABS = [
     ("Quick", "tab-quick", quick_tab),
     ("Dataset", "tab-dataset", dataset_tab),
-    ("Train", "tab-train", train_tab),
+    ("Train", "tab-train", (train_tab, fusion_panel)),
     ("Playground", "tab-playground", playground_tab),
     ("Library", "tab-library", library_tab),
 ]
@@ -29,13 +29,19 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             gr.Markdown(f"workspace: `{ctx.workspace.root}`", elem_id="workspace-path")
         with gr.Tabs(elem_id="tabs") as tabs:
             ctx.components["tabs"] = tabs
-            for label, elem_id, module in TABS:
+            for label, elem_id, modules in TABS:
                 with gr.Tab(label, id=elem_id, elem_id=elem_id):
-                    module.build(ctx)
-        for _label, _id, module in TABS:
-            if hasattr(module, "wire"):
-                module.wire(ctx)
+                    for module in _as_tuple(modules):
+                        module.build(ctx)
+        for _label, _id, modules in TABS:
+            for module in _as_tuple(modules):
+                if hasattr(module, "wire"):
+                    module.wire(ctx)
     return demo
+
+
+def _as_tuple(modules) -> tuple:
+    return modules if isinstance(modules, tuple) else (modules,)
 
 
 def theme() -> gr.themes.Base:
