@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries(verbose: bool) -> None:
+    """Quiet logs and progress bars for a clean CLI. Importing diffusers/transformers here would cost seconds
+    even on the instant-error path, so this only sets the environment; models/loading.py applies the rest
+    (disable_progress_bar) when it imports them."""
     import logging
     import warnings
 
@@ -64,16 +67,8 @@ def _quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        try:
-            import diffusers
-            import transformers
-
-            diffusers.utils.logging.set_verbosity_error()
-            diffusers.utils.logging.disable_progress_bar()
-            transformers.utils.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-        except Exception:
-            pass
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ["SDSTUDIO_QUIET"] = "1"
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ def load_base(ref: str | Path, *, dtype=None, device: str = "cpu", allow_pickle:
     """Load a base model from any of the refs users have. Every user mistake is one UserError sentence."""
     import torch
 
+    _quiet_if_asked()
     dtype = dtype or torch.float32
     ref_s = str(ref).strip()
     if not ref_s:
@@ -174,6 +175,16 @@ def load_base(ref: str | Path, *, dtype=None, device: str = "cpu", allow_pickle:
         comps.scheduler = comps.scheduler.__class__.from_config(comps.scheduler.config,
                                                                 prediction_type=prediction_type)
     return comps.to(device=device)
+
+
+def _quiet_if_asked() -> None:
+    """The CLI asks for quiet progress bars (SDSTUDIO_QUIET=1); applied here, where diffusers is imported anyway."""
+    if os.environ.get("SDSTUDIO_QUIET") == "1":
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _load_folder(folder: Path, ref: str, dtype) -> Components:
