@@ -92,6 +92,9 @@ class TrainDataset:
         for i in self._epoch_indices(0):
             self._groups.setdefault(self.items[i].bucket, []).append(i)
         self.batches_per_epoch = sum(math.ceil(len(v) / cfg.batch_size) for v in self._groups.values())
+        # Masked loss: asked for at the top level or by the method's own table (EDLoRA's masked_loss).
+        self.masks_wanted = bool(getattr(cfg, "masked_loss", False)
+                                 or getattr(getattr(cfg, "options", None), "masked_loss", False))
 
     def _epoch_indices(self, epoch: int) -> list[int]:
         """Instance images with repeats, plus as many class images (cycled) for prior preservation."""
@@ -142,6 +145,32 @@ class TrainDataset:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def mask(self, i: int, flip: bool = False) -> torch.Tensor:
+        """The loss mask in latent space, (1, H/8, W/8) in [0, 1], cut exactly like `pixels`; all ones when the
+        image has no `<name>.mask.png` beside it."""
+        from PIL import Image
+
+        from .folder import mask_path
+
+        item = self.items[i]
+        bw, bh = item.bucket
+        p = mask_path(item.path)
+        if p is None:
+            return torch.ones(1, bh // 8, bw // 8)
+        with Image.open(p) as m:
+            m = m.convert("L")
+            if m.size != item.size:  # a mask drawn at another size still covers the whole image
+                m = m.resize(item.size, Image.Resampling.BILINEAR)
+            scale = max(bw / m.width, bh / m.height)
+            nw, nh = max(bw, round(m.width * scale)), max(bh, round(m.height * scale))
+            m = m.resize((nw, nh), Image.Resampling.BILINEAR)
+            left, top = (nw - bw) // 2, (nh - bh) // 2
+            m = m.crop((left, top, left + bw, top + bh))
+            if flip:
+                m = m.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            m = m.resize((bw // 8, bh // 8), Image.Resampling.BOX)  # the share of each latent cell inside the mask
+        return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
 
     def caption(self, i: int, epoch: int, pos: int) -> str:
         cfg = self.cfg

@@ -47,9 +47,21 @@ def parse_concept_dir(name: str) -> tuple[int, str, str] | None:
     return int(m[1]), words[0], (words[1] if len(words) > 1 else "")
 
 
+MASK_TAG = ".mask"  # `0001.mask.png` beside `0001.png`: white = learn here, black = ignore (masked loss)
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                  and not p.name.startswith("."))
+                  and not p.name.startswith(".") and not p.stem.endswith(MASK_TAG))
+
+
+def mask_path(image: Path) -> Path | None:
+    """The loss mask that goes with `image`, if the user put one beside it."""
+    for suffix in (".png", ".jpg", ".webp"):
+        p = image.with_name(image.stem + MASK_TAG + suffix)
+        if p.is_file():
+            return p
+    return None
 
 
 def caption_path(image: Path) -> Path:

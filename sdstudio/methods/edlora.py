@@ -225,8 +225,8 @@ class EDLoRAConfig:
     unet_lr: float = setting(1e-4, "Learning rate of the UNet LoRA.", min=0.0, max=1.0)
     emb_norm_threshold: float = setting(0.55, "Embeddings stop learning once their mean norm reaches this "
                                         "(0: never stop).", min=0.0, max=10.0, advanced=True)
-    masked_loss: bool = setting(False, "Count the loss only inside subject masks, when the data loader supplies "
-                                "them (Batch.mask).", advanced=True)
+    masked_loss: bool = setting(False, "Count the loss only inside subject masks: a white-on-black "
+                                "<image>.mask.png beside each image.", advanced=True)
     clip_skip: int = setting(1, "Use the text encoder's n-th last layer.", min=1, max=4, advanced=True)
 
 

@@ -102,6 +102,8 @@ class TrainConfig:
     buckets: bool = setting(True, "Aspect-ratio buckets: train non-square images without cropping them square.",
                             advanced=True)
     flip: bool = setting(False, "Random horizontal flips (off with the latent cache).", advanced=True)
+    masked_loss: bool = setting(False, "Learn only inside masks: a white-on-black <image>.mask.png beside an image "
+                                "(black is ignored); images without one count everywhere.", advanced=True)
     cache_latents: str = setting("memory", "Encode images once: memory, disk (in the run folder), or off.",
                                  choices=("off", "memory", "disk"), advanced=True)
     cache_text: bool = setting(True, "Encode captions once when the text encoder is frozen.", advanced=True)

@@ -417,10 +417,13 @@ def _make_batch(c, data, cfg, g: int, latents, text_cache, device, dtype, seed: 
     gen = torch.Generator(device=device).manual_seed(seed)
     batch = Batch(captions=captions, generator=gen,
                   is_class=torch.tensor([data.items[i].is_class for i in idxs], device=device))
+    flips = [False if latents is not None else data.flip(i, epoch, pos) for i in idxs]  # cached latents: no flips
     if latents is not None:
         batch.latents = torch.stack([latents.get(i) for i in idxs]).to(device)
     else:
-        batch.pixel_values = torch.stack([data.pixels(i, data.flip(i, epoch, pos)) for i in idxs]).to(device, dtype)
+        batch.pixel_values = torch.stack([data.pixels(i, f) for i, f in zip(idxs, flips)]).to(device, dtype)
+    if data.masks_wanted:
+        batch.mask = torch.stack([data.mask(i, f) for i, f in zip(idxs, flips)]).to(device)
     if text_cache is not None:
         batch.encoder_hidden_states = text_cache.get(captions)
     else:
