@@ -65,6 +65,20 @@ def dataset_hash(layout: DatasetLayout) -> str:
     return h.hexdigest()[:16]
 
 
+def _cover_crop(im, bucket: tuple[int, int], resample, flip: bool):
+    """Resize `im` to cover the (w, h) bucket, centre-crop it to the bucket, and flip it if asked: the one cut
+    that images and their masks share."""
+    from PIL import Image
+
+    bw, bh = bucket
+    scale = max(bw / im.width, bh / im.height)
+    nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
+    im = im.resize((nw, nh), resample)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    im = im.crop((left, top, left + bw, top + bh))
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+
 class TrainDataset:
     """The expanded, bucketed dataset. `batch_indices(g)` names the items of global batch g (across epochs)."""
 
@@ -134,15 +148,7 @@ class TrainDataset:
         from .images import open_rgb
 
         item = self.items[i]
-        im = open_rgb(item.path)
-        bw, bh = item.bucket
-        scale = max(bw / im.width, bh / im.height)
-        nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
-        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-        left, top = (nw - bw) // 2, (nh - bh) // 2
-        im = im.crop((left, top, left + bw, top + bh))
-        if flip:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = _cover_crop(open_rgb(item.path), item.bucket, Image.Resampling.LANCZOS, flip)
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -162,13 +168,7 @@ class TrainDataset:
             m = m.convert("L")
             if m.size != item.size:  # a mask drawn at another size still covers the whole image
                 m = m.resize(item.size, Image.Resampling.BILINEAR)
-            scale = max(bw / m.width, bh / m.height)
-            nw, nh = max(bw, round(m.width * scale)), max(bh, round(m.height * scale))
-            m = m.resize((nw, nh), Image.Resampling.BILINEAR)
-            left, top = (nw - bw) // 2, (nh - bh) // 2
-            m = m.crop((left, top, left + bw, top + bh))
-            if flip:
-                m = m.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            m = _cover_crop(m, item.bucket, Image.Resampling.BILINEAR, flip)
             m = m.resize((bw // 8, bh // 8), Image.Resampling.BOX)  # the share of each latent cell inside the mask
         return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
 

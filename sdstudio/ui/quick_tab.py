@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
 from .. import wizard
 from ..errors import UserError
 from ..events import Failed, Finished, Progress, Saved, Status
 from .context import AppContext
+from .widgets import loss_frame as _loss_frame
 from .library_tab import base_model_choices, current_base
 
 JOB_KIND = "quick"
@@ -52,20 +52,6 @@ def _progress_html(done: float, total: float, text: str) -> str:
     pct = 100.0 * done / total if total else 0.0
     return (f'<div class="sd-progress"><div style="background:var(--color-accent);height:10px;width:{pct:.1f}%;'
             f'border-radius:4px"></div></div><div id="quick-progress-text">{html.escape(text)}</div>')
-
-
-def _loss_frame(steps: list) -> pd.DataFrame | None:
-    # None, not an empty frame: Gradio 6.31 fixes a plot's colour domain from its first value, so a plot fed
-    # an empty frame first never draws its lines (found by the Train tab's author).
-    if not steps:
-        return None
-    xs = [s[0] for s in steps]
-    raw = [s[1] for s in steps]
-    smooth, acc = [], None
-    for v in raw:
-        acc = v if acc is None else 0.9 * acc + 0.1 * v
-        smooth.append(acc)
-    return pd.DataFrame({"step": xs + xs, "loss": raw + smooth, "series": ["raw"] * len(xs) + ["smoothed"] * len(xs)})
 
 
 def _eta(s) -> str:

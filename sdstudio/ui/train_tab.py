@@ -18,6 +18,7 @@ from ..events import Failed, Finished
 from ..methods.base import all_methods
 from ..train.config import TrainConfig, list_presets, load_config, preset_header, read_toml, user_fields
 from .context import AppContext
+from .widgets import loss_frame as _loss_frame
 
 TAB = "train"
 JOB_KIND = "train"
@@ -124,24 +125,6 @@ def _preset_values(preset: str | None) -> dict:
 
 
 # -- job view -------------------------------------------------------------------------------------------
-
-def _loss_frame(steps: list) -> pd.DataFrame | None:
-    # None, not an empty frame: Gradio 6.31 fixes a plot's colour domain from its first value, so a plot that
-    # starts from an empty frame never draws its lines.
-    if not steps:
-        return None
-    xs = [s[0] for s in steps]
-    raw = [s[1] for s in steps]
-    smooth, acc = [], None
-    for v in raw:  # exponential smoothing, as TensorBoard does
-        acc = v if acc is None else 0.9 * acc + 0.1 * v
-        smooth.append(acc)
-    if len(xs) > 2000:  # a long run: thin the points the browser draws (the smoothing used all of them)
-        k = len(xs) // 2000 + 1
-        xs, raw, smooth = xs[::k] + xs[-1:], raw[::k] + raw[-1:], smooth[::k] + smooth[-1:]
-    return pd.DataFrame({"step": xs + xs, "loss": raw + smooth,
-                         "series": ["raw"] * len(xs) + ["smoothed"] * len(xs)})
-
 
 def _progress_html(done: int, total: int, text: str) -> str:
     pct = 100.0 * done / total if total else 0.0
