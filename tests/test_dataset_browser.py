@@ -22,6 +22,8 @@ def test_dataset_tab_upload_prepare_caption_edit(app_server, page, tmp_path):
     files = sorted(str(p) for p in src.iterdir())
 
     page.goto(app_server.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#tabs")
+    page.get_by_role("tab", name="Dataset").click()  # the Quick tab opens first
     page.wait_for_selector("#ds-upload")
     page.fill("#ds-name textarea", "toys")
     page.press("#ds-name textarea", "Enter")
