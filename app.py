@@ -14,7 +14,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SD Studio: fine-tune and mix Stable Diffusion in your browser.")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to your network)")
+                   help="address to bind (default 127.0.0.1: this machine only; binding all interfaces exposes it to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     p.add_argument("--home", default=None, help="workspace folder (default ./workspace or $SDSTUDIO_HOME)")
