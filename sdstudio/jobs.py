@@ -277,6 +277,26 @@ class JobManager:
             return [j for j in self._jobs if j.running]
 
 
+def foreground_exit(job: Job, verbose: bool = False, stopped_note: str | None = "stopped") -> int | None:
+    """How a CLI command ends after `run_foreground`: None when the job finished; otherwise the exit code.
+
+    A user mistake raises its UserError again (the CLI prints one line and exits 2); a bug prints one line
+    (its traceback with -v) and gives 1; a stop prints `stopped_note` and gives 130."""
+    import sys
+
+    end = job.log.snapshot()["end"]
+    if isinstance(end, Failed):
+        if not end.details:
+            raise UserError(end.message)
+        print(end.details if verbose else f"error: {end.message} (run with -v for details)", file=sys.stderr)
+        return 1
+    if isinstance(end, Finished) and end.stopped:
+        if stopped_note:
+            print(stopped_note, file=sys.stderr)
+        return 130
+    return None
+
+
 def run_foreground(name: str, kind: str, work: Callable[[JobContext], object],
                    listeners: list[Callable[[Event], None]] | None = None) -> Job:
     """Run a job and wait for it, as the CLI does; Ctrl-C becomes a clean Stop (checkpoints kept)."""

@@ -67,8 +67,7 @@ def _printer(ev) -> None:
 
 def run_quick_cmd(args) -> int:
     from .errors import UserError
-    from .events import Failed
-    from .jobs import run_foreground
+    from .jobs import foreground_exit, run_foreground
     from .workspace import Workspace
     from .wizard import QuickConfig, more_steps_work, plan, quick_work
 
@@ -92,15 +91,9 @@ def run_quick_cmd(args) -> int:
         for w in p.warnings:
             print(f"!! {w}", file=sys.stderr)
         job = run_foreground(p.run_name, "quick", quick_work(p, ws), listeners=[_printer])
-    end = job.log.snapshot()["end"]
-    if isinstance(end, Failed):
-        if not end.details:
-            raise UserError(end.message)
-        print(end.details if args.verbose else f"error: {end.message} (run with -v for details)", file=sys.stderr)
-        return 1
-    if getattr(end, "stopped", False):
-        print("stopped; the last checkpoint is kept", file=sys.stderr)
-        return 130
+    code = foreground_exit(job, args.verbose, "stopped; the last checkpoint is kept")
+    if code is not None:
+        return code
     s = job.result or {}
     print(f"LoRA: {ws.root / s.get('lora', '')}")
     print(f"grid: {ws.root / s.get('grid', '')}")

@@ -75,3 +75,26 @@ def test_errors_become_one_sentence():
     b = m.start("b", "train", bug).join(5)
     end = b.log.snapshot()["end"]
     assert isinstance(end, Failed) and "\n" not in end.message and "Traceback" in end.details
+
+
+def test_foreground_exit_codes(capsys):
+    from sdstudio.jobs import foreground_exit, run_foreground
+
+    assert foreground_exit(run_foreground("ok", "x", _counting_work(2, 0))) is None
+    with pytest.raises(UserError, match="empty"):  # a user mistake: the CLI prints one line and exits 2
+        foreground_exit(run_foreground("u", "x", lambda ctx: (_ for _ in ()).throw(UserError("The folder is empty."))))
+
+    def bug(ctx):
+        raise ValueError("boom")
+
+    assert foreground_exit(run_foreground("b", "x", bug)) == 1
+    assert "error: ValueError: boom (run with -v" in capsys.readouterr().err
+    assert foreground_exit(run_foreground("b", "x", bug), verbose=True) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+    def stopped(ctx):
+        ctx.commands.stop()
+        ctx.commands.check()
+
+    assert foreground_exit(run_foreground("s", "x", stopped), stopped_note="stopped; resume later") == 130
+    assert "stopped; resume later" in capsys.readouterr().err

@@ -85,15 +85,12 @@ def _colour(text: str) -> tuple[int, int, int]:
     raise UserError(f"--background {text!r} is not a colour: use R,G,B with values 0-255, e.g. 255,255,255.")
 
 
-def _finish(job):
-    from ..events import Failed
+def _finish(job, verbose: bool = False):
+    from ..jobs import foreground_exit
 
-    end = job.log.snapshot()["end"]
-    if isinstance(end, Failed):
-        raise UserError(end.message) if not end.details else RuntimeError(end.details)
-    if end is not None and getattr(end, "stopped", False):
-        print("stopped", file=sys.stderr)
-        raise SystemExit(130)
+    code = foreground_exit(job, verbose)
+    if code is not None:
+        raise SystemExit(code)
     return job.result
 
 
@@ -125,7 +122,7 @@ def run_prepare(args) -> int:
     job = run_foreground("prepare", "prepare",
                          lambda ctx: prepare(args.src, out, cfg, models_dir=_models_dir(args), emit=ctx.emit,
                                              check=ctx.commands.check, device=device), listeners=[_printer])
-    report = _finish(job)
+    report = _finish(job, args.verbose)
     print("\n".join(report.lines()))
     return 0
 
@@ -142,7 +139,7 @@ def run_regularize(args) -> int:
         job = run_foreground("import class images", "regularize",
                              lambda ctx: import_class_folder(args.import_from, out, ctx.emit, ctx.commands.check),
                              listeners=[_printer])
-        copied, skipped = _finish(job)
+        copied, skipped = _finish(job, args.verbose)
         for name, why in skipped:
             print(f"  skipped {name}: {why}")
         print(f"{len(copied)} class images in {out}")
@@ -167,6 +164,6 @@ def run_regularize(args) -> int:
         return generate_class_images(comps, cfg, out, ctx.emit, ctx.commands.check)
 
     job = run_foreground("regularize", "regularize", work, listeners=[_printer])
-    made = _finish(job)
+    made = _finish(job, args.verbose)
     print(f"{len(made)} new class images, {cfg.count} in total in {out}")
     return 0

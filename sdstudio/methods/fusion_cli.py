@@ -26,9 +26,8 @@ def run(args) -> int:
     import os
     from pathlib import Path
 
-    from ..errors import UserError
-    from ..events import Failed, Finished, Progress, Saved, Status
-    from ..jobs import run_foreground
+    from ..events import Progress, Saved, Status
+    from ..jobs import foreground_exit, run_foreground
     from .fusion import load_fuse_config, run_fuse
 
     home = Path(os.environ["SDSTUDIO_HOME"]) if os.environ.get("SDSTUDIO_HOME") else None
@@ -44,13 +43,4 @@ def run(args) -> int:
 
     job = run_foreground(cfg.output_name, "fuse", lambda ctx: run_fuse(cfg, ctx.emit, ctx.commands, home),
                          listeners=[listener])
-    end = job.log.snapshot()["end"]
-    if isinstance(end, Failed):
-        if not end.details:
-            raise UserError(end.message)
-        print(end.details if args.verbose else f"error: {end.message} (run with -v for details)", file=sys.stderr)
-        return 1
-    if isinstance(end, Finished) and end.stopped:
-        print("stopped", file=sys.stderr)
-        return 130
-    return 0
+    return foreground_exit(job, args.verbose) or 0

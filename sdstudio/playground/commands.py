@@ -57,7 +57,7 @@ def _apply_sets(recipe, sets):
 
 def run_generate(args) -> int:
     from ..devices import pick_device
-    from ..jobs import run_foreground
+    from ..jobs import foreground_exit, run_foreground
     from ..workspace import default_home
     from .grid import parse_axis
     from .outputs import read_recipe
@@ -87,15 +87,9 @@ def run_generate(args) -> int:
             print(f"\r{ev.message}", end="", file=sys.stderr, flush=True)
 
     job = run_foreground("generate", "generate", work, listeners=[show])
-    end = job.log.snapshot()["end"]
-    from ..errors import UserError
-    from ..events import Failed
-
-    if isinstance(end, Failed):
-        raise UserError(end.message)
-    if end is not None and getattr(end, "stopped", False):
-        print("stopped", file=sys.stderr)
-        return 130
+    code = foreground_exit(job, args.verbose)
+    if code is not None:
+        return code
     for path in job.result or []:
         print(path)
     return 0

@@ -23,9 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args) -> int:
-    from ..errors import UserError
-    from ..events import Failed, Finished, Preview, Progress, Saved, Status, Step
-    from ..jobs import run_foreground
+    from ..events import Preview, Progress, Saved, Status, Step
+    from ..jobs import foreground_exit, run_foreground
     from .config import load_config
     from .loop import preflight, train
 
@@ -52,17 +51,8 @@ def run_train(args) -> int:
     job = run_foreground(cfg.output_name, "train",
                          lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume, checked=checked), listeners=[listener])
     bar.done()
-    end = job.log.snapshot()["end"]
-    if isinstance(end, Failed):
-        if not end.details:  # a user mistake: one line, exit 2
-            raise UserError(end.message)
-        print(end.details if args.verbose else f"error: {end.message} (run with -v for details)", file=sys.stderr)
-        return 1
-    if isinstance(end, Finished) and end.stopped:
-        if rank0:
-            print(f"stopped; resume with: sdstudio train {args.config} --resume", file=sys.stderr)
-        return 130
-    return 0
+    note = f"stopped; resume with: sdstudio train {args.config} --resume" if rank0 else None
+    return foreground_exit(job, args.verbose, note) or 0
 
 
 class _Bar:
