@@ -14,6 +14,8 @@ from .. import wizard
 from ..errors import UserError
 from ..events import Failed, Finished, Progress, Saved, Status
 from .context import AppContext
+from .widgets import fmt_eta as _eta
+from .widgets import progress_html
 from .widgets import loss_frame as _loss_frame
 from .library_tab import base_model_choices, current_base
 
@@ -48,19 +50,6 @@ def _stages_html(rows: list[dict]) -> str:
     return f'<ol class="quick-stages" style="padding-left:0;margin:0">{"".join(items)}</ol>'
 
 
-def _progress_html(done: float, total: float, text: str) -> str:
-    pct = 100.0 * done / total if total else 0.0
-    return (f'<div class="sd-progress"><div style="background:var(--color-accent);height:10px;width:{pct:.1f}%;'
-            f'border-radius:4px"></div></div><div id="quick-progress-text">{html.escape(text)}</div>')
-
-
-def _eta(s) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def result_markdown(ctx: AppContext, summary: dict) -> str:
     """The run page: files written, and where they go for A1111 and ComfyUI."""
     if not summary:
@@ -85,7 +74,7 @@ def job_view(ctx: AppContext, job) -> dict:
     last = snap["last_step"]
     running = next((r for r in rows if r["state"] == "running"), None)
     if running and running["id"] == "train" and last is not None:
-        progress = _progress_html(last.step, last.total, f"Train: step {last.step}/{last.total} · loss "
+        progress = _progress(last.step, last.total, f"Train: step {last.step}/{last.total} · loss "
                                                          f"{last.loss:.4f} · ETA {_eta(last.eta_s)}")
     elif running:
         # Only progress reported since this stage began (the previous stage's last count would mislead).
@@ -93,13 +82,13 @@ def job_view(ctx: AppContext, job) -> dict:
                     default=0.0)
         prog = next((ev for ev in reversed(events) if isinstance(ev, Progress) and ev.t >= began), None)
         if prog is not None and prog.total:
-            progress = _progress_html(prog.done, prog.total, f"{running['label']}: {prog.done}/{prog.total} "
+            progress = _progress(prog.done, prog.total, f"{running['label']}: {prog.done}/{prog.total} "
                                                              f"{prog.message}")
         else:
             note = snap["status"] if running["id"] == "train" and snap["status"] else running["note"]
-            progress = _progress_html(0, 1, f"{running['label']}: {note}")
+            progress = _progress(0, 1, f"{running['label']}: {note}")
     else:
-        progress = _progress_html(1 if end is not None and not isinstance(end, Failed) else 0, 1,
+        progress = _progress(1 if end is not None and not isinstance(end, Failed) else 0, 1,
                                   "done" if isinstance(end, Finished) and not end.stopped else "")
     grid = next((s.path for s in reversed(snap["saved"]) if isinstance(s, Saved) and s.kind == "grid"), None)
     previews = [(p, f"step {ev.step}: {c}") for ev in reversed(snap["previews"]) if "final grid" not in ev.captions
@@ -184,7 +173,7 @@ def build(ctx: AppContext) -> None:
                 stop = gr.Button("Stop", variant="stop", elem_id="quick-stop", scale=1)
         with gr.Column(scale=3):
             stages = gr.HTML(_stages_html(wizard.stage_states([])), elem_id="quick-stages")
-            progress = gr.HTML(_progress_html(0, 1, ""), elem_id="quick-progress")
+            progress = gr.HTML(_progress(0, 1, ""), elem_id="quick-progress")
             status = gr.Markdown("", elem_id="quick-status")
             loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=220,
                                color_map={"raw": "#a5b4fc", "smoothed": "#4338ca"},
@@ -348,3 +337,7 @@ def wire(ctx: AppContext) -> None:
     if root is not None:
         fn, outs = ui["tick"]
         root.load(fn, None, outs)
+
+
+def _progress(done: float, total: float, text: str) -> str:
+    return progress_html(done, total, text, "quick-progress-text")

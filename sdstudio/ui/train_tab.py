@@ -18,6 +18,8 @@ from ..events import Failed, Finished
 from ..methods.base import all_methods
 from ..train.config import TrainConfig, list_presets, load_config, preset_header, read_toml, user_fields
 from .context import AppContext
+from .widgets import fmt_eta as _fmt_eta
+from .widgets import progress_html
 from .widgets import loss_frame as _loss_frame
 
 TAB = "train"
@@ -126,32 +128,19 @@ def _preset_values(preset: str | None) -> dict:
 
 # -- job view -------------------------------------------------------------------------------------------
 
-def _progress_html(done: int, total: int, text: str) -> str:
-    pct = 100.0 * done / total if total else 0.0
-    return (f'<div class="sd-progress"><div style="background:var(--color-accent);height:10px;width:{pct:.1f}%;'
-            f'border-radius:4px"></div></div><div id="train-progress-text">{text}</div>')
-
-
-def _fmt_eta(s) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def job_view(job) -> dict:
     """Plain data the tick draws: plot frame, progress, stats, gallery, status, whether it ended."""
     snap = job.log.snapshot()
     last = snap["last_step"]
     end = snap["end"]
     if last is not None:
-        progress = _progress_html(last.step, last.total, f"step {last.step}/{last.total} · ETA {_fmt_eta(last.eta_s)}")
+        progress = _progress(last.step, last.total, f"step {last.step}/{last.total} · ETA {_fmt_eta(last.eta_s)}")
         stats = f"loss **{last.loss:.4f}** · lr **{last.lr:.2e}** · **{last.it_per_s:.2f}** it/s"
     elif snap["progress"]:
         done, total, _stage, msg = snap["progress"]
-        progress, stats = _progress_html(done, total, f"{msg} {done}/{total}"), ""
+        progress, stats = _progress(done, total, f"{msg} {done}/{total}"), ""
     else:
-        progress, stats = _progress_html(0, 1, snap["status"] or "starting"), ""
+        progress, stats = _progress(0, 1, snap["status"] or "starting"), ""
     gallery = [(p, f"step {ev.step}: {cap}") for ev in reversed(snap["previews"])
                for p, cap in zip(ev.paths, ev.captions or [""] * len(ev.paths))]
     if isinstance(end, Failed):
@@ -295,7 +284,7 @@ def build(ctx: AppContext) -> None:
                 sample = gr.Button("Sample now", elem_id="train-sample")
                 save = gr.Button("Save now", elem_id="train-save")
             status = gr.Markdown("No run yet.", elem_id="train-status")
-            progress = gr.HTML(_progress_html(0, 1, ""), elem_id="train-progress")
+            progress = gr.HTML(_progress(0, 1, ""), elem_id="train-progress")
             stats = gr.Markdown("", elem_id="train-stats")
             plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260, color_map={"raw": "#a5b4fc", "smoothed": "#4338ca"},
                                elem_id="train-loss")
@@ -450,3 +439,7 @@ def wire(ctx: AppContext) -> None:
         root.load(fn, None, outs)
         fn, outs = ui["tick"]
         root.load(fn, None, outs)
+
+
+def _progress(done: float, total: float, text: str) -> str:
+    return progress_html(done, total, text, "train-progress-text")
