@@ -23,6 +23,12 @@ def _stage(page, sid: str, state: str, timeout: float = 120_000):
                                                                                       timeout=timeout)
 
 
+def _hide_toasts(page) -> None:
+    """Hide Gradio's toasts for a screenshot. Clicking their close buttons raced their own fade-out in CI
+    (the button goes inert, then leaves the DOM, and the click waits 30 s), so hide them with CSS instead."""
+    page.add_style_tag(content=".toast-wrap, .toast-body { display: none !important; }")
+
+
 def test_quick_tab_whole_flow(app_server, page, tmp_path):
     photos = make_photos(tmp_path / "photos", 6)
     page.goto(app_server.url, wait_until="domcontentloaded")
@@ -56,8 +62,7 @@ def test_quick_tab_whole_flow(app_server, page, tmp_path):
     _stage(page, "regularize", "skipped")
     _stage(page, "train", "running", 180_000)
     expect(page.locator("#quick-progress")).to_contain_text("Train: step", timeout=120_000)
-    for close in page.locator(".toast-close").all():  # the earlier warning toast would hide the plot
-        close.click()
+    _hide_toasts(page)  # the earlier warning toast would hide the plot in the screenshot
     page.wait_for_timeout(1000)
     DOCS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(DOCS / "quick-running.png"), full_page=True)
