@@ -15,7 +15,12 @@ def build_optimizer(name: str, groups, cfg, device: str):
         raise UserError("This method has nothing to train with these settings: turn on at least one part.")
     lr = params[0]["lr"]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
+        # One fused kernel over every tensor (CPU and CUDA) instead of a Python loop over hundreds of small
+        # LoRA tensors: same maths, a fraction of the launch overhead. Trainable weights are fp32 (the loop
+        # makes them so), which the fused kernel needs.
+        fused = str(device).split(":")[0] in ("cpu", "cuda") and all(
+            p.dtype == torch.float32 for g in params for p in g["params"])
+        return torch.optim.AdamW(params, lr=lr, fused=fused or None, foreach=None if fused else True)
     if name == "adamw8bit":
         if not str(device).startswith("cuda"):
             raise UserError("adamw8bit needs a CUDA GPU: use optimizer = \"adamw\" on this machine.")
