@@ -108,3 +108,47 @@ def test_locon_targets_convs_with_their_own_rank(tmp_path):
     assert sd[f"{conv}.alpha"].item() == 1.0
     assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
     assert not any("lora_te_" in k for k in sd)
+
+
+def test_lean_lora_forward_matches_peft_and_hands_back_when_disabled(tmp_path):
+    """The training forward (methods.lora.lean_lora_forward) gives peft's outputs and gradients, and peft's
+    own behaviour once adapters are disabled or merged."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    c, _ = _trained_lora(tmp_path, ["lora.train_text_encoder=true", "lora.targets=attention_mlp"])
+    lean = [m for m in list(c.unet.modules()) + list(c.text_encoder.modules()) if "forward" in vars(m)]
+    assert lean and all(isinstance(m, PeftLinear) for m in lean)
+    assert len(lean) == sum(isinstance(m, PeftLinear) for m in list(c.unet.modules()) + list(c.text_encoder.modules()))
+    torch.manual_seed(1)
+    lat, ts = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    ids = torch.randint(0, 1000, (2, 77))
+
+    def run():
+        for p in list(c.unet.parameters()) + list(c.text_encoder.parameters()):
+            p.grad = None
+        ehs = c.text_encoder(ids, return_dict=False)[0]
+        out = c.unet(lat, ts, ehs, return_dict=False)[0]
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in list(c.unet.parameters()) + list(c.text_encoder.parameters())
+                 if p.requires_grad]
+        return out.detach(), grads
+
+    out_lean, g_lean = run()
+    saved = {m: vars(m).pop("forward") for m in lean}  # back to peft's own forward
+    out_peft, g_peft = run()
+    torch.testing.assert_close(out_lean, out_peft)
+    for a, b in zip(g_lean, g_peft, strict=True):
+        torch.testing.assert_close(a, b)
+    for m, f in saved.items():
+        m.forward = f
+
+    # Disabled adapters: the base model's output, as peft gives it.
+    c.unet.disable_adapters()
+    c.text_encoder.disable_adapters() if hasattr(c.text_encoder, "disable_adapters") else None
+    with torch.no_grad():
+        off = c.unet(lat, ts, c.text_encoder(ids, return_dict=False)[0], return_dict=False)[0]
+    assert not torch.allclose(off, out_lean, atol=1e-4)
+    base = load_base("tiny")
+    with torch.no_grad():
+        ref = base.unet(lat, ts, c.text_encoder(ids, return_dict=False)[0], return_dict=False)[0]
+    torch.testing.assert_close(off, ref)
