@@ -421,24 +421,13 @@ def captioner_model(kind: str) -> str:
 
 def captioner_reachable(kind: str, search_dir: Path) -> bool:
     """True when the captioner's model is in the workspace, in the Hugging Face cache, or the hub answers
-    within 2 s; offline, the wizard falls back at once instead of waiting out the hub client's retries."""
-    import socket
+    within 2 s; offline, the wizard falls back at once (with a note saying where the model goes)."""
+    from .data.caption import hub_reachable, in_hf_cache
 
     ref = captioner_model(kind)
     if (search_dir / ref.replace("/", "--")).is_dir() or (search_dir / ref).is_dir():
         return True
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(ref, "model.onnx" if kind == "wd14" else "config.json"), str):
-            return True
-    except Exception:
-        pass
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-        return True
-    except OSError:
-        return False
+    return in_hf_cache(ref, "model.onnx" if kind == "wd14" else "config.json") or hub_reachable()
 
 
 def _regularize(p: Plan, ws, cls, emit, check, device, cache) -> None:

@@ -186,9 +186,46 @@ def test_captioner_missing_model_is_one_sentence(tmp_path, monkeypatch):
     from sdstudio.data.caption import make_captioner
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="could not be loaded") as err:
+    with pytest.raises(UserError, match="not on this machine and huggingface.co cannot be reached") as err:
         make_captioner("wd14", model="nobody/no-such-tagger", search_dir=tmp_path / "captioners")
     assert str(tmp_path / "captioners" / "nobody--no-such-tagger") in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["blip", "wd14"])
+def test_captioner_offline_fails_before_any_download_attempt(tmp_path, monkeypatch, kind):
+    """With no local model and no hub, the one-sentence error comes before the hub client is asked at all
+    (it would retry for a minute). The hub's entry points are replaced by ones that fail the test: the hub
+    is out of reach here anyway, and the point is that we never wait on it."""
+    import huggingface_hub
+    import transformers
+
+    from sdstudio.data import caption
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub client was called while offline")
+
+    monkeypatch.setattr(caption, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(transformers.BlipProcessor, "from_pretrained", no_hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UserError, match="cannot be reached") as err:
+        caption.make_captioner(kind, search_dir=tmp_path / "captioners")
+    ref = caption.DEFAULT_WD14 if kind == "wd14" else caption.DEFAULT_BLIP
+    assert str(tmp_path / "captioners" / ref.replace("/", "--")) in str(err.value)
+
+
+def test_hub_reachable_respects_offline_and_proxy(monkeypatch):
+    from sdstudio.data.caption import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert hub_reachable() is True  # a proxy may reach what a direct connection cannot
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens here
+    assert hub_reachable(timeout=1.0) is False
 
 
 def test_prepare_caption_cli_blip_and_wd14_from_workspace_folder(tmp_path, capsys):

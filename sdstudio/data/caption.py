@@ -7,6 +7,7 @@ a missing model is one sentence naming what to download and where to put it.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,11 @@ class Captioner(Protocol):
         ...
 
 
-def _local_or_hub(ref: str, search_dir: Path | None) -> tuple[str, bool]:
-    """(where to load from, is_local): a folder path, a folder name inside `search_dir`, or a hub id."""
+def _local_or_hub(ref: str, search_dir: Path | None, probe: str, files: str) -> tuple[str, bool]:
+    """(where to load from, local only) for a captioning model: a folder path, a folder name inside
+    `search_dir`, a hub id already in the Hugging Face cache (`probe` is one of its files), or a hub id to
+    download. Offline with none of these, a UserError at once: the hub client would otherwise retry for a
+    minute before saying the same."""
     p = Path(ref).expanduser()
     if p.is_dir():
         return str(p), True
@@ -39,7 +43,41 @@ def _local_or_hub(ref: str, search_dir: Path | None) -> tuple[str, bool]:
         return str(Path(search_dir) / ref), True
     if search_dir is not None and (Path(search_dir) / ref.replace("/", "--")).is_dir():
         return str(Path(search_dir) / ref.replace("/", "--")), True
+    if in_hf_cache(ref, probe):
+        return ref, True
+    if not hub_reachable():
+        where = Path(search_dir) / ref.replace("/", "--") if search_dir else "a local folder"
+        raise UserError(f"The captioning model '{ref}' is not on this machine and huggingface.co cannot be reached: "
+                        f"connect to the internet once, or download {files} from huggingface.co/{ref} into {where}.")
     return ref, False
+
+
+def in_hf_cache(ref: str, filename: str) -> bool:
+    """Whether the Hugging Face cache already holds `filename` of the hub repo `ref`."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(ref, filename), str)
+    except Exception:  # not a valid repo id, no cache folder
+        return False
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub can answer: False at once with HF_HUB_OFFLINE set, else a TCP connection
+    within `timeout` seconds. Behind a proxy (HTTPS_PROXY) the direct connection proves nothing: True."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _missing(ref: str, files: str, search_dir: Path | None, exc: Exception) -> UserError:
@@ -77,13 +115,13 @@ class BlipCaptioner:
         import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        where, local = _local_or_hub(ref, search_dir)
+        files = "the model folder (config.json, model.safetensors, the processor files)"
+        where, local = _local_or_hub(ref, search_dir, "config.json", files)
         try:
             self.processor = BlipProcessor.from_pretrained(where, local_files_only=local)
             self.model = BlipForConditionalGeneration.from_pretrained(where, local_files_only=local)
         except (OSError, ValueError) as exc:
-            raise _missing(ref, "the model folder (config.json, model.safetensors, the processor files)",
-                           search_dir, exc) from exc
+            raise _missing(ref, files, search_dir, exc) from exc
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
         self.model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = device, dtype
@@ -123,19 +161,20 @@ class WD14Tagger:
         import onnxruntime as ort
 
         self.config = config or TaggerConfig()
-        where, local = _local_or_hub(ref, search_dir)
+        files = "model.onnx and selected_tags.csv"
+        where, local = _local_or_hub(ref, search_dir, "model.onnx", files)
         try:
-            if local:
+            if Path(where).is_dir():
                 model_path, tags_path = Path(where) / "model.onnx", Path(where) / "selected_tags.csv"
                 if not model_path.is_file() or not tags_path.is_file():
                     raise FileNotFoundError(f"{where} needs model.onnx and selected_tags.csv")
             else:
                 from huggingface_hub import hf_hub_download
 
-                model_path = Path(hf_hub_download(ref, "model.onnx"))
-                tags_path = Path(hf_hub_download(ref, "selected_tags.csv"))
+                model_path = Path(hf_hub_download(ref, "model.onnx", local_files_only=local))
+                tags_path = Path(hf_hub_download(ref, "selected_tags.csv", local_files_only=local))
         except Exception as exc:
-            raise _missing(ref, "model.onnx and selected_tags.csv", search_dir, exc) from exc
+            raise _missing(ref, files, search_dir, exc) from exc
         with open(tags_path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         self.tags = [r["name"] for r in rows]
