@@ -61,3 +61,24 @@ def test_pivotal_orders(order, phases, tmp_path):
     pipe.load_lora_weights(sd)
     pipe.load_textual_inversion(str(files[1]), token="<piv-cat>")
     np.testing.assert_allclose(sample_np(pipe, "a photo of <piv-cat>"), trained, atol=2e-3)  # fp16 LoRA file
+
+
+def test_pivotal_resume_with_more_steps_keeps_the_phase_split(tmp_path):
+    """Raising max_steps on resume (Train again with more steps) continues in the second phase: the split
+    step comes from the checkpoint, not from the new max_steps."""
+    from sdstudio.methods.pivotal import Pivotal
+
+    cfg = resolve({**piv_cfg("ti_then_lora").to_dict(), "max_steps": 4})
+    cfg.options.first_phase = 0.75  # split at step 3 of 4
+    c = load_base("tiny")
+    m = Pivotal()
+    m.prepare(c, cfg)
+    assert m.split == 3 and m.phase_at(3) == "lora"
+    sd = m.trainable_state_dict(c)
+
+    more = resolve({**cfg.to_dict(), "max_steps": 8})  # 0.75 * 8 = 6 would put steps 4 and 5 back into TI
+    c2, m2 = load_base("tiny"), Pivotal()
+    m2.prepare(c2, more)
+    assert m2.phase_at(4) == "ti"  # what the new setting alone would say
+    m2.load_trainable_state_dict(c2, sd)
+    assert [m2.phase_at(s) for s in range(2, 8)] == ["ti", "lora", "lora", "lora", "lora", "lora"]

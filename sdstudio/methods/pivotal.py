@@ -70,15 +70,17 @@ class Pivotal(MethodBase):
         ti_groups = self.ti.prepare(c, tcfg)
         self.lora_params = [p for g in lora_groups for p in g.params]
         self.phase = None
+        # The step where the second phase starts, fixed when the run starts: a checkpoint keeps it, so raising
+        # max_steps to train more never sends a resumed run back into the first phase.
+        self.split = round(o.first_phase * int(cfg.max_steps))
         return ti_groups + lora_groups
 
     def phase_at(self, step: int) -> str:
         """"ti", "lora" or "both" for this step."""
         if self.o.order == "joint":
             return "both"
-        split = round(self.o.first_phase * int(getattr(self.cfg, "max_steps", 1)))
         first, second = ("ti", "lora") if self.o.order == "ti_then_lora" else ("lora", "ti")
-        return first if step < split else second
+        return first if step < self.split else second
 
     def _set_phase(self, phase: str) -> None:
         if phase == self.phase:
@@ -98,9 +100,12 @@ class Pivotal(MethodBase):
         for i, te in enumerate(c.text_encoders):
             out.update({f"te{i}.{n}": p.detach() for n, p in te.named_parameters() if "lora_" in n})
         out["embedding"] = self.ti.emb.new.detach()
+        out["pivotal.split"] = torch.tensor(self.split, dtype=torch.int64)
         return out
 
     def load_trainable_state_dict(self, c, sd: dict) -> None:
+        if "pivotal.split" in sd:  # checkpoints from before the split was kept: the current setting's split
+            self.split = int(sd["pivotal.split"])
         with torch.no_grad():
             self.ti.emb.new.copy_(sd["embedding"])
             for prefix, module in [("unet", c.unet)] + [(f"te{i}", te) for i, te in enumerate(c.text_encoders)]:
