@@ -66,10 +66,14 @@ SCHEDULER_CONFIG = dict(
 
 
 def bpe_path() -> Path:
-    """open_clip ships the CLIP BPE merges; we read the vocabulary from there, with no download."""
-    import open_clip
+    """open_clip ships the CLIP BPE merges; we read the vocabulary from there, with no download. Found without
+    importing open_clip (that import takes seconds: it loads torch and its model zoo)."""
+    from importlib.util import find_spec
 
-    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    spec = find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("open_clip_torch is not installed: pip install open_clip_torch (it ships CLIP's BPE file)")
+    return Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
