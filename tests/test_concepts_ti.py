@@ -74,3 +74,29 @@ def test_ti_clip_skip_changes_conditioning():
     m.o.clip_skip = 1
     b = m.encode(c, ["a photo of <cat-toy>"])
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("method,sets,bad", [
+    ("textual_inversion", ["textual_inversion.token=cat"], "'cat'"),
+    ("pivotal", ["pivotal.token=dog", "pivotal.num_vectors=1"], "'dog'"),
+    ("edlora", ["edlora.concept_tokens=<anna1> photo"], "'photo'"),
+    ("textual_inversion", ["textual_inversion.token=<my cat>"], "no spaces"),
+])
+def test_known_word_as_token_is_refused_before_any_model_loads(tmp_path, monkeypatch, method, sets, bad):
+    """The preflight checks new words against CLIP's vocabulary (offline): seconds, not a base-model load."""
+    from train_helpers import fast_sets, make_images
+
+    from sdstudio.models import loading
+    from sdstudio.train.config import load_config
+    from sdstudio.train.loop import preflight
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the token was checked")
+
+    monkeypatch.setattr(loading, "load_base", no_load)
+    ds = make_images(tmp_path / "ds", 2)
+    cfg = load_config(None, fast_sets(ds, tmp_path / "out", method=method) + sets)
+    with pytest.raises(UserError, match=bad):
+        preflight(cfg)
+    ok = load_config(None, fast_sets(ds, tmp_path / "out2", method=method))  # the method's default words pass
+    preflight(ok)

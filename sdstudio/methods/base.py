@@ -91,6 +91,8 @@ class MethodBase:
     - `load_output(pipe, paths)`: load what `save` wrote into a fresh diffusers pipeline of the base model, as
       a user would. The contract test (tests/test_train_contract.py) uses it. Default: by file kind (LoRA ->
       `load_lora_weights`, embedding -> `load_textual_inversion`, diffusers folder -> `from_pretrained`).
+    - `check_settings(cfg)`: checks of the method's own settings that need no model (e.g. a new token is not
+      a known word), run in the preflight so a mistake is refused in seconds. Raise UserError. Default: none.
     - `contract_settings` (class attribute, dict of `--set` keys to values): what the contract test adds to
       its fast tiny-model settings for this method, e.g. {"textual_inversion.token": "<sks>"}. Default: none.
     """
@@ -115,6 +117,9 @@ class MethodBase:
                 for key, value in sd.items():
                     if key.startswith(prefix + "."):
                         params[key[len(prefix) + 1:]].copy_(value)
+
+    def check_settings(self, cfg) -> None:
+        pass
 
     def text_encoder_trainable(self, c: "Components") -> bool:
         return any(p.requires_grad for te in c.text_encoders for p in te.parameters())

@@ -236,6 +236,9 @@ class EDLoRA(MethodBase):
     Config = EDLoRAConfig
     contract_settings = {"sample_prompts": '["a photo of <sks1> <sks2>"]'}
 
+    def check_settings(self, cfg) -> None:
+        tk.check_tokens_before_loading(parse_tokens(options(cfg).concept_tokens))
+
     def prepare(self, c, cfg) -> list[ParamGroup]:
         if c.family.is_xl:
             raise UserError("EDLoRA supports SD1.x/SD2.x base models: pick one of those as the base model.")

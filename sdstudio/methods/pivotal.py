@@ -53,6 +53,10 @@ class Pivotal(MethodBase):
     contract_settings = {"pivotal.token": "<sks-piv>", "pivotal.rank": 4, "pivotal.first_phase": 0.5,
                          "sample_prompts": '["a photo of <sks-piv>"]'}
 
+    def check_settings(self, cfg) -> None:
+        o: PivotalConfig = options(cfg)
+        TextualInversion().check_settings(TextualInversionConfig(token=o.token, num_vectors=o.num_vectors))
+
     def prepare(self, c, cfg) -> list[ParamGroup]:
         o: PivotalConfig = options(cfg)
         self.cfg, self.o = cfg, o

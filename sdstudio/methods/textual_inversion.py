@@ -88,6 +88,10 @@ class TextualInversion(MethodBase):
     # What the contract test (tests/test_train_contract.py) needs on tiny: a new word, and prompts that use it.
     contract_settings = {"textual_inversion.token": "<sks-obj>", "sample_prompts": '["a photo of <sks-obj>"]'}
 
+    def check_settings(self, cfg) -> None:
+        o = options(cfg)
+        tk.check_tokens_before_loading(vector_names(o.token.strip().lower(), o.num_vectors))
+
     def prepare(self, c, cfg) -> list[ParamGroup]:
         o = options(cfg)
         self.cfg, self.o = cfg, o

@@ -16,10 +16,24 @@ from ..errors import UserError
 
 def check_new_token(tokenizer, token: str) -> None:
     """A placeholder must be a fresh string: one the tokenizer already knows would mix with its old meaning."""
+    check_token_name(token, tokenizer.get_vocab())
+
+
+def check_tokens_before_loading(tokens: list[str]) -> None:
+    """The same check against CLIP's vocabulary (SD 1.x and 2.x share it), which we have offline: a bad word
+    is refused in the preflight, before minutes of model loading. The model's own tokenizer checks again
+    when it loads (a custom tokenizer may know more words)."""
+    from ..models.tiny import clip_vocab_and_merges
+
+    vocab, _ = clip_vocab_and_merges()
+    for t in tokens:
+        check_token_name(t, vocab)
+
+
+def check_token_name(token: str, vocab: dict) -> None:
     token = token.strip()
     if not token or any(ch.isspace() for ch in token):
         raise UserError(f"The token {token!r} must be one word with no spaces, for example '<my-cat>'.")
-    vocab = tokenizer.get_vocab()
     if token in vocab or f"{token}</w>" in vocab or token.lower() in vocab or f"{token.lower()}</w>" in vocab:
         raise UserError(f"The token {token!r} is already in the tokenizer's vocabulary: pick a new one such as "
                         f"'<{token.strip('<>')}-concept>'.")

@@ -141,7 +141,7 @@ def preflight(cfg: TrainConfig, *, resume: bool = False, home: Path | None = Non
     from ..data.folder import read_dataset
     from ..models.loading import family_of_ref
 
-    get_method(cfg.method)
+    hook(get_method(cfg.method)(), "check_settings")(cfg)
     run_dir = cfg.run_dir(home)
     layout = read_dataset(cfg.dataset, default_caption=cfg.instance_prompt, need_class=cfg.prior_preservation,
                           class_root=cfg.class_data or None)
