@@ -167,3 +167,64 @@ def test_family_config_dir_is_a_loadable_diffusers_config(family, tmp_path, monk
 def test_native_resolution_comes_from_the_model(tiny_components):
     # tiny: sample_size 8 latents x VAE scale 8; a real SD 1.5 (sample_size 64) gives 512 the same way
     assert tiny_components.resolution == 64
+
+
+def _tiny_sd2(folder):
+    """The tiny model with SD2's differences: linear proj_in/out in the UNet and a GELU (OpenCLIP) text
+    encoder; random weights, the real tokenizer."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdstudio.models import tiny
+
+    base = load_base("tiny")
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(**{**tiny.UNET_CONFIG, "use_linear_projection": True})
+    te = CLIPTextModel(CLIPTextConfig(**{**tiny.TEXT_CONFIG, "hidden_act": "gelu", "num_hidden_layers": 3}))
+    with torch.no_grad():  # norms and biases away from their 1/0 start, so a swapped key changes the output
+        for name, p in te.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=te, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_sd2_single_file_round_trip(tmp_path):
+    """An SD2 model's single file has OpenCLIP text-encoder keys (fused q/k/v) and loads back to the same
+    pictures through diffusers' own single-file loader."""
+    from sdstudio.formats.safe_io import save_safetensors
+
+    c = load_base(str(_tiny_sd2(tmp_path / "sd2")))
+    assert c.family is SD2
+    sd = pipeline_to_ldm(c.unet, c.vae, c.text_encoder, c.family.name)
+    assert detect_family_from_keys(sd) is SD2
+    assert not [k for k in sd if k.startswith("cond_stage_model.transformer.")]
+    qkv = sd["cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight"]
+    assert qkv.shape == (3 * 32, 32)
+    te = {k.removeprefix("text_model."): v for k, v in c.text_encoder.state_dict().items()}
+    assert torch.equal(qkv[32:64], te["encoder.layers.2.self_attn.k_proj.weight"])  # q, k, v in that order
+    single = save_safetensors(sd, tmp_path / "sd2.safetensors")
+    back = load_base(str(single), config_dir=tmp_path / "sd2")
+    assert back.family is SD2
+    assert abs(_image(back) - _image(c)).max() == 0
+
+
+def test_full_finetune_of_an_sd2_base_writes_an_sd2_single_file(tmp_path):
+    from train_helpers import fast_sets, make_images
+
+    from sdstudio.formats.safe_io import read_safetensors_keys
+    from sdstudio.train.config import load_config
+    from sdstudio.train.loop import train
+
+    base = _tiny_sd2(tmp_path / "sd2")
+    cfg = load_config(None, fast_sets(make_images(tmp_path / "ds", 2), tmp_path / "out", base_model=str(base),
+                                      method="full", max_steps=1, sample_prompts="[]", output_name="ft"))
+    outputs = train(cfg, lambda e: None)
+    single = [p for p in outputs if p.suffix == ".safetensors"]
+    assert len(single) == 1
+    keys = read_safetensors_keys(single[0])
+    assert detect_family_from_keys(keys) is SD2
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys

@@ -98,9 +98,43 @@ def text_encoder_to_ldm(sd: dict) -> dict:
     return out
 
 
-def pipeline_to_ldm(unet, vae, text_encoder) -> dict:
-    """One state dict in the original single-file layout (SD1.x)."""
+_OPENCLIP_LAYER = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_attn.out_proj.", "attn.out_proj."),
+                   ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+
+
+def openclip_text_encoder_to_ldm(sd: dict) -> dict:
+    """SD2.x text encoder keys as the original checkpoints store them (OpenCLIP ViT-H: `resblocks` with one
+    fused q/k/v `in_proj`). diffusers' SD2 text encoder keeps the 23 layers SD2 uses (it conditions on the
+    penultimate layer), so the file has those 23 and no `text_projection`: A1111 and ComfyUI never use the
+    24th layer or the projection for SD2, and load without them."""
+    import torch
+
+    pre = "cond_stage_model.model."
+    sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    out = {f"{pre}token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           f"{pre}positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           f"{pre}ln_final.weight": sd.pop("final_layer_norm.weight"),
+           f"{pre}ln_final.bias": sd.pop("final_layer_norm.bias")}
+    sd.pop("embeddings.position_ids", None)
+    layers = sorted({int(m[1]) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{pre}transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{part}"] = torch.cat([sd.pop(f"{src}self_attn.{q}_proj.{part}") for q in "qkv"])
+        for a, b in _OPENCLIP_LAYER:
+            for part in ("weight", "bias"):
+                out[f"{dst}{b}{part}"] = sd.pop(f"{src}{a}{part}")
+    if sd:
+        raise ValueError(f"unexpected text encoder keys {sorted(sd)[:5]}")
+    return out
+
+
+def pipeline_to_ldm(unet, vae, text_encoder, family_name: str = "sd1") -> dict:
+    """One state dict in the original single-file layout, for SD1.x (`family_name` "sd1") or SD2.x ("sd2")."""
+    if family_name not in ("sd1", "sd2"):
+        raise ValueError(f"no single-file layout for {family_name}")
     sd = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
     sd.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae.state_dict(), vae.config).items()})
-    sd.update(text_encoder_to_ldm(text_encoder.state_dict()))
+    te = text_encoder.state_dict()
+    sd.update(openclip_text_encoder_to_ldm(te) if family_name == "sd2" else text_encoder_to_ldm(te))
     return sd

@@ -57,8 +57,8 @@ def save_full(c, cfg, run, out: Path, save_precision: str, single_file: bool, ki
             save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, f,
                              {"format": "pt"})
     outputs = [folder]
-    if single_file and c.family.name == "sd1":
-        sd = pipeline_to_ldm(c.unet, c.vae, c.text_encoder)
+    if single_file and c.family.name in ("sd1", "sd2"):
+        sd = pipeline_to_ldm(c.unet, c.vae, c.text_encoder, c.family.name)
         outputs.append(save_safetensors({k: v.to(dtype) for k, v in sd.items()}, Path(out) /
                                         f"{cfg.output_name}.safetensors", meta))
     return outputs

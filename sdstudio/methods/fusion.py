@@ -420,7 +420,7 @@ def save_fused(c, out_dir: Path, name: str, report: FusionReport | None = None) 
             c.unet.set_attn_processor(procs)
         (tmp / "new_concept_cfg.json").write_text(json.dumps(concept_cfg, indent=1))
     # 2. The single file keeps the base vocabulary, so A1111/ComfyUI load it; the tokens travel separately.
-    sd = pipeline_to_ldm(c.unet, c.vae, c.text_encoder)
+    sd = pipeline_to_ldm(c.unet, c.vae, c.text_encoder, c.family.name)
     for k in list(sd):
         if k.endswith("token_embedding.weight"):
             sd[k] = sd[k][:base_rows]
