@@ -430,3 +430,37 @@ def test_diffusers_saved_lora_with_rank_and_alpha_patterns_loads_exactly(tmp_pat
     with torch.no_grad():
         for p in (q, k):
             torch.testing.assert_close(target.unet.get_submodule(p)(x), expected[p], rtol=1e-5, atol=1e-5)
+
+
+def test_merged_on_the_fly_forward_equals_peft_branch_and_is_picked_by_cost(pg, files, monkeypatch):
+    """stack.install_merged_forward: with many tokens a layer runs its base op with W + B@A (one addmm per
+    LoRA), with few it runs the low-rank branch; both give peft's own output. Checked on a 3x3 conv (LoCon)
+    and a Linear, with a two-LoRA MIX and with one LoRA."""
+    from sdstudio.formats.lora import owner_layer
+
+    addmm, merges = torch.addmm, []
+
+    def counting_addmm(*a, **k):
+        merges.append(1)
+        return addmm(*a, **k)
+
+    monkeypatch.setattr(torch, "addmm", counting_addmm)
+    for items in ([LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)], [LoraItem(str(files["b"]), 0.7)]):
+        pg.stack.apply(with_loras(*items))
+        name = pg.stack.adapters[files["b"]].name
+        for key in ("up_blocks.1.resnets.0.conv2", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"):
+            layer = owner_layer(pg.comps.unet.get_submodule(key), name)
+            assert layer.__dict__.get("_sds_plan") is not None, key
+            base = layer.get_base_layer()
+            if isinstance(base, torch.nn.Conv2d):
+                big, small = (2, base.in_channels, 32, 32), (1, base.in_channels, 1, 1)
+            else:
+                big, small = (2, 4096, base.in_features), (1, 1, base.in_features)
+            with torch.no_grad():
+                for shape, merged in ((big, True), (small, False)):
+                    x = torch.randn(*shape)
+                    merges.clear()
+                    got = layer(x)
+                    assert bool(merges) == merged, (key, shape)
+                    want = type(layer).forward(layer, x)  # peft's own forward
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
