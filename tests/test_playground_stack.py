@@ -464,3 +464,18 @@ def test_merged_on_the_fly_forward_equals_peft_branch_and_is_picked_by_cost(pg, 
                     assert bool(merges) == merged, (key, shape)
                     want = type(layer).forward(layer, x)  # peft's own forward
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dropping_unused_adapters_leaves_nothing_applied(pg, tiny_components, tmp_path):
+    """An adapter dropped from memory (more unused ones than max_unused) stops acting on every layer, including
+    layers no remaining adapter touches."""
+    only_ff = save_safetensors(kohya_lora(tiny_components, 11, only=["ff.net"]), tmp_path / "ff.safetensors")
+    base = img(pg, BASE)
+    assert np.abs(img(pg, with_loras(LoraItem(str(only_ff), 1.0))) - base).mean() > 1
+    old = pg.stack.max_unused
+    pg.stack.max_unused = 0
+    try:
+        assert np.array_equal(img(pg, BASE), base)
+        assert only_ff not in pg.stack.adapters
+    finally:
+        pg.stack.max_unused = old

@@ -304,6 +304,8 @@ class Stack:
             adapter = self.adapters.pop(path)
             for _mk, _path, layer in adapter.layers:
                 layer.delete_adapter(adapter.name)
+                if "_sds_plan" in layer.__dict__:
+                    layer.__dict__["_sds_plan"] = None  # re-planned by the next refresh; peft's forward until then
 
     # 3. Weights -> each peft layer's scaling and active list -------------------------------------------
     def _layers(self):
@@ -565,8 +567,11 @@ def plan_merged_forward(layer, names: list[str]) -> None:
         return
     layer.__dict__["_sds_plan"] = None
     base = layer.base_layer
+    if not names:  # nothing active here (fused, or every weight 0): the base op alone, as peft computes it
+        layer.__dict__["_sds_plan"] = base
+        return
     conv = isinstance(base, torch.nn.Conv2d)
-    if not names or not all(n in layer.lora_A and _mergeable(layer, n, base, conv) for n in names):
+    if not all(n in layer.lora_A and _mergeable(layer, n, base, conv) for n in names):
         return
     w = base.weight
     out_f, in_f = w.shape[0], w.shape[1]
