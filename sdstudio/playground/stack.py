@@ -304,8 +304,17 @@ class Stack:
             adapter = self.adapters.pop(path)
             for _mk, _path, layer in adapter.layers:
                 layer.delete_adapter(adapter.name)
+                # peft makes another adapter active when the active one goes (our MIX, say). Nothing is active
+                # until the next refresh, which visits every layer a remaining adapter uses.
+                layer.__dict__["_active_adapter"] = []
                 if "_sds_plan" in layer.__dict__:
-                    layer.__dict__["_sds_plan"] = None  # re-planned by the next refresh; peft's forward until then
+                    layer.__dict__["_sds_plan"] = None
+                lora_a = getattr(layer, "lora_A", None)
+                if lora_a is not None and MIX in lora_a and len(lora_a) == 1:  # a mix of nothing: free it
+                    layer.delete_adapter(MIX)
+                    layer.__dict__["_active_adapter"] = []
+                    for key in ("_sds_mix_key", "_sds_mix_slices"):
+                        layer.__dict__.pop(key, None)
 
     # 3. Weights -> each peft layer's scaling and active list -------------------------------------------
     def _layers(self):
