@@ -23,6 +23,7 @@ def test_dataset_tab_upload_prepare_caption_edit(app_server, page, tmp_path):
 
     page.goto(app_server.url, wait_until="domcontentloaded")
     page.wait_for_selector("#ds-upload")
+    page.wait_for_timeout(1500)  # let the page-load event (which restores last-used settings) land before typing
     page.fill("#ds-name textarea", "toys")
     page.press("#ds-name textarea", "Enter")
     page.fill("#ds-trigger textarea", "sks")
@@ -77,6 +78,12 @@ def test_dataset_tab_upload_prepare_caption_edit(app_server, page, tmp_path):
     docs.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(docs / "dataset.png"), full_page=True)
 
-    # 6. Hand it to the Train tab.
+    # 6. A reload loses nothing: the same dataset, gallery and captions come back from the workspace.
+    page.reload(wait_until="domcontentloaded")
+    expect(page.locator("#ds-cap-1 textarea")).to_have_value("ohwx toy, a grey cat on a sofa", timeout=20_000)
+    assert page.input_value("#ds-name textarea") == "toys"
+    expect(page.locator("#ds-gallery")).to_contain_text("✗ skipped broken.jpg")
+
+    # 7. Hand it to the Train tab.
     page.click("#ds-use")
     expect(page.get_by_role("tab", name="Train")).to_have_attribute("aria-selected", "true", timeout=10_000)
