@@ -25,6 +25,7 @@ def test_dataset_tab_upload_prepare_caption_edit(app_server, page, tmp_path):
     page.wait_for_selector("#tabs")
     page.get_by_role("tab", name="Dataset").click()  # the Quick tab opens first
     page.wait_for_selector("#ds-upload")
+    page.wait_for_timeout(1500)  # let the page-load event (which restores last-used settings) land before typing
     page.fill("#ds-name textarea", "toys")
     page.press("#ds-name textarea", "Enter")
     page.fill("#ds-trigger textarea", "sks")
@@ -67,18 +68,36 @@ def test_dataset_tab_upload_prepare_caption_edit(app_server, page, tmp_path):
     box.fill("ohwx toy, a grey cat on a sofa")
     box.press("Tab")
     expect_file = concept / "chelsea-the-cat.txt"
-    for _ in range(40):
-        if expect_file.read_text().strip() == "ohwx toy, a grey cat on a sofa":
+    for _ in range(80):  # the caption file, then metadata.jsonl, are written by the blur handler
+        if (expect_file.read_text().strip() == "ohwx toy, a grey cat on a sofa"
+                and "a grey cat on a sofa" in (ds / "metadata.jsonl").read_text()):
             break
         page.wait_for_timeout(250)
     assert expect_file.read_text().strip() == "ohwx toy, a grey cat on a sofa"
     assert "a grey cat on a sofa" in (ds / "metadata.jsonl").read_text()
+
+    # 6. Class images with the base model (tiny), as a job with the same progress bar.
+    page.get_by_text("Class images (prior preservation)").click()
+    page.fill("#ds-reg-count input", "1")
+    page.fill("#ds-reg-steps input", "1")
+    page.click("#ds-reg")
+    expect(page.locator("#ds-status")).to_contain_text("class images: done", timeout=90_000)
+    assert (ds / "reg" / "1_toy" / "class_00000.png").is_file()
+    expect(page.locator("#ds-summary")).to_contain_text("1 class images")
 
     screenshot(page, "dataset")
     docs = ROOT / "docs" / "screenshots"
     docs.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(docs / "dataset.png"), full_page=True)
 
-    # 6. Hand it to the Train tab.
+    # 7. A reload loses nothing: the same dataset, gallery and captions come back from the workspace.
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#tabs")
+    page.get_by_role("tab", name="Dataset").click()  # the Quick tab opens first
+    expect(page.locator("#ds-cap-1 textarea")).to_have_value("ohwx toy, a grey cat on a sofa", timeout=20_000)
+    assert page.input_value("#ds-name textarea") == "toys"
+    expect(page.locator("#ds-gallery")).to_contain_text("✗ skipped broken.jpg")
+
+    # 8. Hand it to the Train tab.
     page.click("#ds-use")
     expect(page.get_by_role("tab", name="Train")).to_have_attribute("aria-selected", "true", timeout=10_000)

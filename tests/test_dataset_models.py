@@ -269,3 +269,10 @@ def test_filename_captions_and_edits():
     assert add_tags("a, b", ["c", "a"]) == "a, b, c"
     assert add_tags("a, b", ["z"], at_start=True) == "z, a, b"
     assert remove_tags("a, b, c", ["b", "x"]) == "a, c"
+
+
+def test_blip_cleanup():
+    from sdstudio.data.caption import clean_blip
+
+    assert clean_blip("there is a arafed man  standing on a beach") == "a man standing on a beach"
+    assert clean_blip("araffe dog") == "dog"

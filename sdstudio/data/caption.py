@@ -137,7 +137,14 @@ class BlipCaptioner:
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
-        return [re.sub(r"\s+", " ", t).strip() for t in texts]
+        return [clean_blip(t) for t in texts]
+
+
+def clean_blip(text: str) -> str:
+    """BLIP's known artefacts: the made-up word "arafed" (and kin) and a leading "there is"."""
+    text = re.sub(r"\b(arafed|araffe|araffed|arafe|arafa)\b\s*", "", text, flags=re.I)
+    text = re.sub(r"^(there is|there are)\s+", "", text.strip(), flags=re.I)
+    return re.sub(r"\s+", " ", text).strip()
 
 
 # -- WD14 tagger ---------------------------------------------------------------------------------------------------

@@ -64,7 +64,12 @@ def _printer(ev) -> None:
     from ..events import Progress, Status
 
     if isinstance(ev, Progress) and ev.total:
-        print(f"[{ev.stage}] {ev.done}/{ev.total} {ev.message}", file=sys.stderr, flush=True)
+        if sys.stderr.isatty():  # one line that updates in place on a terminal; a line per item in logs
+            end = "\n" if ev.done >= ev.total else ""
+            print(f"\r\033[K[{ev.stage}] {ev.done}/{ev.total} {ev.message[:60]}", end=end, file=sys.stderr,
+                  flush=True)
+        else:
+            print(f"[{ev.stage}] {ev.done}/{ev.total} {ev.message}", file=sys.stderr, flush=True)
     elif isinstance(ev, Status):
         print(f"[{ev.stage}] {ev.message}", file=sys.stderr, flush=True)
 

@@ -314,6 +314,9 @@ def _one(item: Item, path: Path, cfg: PrepareConfig, seen_sha, hashes, remover, 
 
 def _safe_stem(stem: str) -> str:
     """Keep unicode letters; drop what file systems and kohya dislike."""
+    import unicodedata
+
+    stem = unicodedata.normalize("NFC", stem)  # macOS zips store names decomposed (NFD)
     cleaned = re.sub(r'[\x00-\x1f<>:"|?*\\]', "_", stem).strip(" .")
     return cleaned[:120] or "image"
 

@@ -97,6 +97,8 @@ def import_uploads(ctx: AppContext, name: str, files: list[str]) -> tuple[Path, 
 
 def gallery_items(ctx: AppContext, name: str) -> list[tuple[str, str]]:
     rows = prep.read_scan(dataset_dir(ctx, name))
+    if not rows:  # a dataset made elsewhere (the CLI, kohya): show its images as they are
+        return [(str(p), f"✓ {p.parent.name}/{p.name}") for p in prep.dataset_images(dataset_dir(ctx, name))]
     out = []
     for r in rows:
         if not r.get("thumb"):
@@ -585,12 +587,16 @@ def build(ctx: AppContext) -> None:
     ui["name"].submit(on_name, [ui["name"]], [gallery, summary, *page_outputs])
     ui["name"].blur(on_name, [ui["name"]], [gallery, summary, *page_outputs])
 
-    # A reload reconnects: fill the editor, and resume polling if a dataset job is still running.
-    def on_load(name):
+    # A reload reconnects: the last-used settings (component defaults were fixed when the app started), the
+    # gallery, editor and summary from disk, and polling again if a dataset job is still running.
+    def on_load():
+        cur = _settings(ctx)
         job = ctx.jobs.latest(JOB_KIND)
-        return [gr.Timer(active=bool(job and job.running)), *show_page(name, 0)]
+        values = [str(cur[k]) if k == "size" else cur[k] for k in FORM]
+        return [*values, gr.Timer(active=bool(job and job.running)), gallery_items(ctx, cur["name"]),
+                summary_markdown(ctx, cur["name"]), *show_page(cur["name"], 0)]
 
-    ui["_load"] = (on_load, [ui["name"]], [timer, *page_outputs])
+    ui["_load"] = (on_load, None, [*form_inputs, timer, gallery, summary, *page_outputs])
 
 
 def wire(ctx: AppContext) -> None:
