@@ -422,12 +422,9 @@ def captioner_model(kind: str) -> str:
 def captioner_reachable(kind: str, search_dir: Path) -> bool:
     """True when the captioner's model is in the workspace, in the Hugging Face cache, or the hub answers
     within 2 s; offline, the wizard falls back at once (with a note saying where the model goes)."""
-    from .data.caption import hub_reachable, in_hf_cache
+    from .data.caption import model_reachable
 
-    ref = captioner_model(kind)
-    if (search_dir / ref.replace("/", "--")).is_dir() or (search_dir / ref).is_dir():
-        return True
-    return in_hf_cache(ref, "model.onnx" if kind == "wd14" else "config.json") or hub_reachable()
+    return model_reachable(kind, captioner_model(kind), search_dir)
 
 
 def _regularize(p: Plan, ws, cls, emit, check, device, cache) -> None:

@@ -52,6 +52,19 @@ def _local_or_hub(ref: str, search_dir: Path | None, probe: str, files: str) -> 
     return ref, False
 
 
+PROBE_FILE = {"blip": "config.json", "wd14": "model.onnx"}  # one file a captioner's model always has
+
+
+def model_reachable(kind: str, ref: str, search_dir: Path | None) -> bool:
+    """Whether `make_captioner` can get this model now (local folder, Hugging Face cache or a hub that answers),
+    decided in seconds: callers with a fallback (the wizard) use it to skip the captioner offline."""
+    try:
+        _local_or_hub(ref, search_dir, PROBE_FILE[kind], "")
+    except UserError:
+        return False
+    return True
+
+
 def in_hf_cache(ref: str, filename: str) -> bool:
     """Whether the Hugging Face cache already holds `filename` of the hub repo `ref`."""
     try:
@@ -116,7 +129,7 @@ class BlipCaptioner:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         files = "the model folder (config.json, model.safetensors, the processor files)"
-        where, local = _local_or_hub(ref, search_dir, "config.json", files)
+        where, local = _local_or_hub(ref, search_dir, PROBE_FILE[self.name], files)
         try:
             self.processor = BlipProcessor.from_pretrained(where, local_files_only=local)
             self.model = BlipForConditionalGeneration.from_pretrained(where, local_files_only=local)
@@ -169,7 +182,7 @@ class WD14Tagger:
 
         self.config = config or TaggerConfig()
         files = "model.onnx and selected_tags.csv"
-        where, local = _local_or_hub(ref, search_dir, "model.onnx", files)
+        where, local = _local_or_hub(ref, search_dir, PROBE_FILE[self.name], files)
         try:
             if Path(where).is_dir():
                 model_path, tags_path = Path(where) / "model.onnx", Path(where) / "selected_tags.csv"

@@ -312,7 +312,6 @@ class Stack:
                 lora_a = getattr(layer, "lora_A", None)
                 if lora_a is not None and MIX in lora_a and len(lora_a) == 1:  # a mix of nothing: free it
                     layer.delete_adapter(MIX)
-                    layer.__dict__["_active_adapter"] = []
                     for key in ("_sds_mix_key", "_sds_mix_slices"):
                         layer.__dict__.pop(key, None)
 
