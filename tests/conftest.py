@@ -37,6 +37,18 @@ def tiny_components(tiny_dir):
     return load_base("tiny")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (use with pytest.mark.usefixtures): on a shared 2-core box, OpenMP's
+    spinning threads make tiny-model steps 40x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def workspace(tmp_path):
     from sdstudio.workspace import Workspace

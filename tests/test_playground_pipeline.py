@@ -17,13 +17,7 @@ BASE = Recipe(prompt="a (red:1.3) house", negative_prompt="blurry", steps=3, wid
               cfg=5.0, seed=21)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box, OpenMP's spinning threads make tiny-model steps 40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

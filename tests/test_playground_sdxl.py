@@ -12,12 +12,7 @@ from sdstudio.playground.recipe import EmbeddingItem, LoraItem, Recipe
 from sdstudio.playground.stack import Stack
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_xl(tiny_dir):

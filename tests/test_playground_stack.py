@@ -41,13 +41,7 @@ def kohya_lora(comps, seed: int, rank=4, alpha=2.0, scale=0.15, only=None, ranks
     return sd
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box, OpenMP's spinning threads make tiny-model steps 40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
