@@ -77,12 +77,22 @@ def test_dataset_tab_upload_prepare_caption_edit(app_server, page, tmp_path):
     assert "a grey cat on a sofa" in (ds / "metadata.jsonl").read_text()
 
     # 6. Class images with the base model (tiny), as a job with the same progress bar.
+    # The accordion mounts its inputs when it opens, and a freshly mounted Number can take its initial value
+    # from the server after Playwright has typed into it (CI once generated the default 100 images). So type,
+    # Tab away to commit, and check both values stuck before clicking.
     page.get_by_text("Class images (prior preservation)").click()
-    page.fill("#ds-reg-count input", "1")
-    page.fill("#ds-reg-steps input", "1")
+    for sel in ("#ds-reg-count input", "#ds-reg-steps input"):
+        expect(page.locator(sel)).to_be_visible()
+    page.wait_for_timeout(500)
+    for sel in ("#ds-reg-count input", "#ds-reg-steps input"):
+        page.fill(sel, "1")
+        page.press(sel, "Tab")
+    page.wait_for_timeout(300)
+    for sel in ("#ds-reg-count input", "#ds-reg-steps input"):
+        expect(page.locator(sel)).to_have_value("1")
     page.click("#ds-reg")
     expect(page.locator("#ds-status")).to_contain_text("class images: done", timeout=90_000)
-    assert (ds / "reg" / "1_toy" / "class_00000.png").is_file()
+    assert sorted(p.name for p in (ds / "reg" / "1_toy").glob("*.png")) == ["class_00000.png"]
     expect(page.locator("#ds-summary")).to_contain_text("1 class images")
 
     screenshot(page, "dataset")
