@@ -439,6 +439,7 @@ def test_merged_on_the_fly_forward_equals_peft_branch_and_is_picked_by_cost(pg, 
         return addmm(*a, **k)
 
     monkeypatch.setattr(torch, "addmm", counting_addmm)
+    monkeypatch.setattr(pg.stack.merged, "limit_bytes", 0)  # per-call choice only: nothing kept between calls
     for items in ([LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)], [LoraItem(str(files["b"]), 0.7)]):
         pg.stack.apply(with_loras(*items))
         name = pg.stack.adapters[files["b"]].name
@@ -458,6 +459,74 @@ def test_merged_on_the_fly_forward_equals_peft_branch_and_is_picked_by_cost(pg, 
                     assert bool(merges) == merged, (key, shape)
                     want = type(layer).forward(layer, x)  # peft's own forward
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_kept_merged_weights_are_exact_made_once_follow_changes_and_respect_the_budget(pg, files, monkeypatch):
+    """Stack.merged keeps W + sum s B@A per layer after its first call under no_grad: later calls merge nothing
+    and still give peft's own output; a weight change, fusing or an in-place write makes a fresh one; layers
+    past the byte budget merge per call; an emptied stack holds nothing."""
+    from sdstudio.formats.lora import owner_layer
+
+    addmm, merges = torch.addmm, []
+
+    def counting_addmm(*a, **k):
+        merges.append(1)
+        return addmm(*a, **k)
+
+    monkeypatch.setattr(torch, "addmm", counting_addmm)
+    keys = ("up_blocks.1.resnets.0.conv2", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+
+    def layers():
+        name = pg.stack.adapters[files["b"]].name
+        return [owner_layer(pg.comps.unet.get_submodule(k), name) for k in keys]
+
+    def check(*first_call_merges: bool):
+        """Call each layer twice; `first_call_merges` says, per layer, whether its first call merges."""
+        for layer, expect in zip(layers(), first_call_merges):
+            base = layer.get_base_layer()
+            # Few tokens: without keeping, the per-call rule would take the branch (no addmm at all).
+            x = torch.randn(1, base.in_channels, 2, 2) if isinstance(base, torch.nn.Conv2d) else torch.randn(1, 2, base.in_features)
+            with torch.inference_mode():
+                merges.clear()
+                got = layer(x)
+                assert bool(merges) == expect, layer
+                merges.clear()
+                again = layer(x)
+                assert not merges, "a kept weight is merged once; without one, few tokens take the branch"
+                want = type(layer).forward(layer, x)  # peft's own forward
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert torch.equal(got, again)
+
+    monkeypatch.setattr(pg.stack.merged, "limit_bytes", None)
+    # Weights no earlier test used (an unchanged plan keeps what an earlier generation merged).
+    pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.55), LoraItem(str(files["b"]), -0.45)))
+    check(True, True)
+    held = pg.stack.merged.used
+    assert held >= sum(lay.get_base_layer().weight.nbytes for lay in layers())
+    check(False, False)  # kept from the first round
+
+    pg.stack.set_adapters({str(files["b"]): 0.9})  # a weight change: new merged weights, right values
+    check(True, True)
+    layer = layers()[1]
+    with torch.no_grad():  # an in-place write to the base weight (what fusing does) makes the kept one stale
+        layer.get_base_layer().weight.mul_(1.5)
+    check(False, True)
+    with torch.no_grad():
+        layer.get_base_layer().weight.div_(1.5)
+
+    with torch.enable_grad():  # with autograd on (training), nothing kept is handed out
+        x = torch.randn(1, 2, layer.get_base_layer().in_features)
+        torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
+
+    # A budget of one layer's weight: the first layer called keeps its weight, the second merges per call.
+    one = layers()[0].get_base_layer().weight.nbytes
+    monkeypatch.setattr(pg.stack.merged, "limit_bytes", one)
+    pg.stack.set_adapters({str(files["b"]): 0.8})
+    assert pg.stack.merged.used == 0  # every plan changed, so everything kept went
+    check(True, False)  # the second has no kept weight, and few tokens take the branch
+    assert pg.stack.merged.used == one
+    pg.stack.apply(BASE)
+    assert pg.stack.merged.used == 0
 
 
 def test_dropping_unused_adapters_leaves_nothing_applied(pg, tiny_components, tmp_path):

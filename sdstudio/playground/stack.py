@@ -5,6 +5,9 @@
   and stays loaded, inactive, after it leaves the recipe, so adding it back costs nothing;
 - a weight, block-weight or enable change goes through `set_adapters`: it only sets each peft layer's
   scaling and active list, reading no file;
+- unfused, each layer applies its LoRAs the cheaper exact way per call, or, within a memory budget, keeps
+  W + sum s B@A from its first call after a change (`MergedWeights`), so a stack that stays put costs
+  what the base costs;
 - `fuse=True` merges the always-on adapters into the base weights (the fast path for a stack that does not
   change); the touched base weights are backed up first, so unfusing restores the base bit for bit;
 - step ranges switch LoRAs on and off per denoising step (`on_step`).
@@ -171,7 +174,7 @@ class Stack:
     """Adapters and embeddings on one loaded base (Components). Not thread-safe: one generation at a time."""
 
     def __init__(self, comps, resolve: Callable[[str], Path] | None = None, allow_pickle: bool = False,
-                 max_unused: int = 8):
+                 max_unused: int = 8, merge_cache_bytes: int | None = None):
         self.comps = comps
         self.resolve = resolve or (lambda p: Path(p))
         self.allow_pickle = allow_pickle
@@ -189,6 +192,8 @@ class Stack:
         self._backup: dict[int, tuple] = {}  # id(base module) -> (module, original weight on CPU)
         self._active_embeddings: list[_LoadedEmbedding] = []
         self._wanted: dict[int, tuple] = {}  # id(layer) -> (layer, adapter names wanted there, in order)
+        # W + sum s B@A kept per layer between generations, within a memory budget (None: from free memory)
+        self.merged = MergedWeights(merge_cache_bytes)
 
     # 1. Apply a recipe with the least work ------------------------------------------------------------
     def apply(self, recipe: Recipe, fuse: bool = False) -> None:
@@ -309,10 +314,12 @@ class Stack:
                 layer.__dict__["_active_adapter"] = []
                 if "_sds_plan" in layer.__dict__:
                     layer.__dict__["_sds_plan"] = None
+                    layer.__dict__["_sds_plan_key"] = None
+                    self.merged.release(layer)
                 lora_a = getattr(layer, "lora_A", None)
                 if lora_a is not None and MIX in lora_a and len(lora_a) == 1:  # a mix of nothing: free it
                     layer.delete_adapter(MIX)
-                    for key in ("_sds_mix_key", "_sds_mix_slices"):
+                    for key in ("_sds_mix_key", "_sds_mix_slices", "_sds_mix_scales"):
                         layer.__dict__.pop(key, None)
 
     # 3. Weights -> each peft layer's scaling and active list -------------------------------------------
@@ -328,6 +335,7 @@ class Stack:
         one layer, they run as one concatenated low-rank pair (`MIX`): one A and one B matmul instead of two
         per LoRA, which is most of the unfused per-step cost."""
         self._wanted = {}
+        self.merged.new_budget()
         for mk, layer in self._layers():
             wanted = []
             for a, it in self._items:
@@ -345,7 +353,7 @@ class Stack:
                 _set_mix(layer, plain)
                 names = [n for n in names if n not in plain] + [MIX]
             layer.__dict__["_active_adapter"] = names  # a plain attribute: skip nn.Module.__setattr__'s checks
-            plan_merged_forward(layer, names)
+            plan_merged_forward(layer, names, self.merged)
 
     def _scale(self, name: str, item: LoraItem, model_key: str, layer) -> float:
         w = item.weight if model_key == "unet" else (
@@ -523,10 +531,13 @@ def _set_mix(layer, names: list[str]) -> None:
             out.append((layer.lora_B[MIX].weight[:, start:start + b.shape[1]], b))
             start += b.shape[1]
         layer.__dict__["_sds_mix_slices"] = out
-    scaling = layer.scaling
+    scales = tuple(float(layer.scaling[n]) for n in names)
+    if layer.__dict__.get("_sds_mix_scales") == scales:
+        return  # unchanged: leave B alone, so this layer's plan (and its cached merged weight) stays valid
     with torch.no_grad():
-        for (dst, src), n in zip(layer.__dict__["_sds_mix_slices"], names):
-            torch.mul(src, scaling[n], out=dst)
+        for (dst, src), scale in zip(layer.__dict__["_sds_mix_slices"], scales):
+            torch.mul(src, scale, out=dst)
+    layer.__dict__["_sds_mix_scales"] = scales
 
 
 def install_merged_forward(layer) -> None:
@@ -538,8 +549,10 @@ def install_merged_forward(layer) -> None:
       once per call, whatever the number of tokens.
 
     On the UNet's spatial layers (thousands of tokens at 512 px) merging is several times cheaper; on the
-    text encoder (77 tokens, wide layers) the branch is. The base weights are never written, so weight
-    changes, step ranges and unfusing stay instant and exact. The work is planned once per weight change
+    text encoder (77 tokens, wide layers) the branch is. When the Stack's `MergedWeights` budget has room,
+    the merged weight is instead kept from the first call until the plan changes, and every later call is the
+    base op alone. The base weights are never written, so weight changes, step ranges and unfusing stay
+    instant and exact. The work is planned once per weight change
     (`plan_merged_forward`, from Stack._refresh), so a call does no lookups. Without a plan (LoHa/LoKr/DoRA
     active, nested adapters, disabled adapters, extra arguments) it runs peft's own forward."""
     import types
@@ -566,15 +579,29 @@ def install_merged_forward(layer) -> None:
     layer.forward = types.MethodType(forward, layer)
 
 
-def plan_merged_forward(layer, names: list[str]) -> None:
-    """(Re)plan the merged forward of `layer` for the active adapters `names` at their current scalings."""
+def plan_merged_forward(layer, names: list[str], cache: "MergedWeights | None" = None) -> None:
+    """(Re)plan the merged forward of `layer` for the active adapters `names` at their current scalings.
+
+    With a `cache` that has room, W + sum s B@A is computed at the first call without autograd and kept until
+    the plan changes (a weight change, a step range switching, fusing), so later calls cost the base op alone.
+    A layer whose adapters, scalings and weights are unchanged keeps its plan and cached weight."""
     import torch
     import torch.nn.functional as F
 
     if "_sds_plan" not in layer.__dict__:
         return
-    layer.__dict__["_sds_plan"] = None
     base = layer.base_layer
+    # Adapter names are never reused and a loaded adapter's A and B never change; the MIX's content is fixed
+    # by its member names and scales. So these say everything the plan depends on.
+    scaling, d = layer.scaling, layer.__dict__
+    key = (tuple(names), tuple(scaling.get(n) for n in names), d.get("_sds_mix_key"), d.get("_sds_mix_scales"),
+           id(base.weight), base.weight._version)
+    if layer.__dict__.get("_sds_plan_key") == key and layer.__dict__["_sds_plan"] is not None:
+        return
+    layer.__dict__["_sds_plan"] = None
+    layer.__dict__["_sds_plan_key"] = key
+    if cache is not None:
+        cache.release(layer)
     if not names:  # nothing active here (fused, or every weight 0): the base op alone, as peft computes it
         layer.__dict__["_sds_plan"] = base
         return
@@ -598,10 +625,25 @@ def plan_merged_forward(layer, names: list[str]) -> None:
             merged = torch.addmm(merged, b.weight.view(out_f, -1), aw.view(aw.shape[0], -1), alpha=s)
         return merged.view(w.shape)
 
+    held = cache.slot(layer, base) if cache is not None else None
+
+    def kept():
+        """The cached merged weight, made at the first call with room in the budget; None to merge per call."""
+        if held is None or torch.is_grad_enabled():  # training or autograd tests: never hand out a kept tensor
+            return None
+        got = held.get()
+        if got is None and held.reserve():
+            with torch.no_grad():
+                got = held.keep(merged_weight())
+        return got
+
     if conv:
         stride, padding = base.stride, base.padding
 
         def run(x):
+            m = kept()
+            if m is not None:
+                return base._conv_forward(x, m, base.bias)
             if x.numel() // in_f > min_tokens:
                 return base._conv_forward(x, merged_weight(), base.bias)
             y = base(x)
@@ -610,6 +652,9 @@ def plan_merged_forward(layer, names: list[str]) -> None:
             return y
     else:
         def run(x):
+            m = kept()
+            if m is not None:
+                return F.linear(x, m, base.bias)
             if x.numel() // in_f > min_tokens:
                 return F.linear(x, merged_weight(), base.bias)
             y = F.linear(x, base.weight, base.bias)
@@ -618,6 +663,120 @@ def plan_merged_forward(layer, names: list[str]) -> None:
             return y
 
     layer.__dict__["_sds_plan"] = run
+
+
+class MergedWeights:
+    """The Playground's kept merged weights: per layer, W + sum s B@A for the active LoRAs, computed at the
+    layer's first call after a change and reused by every later call and generation until the plan changes.
+
+    Without it an unfused stack pays a merge or a low-rank branch on every call. With it, once the first
+    generation after a weight change has run, an unfused stack costs what the base costs, and a weight
+    change stays a plan change that reads nothing and computes nothing up front.
+
+    The price is memory: one extra copy of each covered weight. So it stays within a budget, worked out at
+    each weight change from what is free (on CUDA, half of what is free beyond 3 GiB left for activations and
+    the VAE; on the CPU and MPS, a quarter of available RAM beyond 2 GiB). Layers past the budget merge per call as
+    before. `limit_bytes` fixes the budget instead (0 turns keeping off)."""
+
+    CUDA_HEADROOM = 3 << 30
+    CPU_HEADROOM = 2 << 30
+
+    def __init__(self, limit_bytes: int | None = None) -> None:
+        self.limit_bytes = limit_bytes
+        self.used = 0
+        self._held: dict[int, "_Slot"] = {}
+        self._budget: dict[str, int] = {}  # device -> bytes this refresh may hold there
+
+    def new_budget(self) -> None:
+        """Forget the budgets: the next reservation on each device reads its free memory again."""
+        self._budget = {}
+
+    def budget(self, device) -> int:
+        key = str(device)
+        if key not in self._budget:
+            self._budget[key] = self.limit_bytes if self.limit_bytes is not None else self._free_budget(device)
+        return self._budget[key]
+
+    def _free_budget(self, device) -> int:
+        held_here = sum(s.nbytes for s in self._held.values() if str(s.device) == str(device))
+        try:
+            if device.type == "cuda":
+                import torch
+
+                free, _total = torch.cuda.mem_get_info(device)
+                free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                return held_here + max(0, free - self.CUDA_HEADROOM) // 2
+            if device.type in ("cpu", "mps"):  # MPS shares the machine's RAM
+                import psutil
+
+                return held_here + max(0, psutil.virtual_memory().available - self.CPU_HEADROOM) // 4
+        except Exception:  # no reading (a driver quirk, no psutil): keep nothing rather than guess
+            log.debug("no free-memory reading for %s; merged weights are not kept", device, exc_info=True)
+        return 0
+
+    def slot(self, layer, base) -> "_Slot":
+        self.release(layer)
+        w = base.weight
+        slot = _Slot(self, id(layer), base, w.device, w.numel() * w.element_size())
+        self._held[id(layer)] = slot
+        return slot
+
+    def release(self, layer) -> None:
+        slot = self._held.pop(id(layer), None)
+        if slot is not None:
+            slot.drop()
+
+    def clear(self) -> None:
+        for slot in list(self._held.values()):
+            slot.drop()
+        self._held.clear()
+
+
+class _Slot:
+    """One layer's place in MergedWeights: empty, refused (no room), or holding the merged weight."""
+
+    __slots__ = ("owner", "layer_id", "base", "device", "nbytes", "tensor", "stamp", "refused", "counted")
+
+    def __init__(self, owner: MergedWeights, layer_id: int, base, device, nbytes: int) -> None:
+        self.owner, self.layer_id, self.base, self.device, self.nbytes = owner, layer_id, base, device, nbytes
+        self.tensor, self.stamp, self.refused, self.counted = None, None, False, False
+
+    def _stamp(self) -> tuple:
+        # The base weight the merged one was made from. A move (.to) or an in-place write (fusing, a user's
+        # edit) changes its data pointer or version counter, and the kept tensor is then stale. The LoRA
+        # weights only change through Stack._refresh, which replans (and so releases) the layer.
+        w = self.base.weight
+        return w.data_ptr(), w._version
+
+    def get(self):
+        t = self.tensor
+        if t is None:
+            return None
+        if self._stamp() != self.stamp:
+            self.tensor = None
+            return None
+        return t
+
+    def reserve(self) -> bool:
+        if self.refused or self.owner._held.get(self.layer_id) is not self:
+            return False
+        if not self.counted:
+            if self.owner.used + self.nbytes > self.owner.budget(self.device):
+                self.refused = True
+                return False
+            self.owner.used += self.nbytes
+            self.counted = True
+        return True
+
+    def keep(self, tensor):
+        self.tensor, self.stamp = tensor, self._stamp()
+        return tensor
+
+    def drop(self) -> None:
+        if self.counted:
+            self.owner.used -= self.nbytes
+            self.counted = False
+        self.tensor, self.stamp, self.refused = None, None, True
 
 
 def _mergeable(layer, name: str, base, conv: bool) -> bool:
