@@ -1,13 +1,13 @@
-"""Device and dtype choice (cuda > mps > cpu), memory readings, and the one GPU lock."""
+"""Device and dtype choice (cuda > mps > cpu) and memory readings.
+
+The one GPU lock is `jobs.JobManager`'s exclusivity: every heavy job (training, generation, captioning with a
+model, class images) starts through the app's JobManager as an exclusive job, and a second one is refused
+with a message naming the first. A separate threading lock here was never taken by anything, so it went."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from .errors import UserError
-
-# One heavy job on the accelerator at a time: training and generation share this lock.
-GPU_LOCK = threading.Lock()
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
