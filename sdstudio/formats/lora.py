@@ -216,6 +216,33 @@ def _pattern_value(cfg: dict, name: str, path: str, default):
     return default
 
 
+def sgm_to_diffusers_names(sd: dict, unet) -> dict:
+    """kohya's SDXL LoRAs name UNet modules the LDM (sgm) way, `lora_unet_input_blocks_4_1_transformer_...`;
+    rename them to the diffusers-path names every other reader here understands. The map comes from our own
+    diffusers -> LDM key table (formats/ldm.py, what the single-file export writes) run over this UNet's
+    modules, so it follows the UNet's config (block counts, where attention is) rather than SDXL's fixed
+    numbers. Names it does not know pass through, and the caller reports them as not in this base."""
+    from .kinds import kohya_names_for, kohya_unet_name
+    from .ldm import unet_to_ldm
+
+    table = {}
+    for path in kohya_names_for(unet, "unet").values():
+        if ".lora_" in path:  # the adapters' own layers, where a stack has already wrapped this UNet
+            continue
+        path = path.replace(".base_layer", "")  # a wrapped module answers to its plain path
+        diffusers_name = kohya_unet_name(path)
+        try:
+            ldm_key = next(iter(unet_to_ldm({f"{path}.weight": None}, unet.config)))
+        except ValueError:  # a module the LDM layout has no place for (never in a kohya file)
+            continue
+        table["lora_unet_" + ldm_key[: -len(".weight")].replace(".", "_")] = diffusers_name
+    out = {}
+    for key, value in sd.items():
+        module, dot, rest = key.partition(".")
+        out[table.get(module, module) + dot + rest] = value
+    return out
+
+
 def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name: str = "the file",
               family_label: str = "base") -> AdapterWeights:
     """Any LoRA/LoCon file (kohya, diffusers or peft keys) -> AdapterWeights for `models`.
@@ -224,14 +251,8 @@ def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name
     out = AdapterWeights()
     if "te1" in models and any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k or
                                                                "middle_block" in k) for k in sd):
-        # kohya's SDXL files name UNet modules the LDM way; diffusers knows the map to its own block names.
-        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
-        try:
-            sd = _maybe_map_sgm_blocks_to_diffusers(dict(sd), models["unet"].config)
-        except Exception as exc:
-            raise _UserError(f"{file_name}: its SDXL block names could not be mapped ({exc}); is it for this "
-                             f"base?") from exc
+        # On a two-encoder (SDXL) base only: elsewhere LDM names mean an SDXL file, and the error says so.
+        sd = sgm_to_diffusers_names(sd, models["unet"])
     table = model_table(models)
     te_paths = {}
     for mk, p in table.values():
