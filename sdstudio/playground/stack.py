@@ -401,7 +401,8 @@ class Stack:
                                         f"the weights, or turn fusing off.")
                     if id(base) not in self._backup:
                         self._backup[id(base)] = (base, base.weight.data.to("cpu", copy=True))
-                    base.weight.data.copy_(merged.to(base.weight.dtype))
+                    # On the parameter, not .data: its version counter moves, so nothing kept from it goes stale.
+                    base.weight.copy_(merged.to(base.weight.dtype))
         self._fused = set(names)
         self._refresh()
 
@@ -411,7 +412,7 @@ class Stack:
 
         with torch.no_grad():
             for base, original in self._backup.values():
-                base.weight.data.copy_(original.to(base.weight.device))
+                base.weight.copy_(original.to(base.weight.device))
         self._backup.clear()
         self._fused = set()
         self._fused_sig = None
