@@ -641,27 +641,28 @@ def plan_merged_forward(layer, names: list[str], cache: "MergedWeights | None" =
     if conv:
         stride, padding = base.stride, base.padding
 
-        def run(x):
-            m = kept()
-            if m is not None:
-                return base._conv_forward(x, m, base.bias)
-            if x.numel() // in_f > min_tokens:
-                return base._conv_forward(x, merged_weight(), base.bias)
-            y = base(x)
-            for a, b, s in pairs:
-                y = torch.add(y, F.conv2d(F.conv2d(x, a.weight, None, stride, padding), b.weight), alpha=s)
-            return y
+        def op(x, w):
+            return base._conv_forward(x, w, base.bias)
+
+        def low_rank(x, a, b):
+            return F.conv2d(F.conv2d(x, a.weight, None, stride, padding), b.weight)
     else:
-        def run(x):
-            m = kept()
-            if m is not None:
-                return F.linear(x, m, base.bias)
-            if x.numel() // in_f > min_tokens:
-                return F.linear(x, merged_weight(), base.bias)
-            y = F.linear(x, base.weight, base.bias)
-            for a, b, s in pairs:
-                y = torch.add(y, F.linear(F.linear(x, a.weight), b.weight), alpha=s)
-            return y
+        def op(x, w):
+            return F.linear(x, w, base.bias)
+
+        def low_rank(x, a, b):
+            return F.linear(F.linear(x, a.weight), b.weight)
+
+    def run(x):
+        m = kept()
+        if m is None and x.numel() // in_f > min_tokens:
+            m = merged_weight()
+        if m is not None:
+            return op(x, m)
+        y = op(x, base.weight)
+        for a, b, s in pairs:
+            y = torch.add(y, low_rank(x, a, b), alpha=s)
+        return y
 
     layer.__dict__["_sds_plan"] = run
 
