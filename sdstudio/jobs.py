@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import traceback
@@ -185,8 +186,8 @@ class Job:
         ctx = JobContext(emit=self.emit, commands=self.commands, job=self)
         try:
             self.result = self.work(ctx)
-            if self.log.snapshot()["end"] is None:
-                self.emit(Finished(message="done"))
+            if self.log.snapshot()["end"] is None:  # work may end itself with its own words (the wizard does)
+                self.emit(Finished(message="done", outputs=_paths(self.result)))
         except Stopped:
             self.emit(Finished(message="stopped", stopped=True))
         except UserError as exc:
@@ -215,6 +216,13 @@ class Job:
 
     def stop(self) -> None:
         self.commands.stop()
+
+
+def _paths(result: object) -> tuple[str, ...]:
+    """The files a job's work returned (a list of paths, as training returns), for its Finished event."""
+    if isinstance(result, (list, tuple)) and result and all(isinstance(p, (str, os.PathLike)) for p in result):
+        return tuple(str(p) for p in result)
+    return ()
 
 
 def _explain(exc: BaseException) -> str:

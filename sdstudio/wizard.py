@@ -442,21 +442,16 @@ def _regularize(p: Plan, ws, cls, emit, check, device, cache) -> None:
 
 
 def _train(cfg, ws, emit, commands, *, resume: bool) -> list[Path]:
-    from .events import Finished as _Finished
     from .train.loop import train
 
     _stage(emit, "train", f"training {cfg.max_steps} steps" + (" (resumed)" if resume else ""))
 
-    def relay(ev):  # the loop's own Finished would end the wizard's job early: it becomes a note
-        if isinstance(ev, _Finished):
-            emit(Status(ev.message, stage="quick.train.done"))
-        else:
-            emit(ev)
-
     def publish(paths):
         return [_publish(ws, Path(x)) for x in paths if Path(x).suffix == ".safetensors"]
 
-    return train(cfg, relay, commands, resume=resume, home=ws.root, publish=publish)
+    outputs = train(cfg, emit, commands, resume=resume, home=ws.root, publish=publish)
+    _stage(emit, "train", f"finished {cfg.max_steps} steps", "done")
+    return outputs
 
 
 def _publish(ws, path: Path) -> Path:

@@ -27,6 +27,19 @@ def test_runs_to_the_end():
     assert len(job.log.snapshot()["steps"]) == 20
 
 
+def test_the_job_ends_with_finished_carrying_the_files_its_work_returned(tmp_path):
+    """The Job owns the end: work that returns paths (training does) gets them in Finished.outputs, so the
+    same loop can also run as one stage inside a bigger job (the wizard) without ending it."""
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    job = JobManager().start("a", "train", lambda ctx: files)
+    job.join(10)
+    end = job.log.snapshot()["end"]
+    assert isinstance(end, Finished) and end.outputs == tuple(map(str, files)) and not end.stopped
+    job = JobManager().start("b", "train", lambda ctx: {"not": "paths"})
+    job.join(10)
+    assert job.log.snapshot()["end"].outputs == ()
+
+
 def test_stop_and_pause():
     job = JobManager().start("a", "train", _counting_work())
     time.sleep(0.1)

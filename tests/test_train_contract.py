@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdstudio.events import Finished, Preview, Step
+from sdstudio.events import Preview, Status, Step
 from sdstudio.methods.base import all_methods, hook
 from sdstudio.train.config import load_config
 from sdstudio.train.loop import train
@@ -35,7 +35,7 @@ def test_every_method_trains_previews_and_saves_a_loadable_file(name, tmp_path, 
     assert [e.step for e in events if isinstance(e, Step)] == [1, 2]
     previews = [e for e in events if isinstance(e, Preview)]
     assert previews and all(p.exists() for e in previews for p in map(__import__("pathlib").Path, e.paths))
-    assert isinstance(events[-1], Finished)
+    assert isinstance(events[-1], Status) and events[-1].stage == "done"  # the Job running it ends with Finished
     assert outputs and all(p.exists() for p in outputs)
 
     from diffusers import StableDiffusionPipeline

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..events import Event, Finished, Progress, Saved, Status, Step
+from ..events import Event, Progress, Saved, Status, Step
 from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetensors
 from ..jobs import Commands, Stopped
 from ..methods.base import Batch, RunInfo, get_method, hook
@@ -398,7 +398,9 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                 for p in publish(outputs):
                     emit(Saved(path=str(p), kind="published", step=step))
         acc.wait_for_everyone()
-        emit(Finished(message=f"finished {step} steps", outputs=tuple(str(p) for p in outputs)))
+        # The job that runs us (train tab, CLI) ends with Finished carrying these outputs; a caller that runs the
+        # loop as one stage of its own job (the wizard) goes on after it.
+        emit(Status(f"finished {step} steps", stage="done"))
         return outputs
     except Stopped:
         # A clean stop keeps the work: a checkpoint at the last finished step, so Resume continues it.
