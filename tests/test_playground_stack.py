@@ -529,6 +529,24 @@ def test_kept_merged_weights_are_exact_made_once_follow_changes_and_respect_the_
     assert pg.stack.merged.used == 0
 
 
+def test_a_mix_of_other_loras_at_the_same_scales_is_written_afresh(pg, files):
+    """Two plain LoRAs on a layer run as one MIX pair. When the set changes but the scales do not, the new MIX's
+    B must still be written (it starts empty): the layer must give W + the sum of its LoRAs' own deltas."""
+    from sdstudio.formats.lora import owner_layer
+
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    for second in ("b", "mixed"):
+        pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.45), LoraItem(str(files[second]), 0.45)))
+        names = [pg.stack.adapters[files[n]].name for n in ("a", second)]
+        layer = owner_layer(pg.comps.unet.get_submodule(key), names[0])
+        base = layer.get_base_layer()
+        x = torch.randn(1, 3, base.in_features)
+        with torch.inference_mode():
+            got = layer(x)
+            want = torch.nn.functional.linear(x, base.weight + sum(layer.get_delta_weight(n) for n in names), base.bias)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_dropping_unused_adapters_leaves_nothing_applied(pg, tiny_components, tmp_path):
     """An adapter dropped from memory (more unused ones than max_unused) stops acting on every layer, including
     layers no remaining adapter touches."""

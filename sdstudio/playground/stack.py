@@ -525,6 +525,7 @@ def _set_mix(layer, names: list[str]) -> None:
         layer.r[MIX], layer.lora_alpha[MIX] = rank, rank
         layer.scaling[MIX] = 1.0
         layer.__dict__["_sds_mix_key"] = key
+        layer.__dict__.pop("_sds_mix_scales", None)  # a new B is empty: it must be written below
         # (output slice of the mix's B, that LoRA's own B) pairs: a weight change rescales slices in place.
         out, start = [], 0
         for n in names:
