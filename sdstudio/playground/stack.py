@@ -678,8 +678,8 @@ class MergedWeights:
 
     The price is memory: one extra copy of each covered weight. So it stays within a budget, worked out at
     each weight change from what is free (on CUDA, half of what is free beyond 3 GiB left for activations and
-    the VAE; on the CPU and MPS, a quarter of available RAM beyond 2 GiB). Layers past the budget merge per call as
-    before. `limit_bytes` fixes the budget instead (0 turns keeping off)."""
+    the VAE; on the CPU and MPS, a quarter of available RAM beyond 2 GiB). Layers past the budget merge per
+    call as before. `limit_bytes` fixes the budget instead (0 turns keeping off)."""
 
     CUDA_HEADROOM = 3 << 30
     CPU_HEADROOM = 2 << 30
@@ -728,11 +728,6 @@ class MergedWeights:
         slot = self._held.pop(id(layer), None)
         if slot is not None:
             slot.drop()
-
-    def clear(self) -> None:
-        for slot in list(self._held.values()):
-            slot.drop()
-        self._held.clear()
 
 
 class _Slot:
