@@ -46,9 +46,7 @@ def _local_or_hub(ref: str, search_dir: Path | None, probe: str, files: str) -> 
     if in_hf_cache(ref, probe):
         return ref, True
     if not hub_reachable():
-        where = Path(search_dir) / ref.replace("/", "--") if search_dir else "a local folder"
-        raise UserError(f"The captioning model '{ref}' is not on this machine and huggingface.co cannot be reached: "
-                        f"connect to the internet once, or download {files} from huggingface.co/{ref} into {where}.")
+        raise _missing(ref, files, search_dir, "is not on this machine and huggingface.co cannot be reached")
     return ref, False
 
 
@@ -93,10 +91,11 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _missing(ref: str, files: str, search_dir: Path | None, exc: Exception) -> UserError:
+def _missing(ref: str, files: str, search_dir: Path | None, why: str) -> UserError:
+    """The one sentence for a captioning model we cannot get: `why`, then what to download and where to."""
     where = Path(search_dir) / ref.replace("/", "--") if search_dir else "a local folder"
-    return UserError(f"The captioning model '{ref}' could not be loaded ({type(exc).__name__}): connect to the "
-                     f"internet once, or download {files} from huggingface.co/{ref} into {where}.")
+    return UserError(f"The captioning model '{ref}' {why}: connect to the internet once, or download {files} from "
+                     f"huggingface.co/{ref} into {where}.")
 
 
 # -- file names ----------------------------------------------------------------------------------------------------
@@ -134,7 +133,7 @@ class BlipCaptioner:
             self.processor = BlipProcessor.from_pretrained(where, local_files_only=local)
             self.model = BlipForConditionalGeneration.from_pretrained(where, local_files_only=local)
         except (OSError, ValueError) as exc:
-            raise _missing(ref, files, search_dir, exc) from exc
+            raise _missing(ref, files, search_dir, f"could not be loaded ({type(exc).__name__})") from exc
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
         self.model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = device, dtype
@@ -194,7 +193,7 @@ class WD14Tagger:
                 model_path = Path(hf_hub_download(ref, "model.onnx", local_files_only=local))
                 tags_path = Path(hf_hub_download(ref, "selected_tags.csv", local_files_only=local))
         except Exception as exc:
-            raise _missing(ref, files, search_dir, exc) from exc
+            raise _missing(ref, files, search_dir, f"could not be loaded ({type(exc).__name__})") from exc
         with open(tags_path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         self.tags = [r["name"] for r in rows]
