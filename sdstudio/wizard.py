@@ -446,19 +446,11 @@ def _train(cfg, ws, emit, commands, *, resume: bool) -> list[Path]:
 
     _stage(emit, "train", f"training {cfg.max_steps} steps" + (" (resumed)" if resume else ""))
 
-    def publish(paths):
-        return [_publish(ws, Path(x)) for x in paths if Path(x).suffix == ".safetensors"]
+    from .publish import publish
 
-    outputs = train(cfg, emit, commands, resume=resume, home=ws.root, publish=publish)
+    outputs = train(cfg, emit, commands, resume=resume, home=ws.root, publish=lambda paths: publish(ws, paths))
     _stage(emit, "train", f"finished {cfg.max_steps} steps", "done")
     return outputs
-
-
-def _publish(ws, path: Path) -> Path:
-    """Copy the LoRA into models/lora (atomically), where the Library and the Playground find it."""
-    from .formats.safe_io import atomic_write_bytes
-
-    return atomic_write_bytes(ws.models("lora") / path.name, path.read_bytes())
 
 
 def _published(ws, outputs: list[Path]) -> Path:

@@ -28,6 +28,8 @@ SUBDIRS = (
     "settings",
 )
 
+CHANGES_FILE = ".changes"  # the change counter (see Workspace.note_change)
+
 # Where each kind of model lives, so that tabs can list and save them consistently.
 MODEL_DIRS = {
     "lora": "models/lora",
@@ -89,6 +91,30 @@ class Workspace:
             return p.resolve().relative_to(self.root).as_posix()
         except ValueError:
             return str(p)
+
+    # -- the change counter: what tabs watch to refresh their lists ---------------------------------------
+    def note_change(self) -> None:
+        """Say that something the tabs list changed (a model published, imported or downloaded; a run
+        written). Cheap and process-safe: it rewrites one small file, so a CLI run beside the app counts too."""
+        from .formats.safe_io import atomic_write_text
+
+        p = self.root / CHANGES_FILE
+        try:
+            n = int(p.read_text() or 0) + 1
+        except (OSError, ValueError):
+            n = 1
+        try:
+            atomic_write_text(p, str(n))
+        except OSError:
+            pass  # a full disk must not fail a finished run over a refresh hint
+
+    def change_token(self) -> int:
+        """A number that changes whenever `note_change` was called (by any process): one stat, no scan."""
+        try:
+            st = os.stat(self.root / CHANGES_FILE)
+        except OSError:
+            return 0
+        return hash((st.st_mtime_ns, st.st_size, st.st_ino))
 
     def models(self, kind: str) -> Path:
         return self.root / MODEL_DIRS[kind]

@@ -22,7 +22,8 @@ def _run(args, timeout=300, **kw):
 def test_preset_on_a_folder_of_images(tmp_path):
     ds = make_images(tmp_path / "photos", 3, captions=False)  # plain photos: the preset's instance_prompt captions them
     out = tmp_path / "run"
-    r = _run(["train", "presets/character-lora-sd15.toml", "--set", "base_model=tiny", "--set", f"dataset={ds}",
+    r = _run(["--home", str(tmp_path / "ws"), "train", "presets/character-lora-sd15.toml", "--set", "base_model=tiny",
+              "--set", f"dataset={ds}",
               "--set", "max_steps=6", "--set", "resolution=64", "--set", f"output_dir={out}",
               "--set", "sample_steps=1"])
     assert r.returncode == 0, r.stderr
@@ -32,6 +33,10 @@ def test_preset_on_a_folder_of_images(tmp_path):
     assert all({"step", "loss", "lr", "time"} <= set(x) for x in lines)
     assert (out / "character-lora.safetensors").is_file() and (out / "config.toml").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir())[:1] == ["step-000000-0.png"]
+    # The CLI publishes like the Train tab: the LoRA is in the workspace's models/lora/, byte for byte.
+    published = tmp_path / "ws" / "models" / "lora" / "character-lora.safetensors"
+    assert published.read_bytes() == (out / "character-lora.safetensors").read_bytes()
+    assert "published" in r.stderr
 
 
 def test_wrong_folder_is_one_line_at_once(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.config import setting
+from ..fields import setting
 from .base import MethodBase, ParamGroup, register
 from .full import prepare_full, save_full
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..formats.kinds import kohya_te_name, kohya_unet_name
-from ..train.config import setting
+from ..fields import setting
 from . import tokens as tk
 from .base import MethodBase, ParamGroup, register
 from .textual_inversion import options, output_stem

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.config import setting
+from ..fields import setting
 from .base import MethodBase, ParamGroup, register
 
 

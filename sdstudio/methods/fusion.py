@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..events import Progress, Saved, Status
-from ..train.config import build_dataclass, setting
+from ..fields import build_dataclass, setting
 from . import tokens as tk
 from .edlora import (EMB_PREFIX, EDLoRAFile, check_base, concept_table, cross_attention_layers,
                      encode_layerwise, install_processors, layer_prompts, layer_token_names, read_edlora)
@@ -62,7 +62,7 @@ def load_fuse_config(path: Path | str, sets: list[str] | None = None, home: Path
     """A FuseConfig from TOML: top-level settings and one `[[concept]]` table per EDLoRA file."""
     import tomllib
 
-    from ..train.config import merge, parse_sets
+    from ..fields import merge, parse_sets
 
     p = Path(path)
     if not p.is_file():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.config import setting
+from ..fields import setting
 from .base import MethodBase, ParamGroup, register
 
 # Which UNet modules get a LoRA, by name suffix (SD 1.x/2.x/XL share them).

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.config import setting
+from ..fields import setting
 from .base import MethodBase, ParamGroup, register
 from .lora import TARGETS, Lora, LoraConfig
 from .textual_inversion import (TextualInversion, TextualInversionConfig, options, output_stem, save_embedding)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.config import setting
+from ..fields import setting
 from .base import MethodBase, ParamGroup, register
 from . import tokens as tk
 

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args) -> int:
     from ..events import Preview, Progress, Saved, Status, Step
     from ..jobs import foreground_exit, run_foreground
+    from ..publish import publish
+    from ..workspace import Workspace
     from .config import load_config
     from .loop import preflight, train
 
@@ -45,11 +47,17 @@ def run_train(args) -> int:
             bar.note(ev.message)
         elif isinstance(ev, Preview):
             bar.note(f"preview at step {ev.step}: {', '.join(ev.paths)}")
+        elif isinstance(ev, Saved) and ev.kind == "published":
+            bar.note(f"published {ev.path}")
         elif isinstance(ev, Saved) and ev.kind != "checkpoint":
             bar.note(f"saved {ev.path}")
 
+    ws = Workspace.open()  # --home or $SDSTUDIO_HOME: the finished files are published into its models/
+
     job = run_foreground(cfg.output_name, "train",
-                         lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume, checked=checked), listeners=[listener])
+                         lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume, checked=checked,
+                                           publish=lambda paths: publish(ws, paths) if rank0 else []),
+                         listeners=[listener])
     bar.done()
     note = f"stopped; resume with: sdstudio train {args.config} --resume" if rank0 else None
     return foreground_exit(job, args.verbose, note) or 0

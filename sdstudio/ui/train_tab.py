@@ -170,21 +170,11 @@ def _run_names(ctx: AppContext) -> list[str]:
 # -- starting a run -------------------------------------------------------------------------------------
 
 def _publisher(ctx: AppContext):
-    """Copy finished artefacts into the workspace's model folders (atomically), so the Library and the
-    Playground list them at once."""
-    def publish(paths: list[Path]) -> list[Path]:
-        from ..formats.kinds import detect_kind
-        from ..formats.safe_io import atomic_write_bytes
-        from ..workspace import MODEL_DIRS
+    """Publish finished artefacts into the workspace's model folders, so the Library and the Playground list
+    them at once."""
+    from ..publish import publish
 
-        out = []
-        for p in paths:
-            p = Path(p)
-            kind = detect_kind(p)
-            if p.is_file() and kind in MODEL_DIRS:
-                out.append(atomic_write_bytes(ctx.workspace.root / MODEL_DIRS[kind] / p.name, p.read_bytes()))
-        return out
-    return publish
+    return lambda paths: publish(ctx.workspace, paths)
 
 
 def _resolve_base(ctx: AppContext, base: str) -> str:

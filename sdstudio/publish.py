@@ -1,0 +1,37 @@
+"""One publisher: a finished artefact (file or folder) goes into the workspace's `models/<kind>/`, once.
+
+The Train tab, the wizard and `sdstudio train` all publish through `publish`, and so will imports, downloads
+and fusion. Each publication bumps the workspace's change counter (`Workspace.note_change`), which is what
+the tabs watch to refresh their pickers, tables and galleries without a rescan per poll.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .formats.kinds import detect_kind
+from .formats.safe_io import atomic_dir, atomic_write_bytes
+from .workspace import MODEL_DIRS, Workspace
+
+
+def publish(ws: Workspace, paths, *, kind: str | None = None) -> list[Path]:
+    """Copy each artefact into `models/<kind>/` atomically (the kind read from the file unless given) and
+    return where they went. Files of no model kind (a run card, a log) are skipped."""
+    out = []
+    for p in map(Path, paths):
+        k = kind or detect_kind(p)
+        if k not in MODEL_DIRS or not p.exists():
+            continue
+        target = ws.models(k) / p.name
+        if target.resolve() == p.resolve():
+            out.append(target)
+            continue
+        if p.is_dir():
+            with atomic_dir(target) as tmp:
+                shutil.copytree(p, tmp, dirs_exist_ok=True)
+        else:
+            atomic_write_bytes(target, p.read_bytes())
+        out.append(target)
+    if out:
+        ws.note_change()
+    return out
