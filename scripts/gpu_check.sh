@@ -74,7 +74,9 @@ fi
 [ -f "$MODELS/sd15/model_index.json" ] && [ "$DRY" != 1 ] ||
   step build-sd15 90 $SD tiny-model "$MODELS/sd15" --size full --family sd15 --device cuda --dtype fp16
 # 2. The gpu tests.
-step pytest-gpu 170 $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --junitxml="$OUT_DIR/pytest-gpu.xml" tests
+# (The browser tests need playwright and chromium, which a GPU box need not have; they hold no gpu test.)
+step pytest-gpu 170 $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --ignore-glob="tests/*browser*" \
+  --continue-on-collection-errors --junitxml="$OUT_DIR/pytest-gpu.xml" tests
 # 3. Ours beside the plain diffusers loop, each memory preset and the batch-8 throughput row.
 step bench-train-sd15 120 $SD bench train --arch sd15 --device cuda --models "$MODELS" --steps 20 --warmup 3 \
   --json "$OUT_DIR/train-sd15.json" --budget-s 90

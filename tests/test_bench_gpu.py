@@ -138,3 +138,27 @@ def test_table_shows_ratios_and_errors():
     table = format_table(results)
     assert "12.0%" in table and "1.50" in table and "SDXL training is not supported yet" in table
     assert isinstance(Row("sd15", None, "p").label, str)
+
+
+def test_a_cuda_out_of_memory_ends_the_job_as_failed_with_advice(dataset, tmp_path, tiny_dir):
+    """What the gpu test provokes for real with a capped allocator: torch's CUDA OOM error from inside a training
+    step, raised here by a method (no GPU to fill), ends the Job as Failed with one sentence of advice."""
+    from sdstudio.events import Failed
+    from sdstudio.jobs import JobManager
+    from sdstudio.methods.base import get_method
+    from sdstudio.train.config import load_config
+    from sdstudio.train.loop import train
+    from train_helpers import fast_sets
+
+    class Oom(get_method("lora")):
+        def loss(self, c, batch, step):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                         "of 7.79 GiB of which 1.02 GiB is free.")
+
+    cfg = load_config(None, fast_sets(dataset, tmp_path / "run", max_steps=2, sample_every=0,
+                                      sample_prompts="[]"))
+    job = JobManager().start("oom", "train", lambda ctx: train(cfg, ctx.emit, ctx.commands, method=Oom())).join(300)
+    end = job.log.snapshot()["end"]
+    assert isinstance(end, Failed)
+    assert end.message.startswith("The GPU ran out of memory:") and "batch size" in end.message
+    assert "\n" not in end.message and "Tried to allocate" in end.details  # the details keep torch's words

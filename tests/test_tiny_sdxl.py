@@ -3,13 +3,12 @@ conditioning; same bytes every time; plain diffusers loads it; its single file (
 back through our loader to identical outputs."""
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_tiny_model import _tree_hash
 
 from sdstudio.models import tiny
 
@@ -26,15 +25,6 @@ def xl(xl_dir):
     from sdstudio.models.loading import load_base
 
     return load_base("tiny-sdxl")
-
-
-def _tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(f.relative_to(folder).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def test_same_bytes_every_time(tmp_path, xl_dir):
@@ -119,8 +109,12 @@ def test_single_file_round_trip_gives_identical_outputs(tmp_path, xl):
     assert np.array_equal(_image(xl.pipeline(), 3), _image(back.pipeline(), 3))
 
 
-def test_tiny_sdxl_is_a_ref_like_tiny(xl):
+def test_tiny_sdxl_is_a_ref_like_tiny(xl, tmp_path):
     from sdstudio.models.loading import family_of_ref
+    from sdstudio.playground.session import Playground
 
     assert family_of_ref("tiny-sdxl").name == "sdxl" and family_of_ref("tiny").name == "sd1"
     assert xl.ref == "tiny-sdxl"
+    # The Playground takes it by name too, as it takes "tiny" (not as a path in the workspace).
+    pg = Playground(resolve=lambda p: tmp_path / p, device="cpu")
+    assert pg.base("tiny-sdxl").family.name == "sdxl"

@@ -55,7 +55,8 @@ class Row:
 def register_args(p) -> None:
     """The options `bench train` gains for full-size runs (train/bench.py adds them to its parser)."""
     p.add_argument("--arch", default="", help="full-size runs: sd15, sdxl or both (sd15,sdxl); tiny for a CPU "
-                                              "smoke run. Without it: the tiny-model comparison above")
+                                              "smoke run. The presets then set resolution and batch (--base, "
+                                              "--resolution, --batch-size, --images and --repeats do not apply)")
     p.add_argument("--memory", default=",".join(map(str, MEMORY_SIZES)),
                    help="memory sizes in GB whose presets run (default 6,8,12,24)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotuning)")

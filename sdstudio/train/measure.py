@@ -168,7 +168,7 @@ def _te_trains(cfg) -> bool:
 
 
 def _result(spec: Spec, cfg, probe: Probe, seconds: float, timed: int, te_trains: bool) -> dict:
-    steps_per_s = timed / seconds
+    steps_per_s = timed / seconds if timed > 0 and seconds > 0 else 0.0  # bench vram's 1-step runs time nothing
     out = {"variant": spec.variant, "preset": spec.preset, "method": cfg.method, "resolution": cfg.resolution,
            "batch": cfg.batch_size, "precision": cfg.precision, "gradient_checkpointing": cfg.gradient_checkpointing,
            "optimizer": cfg.optimizer, "rank": int(getattr(cfg.options, "rank", 0) or 0), "te_trains": te_trains, "steps_timed": timed, "seconds": seconds,

@@ -20,8 +20,9 @@ UNMEASURED = "not yet measured on a GPU"
 MEASURED_NOTE = "VRAM measured on a GPU: see the last header line"
 
 
-def read_measurements(path: Path = MEASUREMENTS) -> dict:
+def read_measurements(path: Path | None = None) -> dict:
     """{preset name: measurement} (an absent file: no measurement yet)."""
+    path = path or MEASUREMENTS
     if not Path(path).is_file():
         return {}
     return json.loads(Path(path).read_text(encoding="utf-8")).get("presets", {})
@@ -58,13 +59,13 @@ def render(text: str, m: dict | None) -> str:
     return "\n".join(kept + body) + ("\n" if text.endswith("\n") else "")
 
 
-def sync_headers(measurements: dict | None = None, presets_dir: Path = PRESETS_DIR) -> list[str]:
+def sync_headers(measurements: dict | None = None, presets_dir: Path | None = None) -> list[str]:
     """Rewrite every preset whose header disagrees with the measurements; returns the names changed."""
     from ..formats.safe_io import atomic_write_text
 
-    measurements = read_measurements() if measurements is None else measurements
+    measurements = read_measurements(MEASUREMENTS) if measurements is None else measurements
     changed = []
-    for path in sorted(Path(presets_dir).glob("*.toml")):
+    for path in sorted(Path(presets_dir or PRESETS_DIR).glob("*.toml")):
         text = path.read_text(encoding="utf-8")
         new = render(text, measurements.get(path.stem))
         if new != text:
