@@ -199,7 +199,7 @@ def run_matrix(args) -> int:
             ds = make_dataset(Path(tmp) / f"ds-{arch}", max(8, *(_batch(r) for r in rows)), ARCHS[arch][1])
             peak = args.peak_tflops or None
             for row in rows:
-                variants = _speed_variants() if args.speed else {"ours": [], "reference": []}
+                variants = _speed_variants(args.device) if args.speed else {"ours": [], "reference": []}
                 for name, extra in variants.items():
                     variant = "reference" if name == "reference" else "ours"
                     warm = max(args.warmup, 3 if "compile_unet=true" in extra else 0)
@@ -235,11 +235,18 @@ def _speed_row(arch: str, rows: list[Row], preset: str) -> Row:
     return next((r for r in rows if r.memory_gb is None), rows[0])
 
 
-def _speed_variants() -> dict[str, list[str]]:
+# On a CPU (a smoke run) these are refused, do nothing, or (inductor) build C++ for minutes: not run there.
+NOT_ON_CPU = {"SDPA mem-efficient", "SDPA cuDNN", "xformers", "cuDNN benchmark", "latent cache on GPU",
+              "torch.compile (UNet)"}
+
+
+def _speed_variants(device: str = "cuda") -> dict[str, list[str]]:
     from ..devices import has_xformers
 
     # Without xformers, "auto" (the baseline) already is SDPA: neither xformers nor "sdpa" has anything to add.
     skip = set() if has_xformers() else {"xformers", "attention = sdpa"}
+    if not str(device).startswith("cuda"):
+        skip |= NOT_ON_CPU
     out = {"baseline": []}
     out.update({k: v for k, v in SPEED_OPTIONS.items() if k not in skip})
     return out
