@@ -274,7 +274,7 @@ def _f(v, fmt: str, none: str = "-") -> str:
 def format_table(results: list[dict], speed: bool = False) -> str:
     head = ("option" if speed else "variant")
     lines = [f"{'arch':<6}{'row':<11}{head:<22}{'preset':<27}{'batch':>6}{'px':>6}{'step/s':>8}{'img/s':>8}"
-             f"{'alloc GB':>9}{'resv GB':>9}{'MFU':>7}{'x ref':>7}{'mem x':>7}"]
+             f"{'alloc GB':>9}{'resv GB':>9}{'MFU':>7}{'x base' if speed else 'x ref':>7}{'mem x':>7}"]
     for r in results:
         name = r.get("option") if speed else r.get("variant")
         if "error" in r:
