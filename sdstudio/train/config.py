@@ -73,13 +73,15 @@ class TrainConfig:
 
     # -- speed (train/speed.py; none changes the maths, each measured by `sdstudio bench train --speed`) ----
     compile_unet: bool = setting(False, "Compile the UNet with torch.compile (the first steps are slow while it "
-                                 "compiles).", advanced=True)
-    channels_last: bool = setting(False, "Channels-last memory layout for the UNet's convolutions.", advanced=True)
+                                 "compiles).", advanced=True, label="Compile the UNet")
+    channels_last: bool = setting(False, "Channels-last memory layout for the UNet's convolutions.", advanced=True,
+                                  label="Channels-last layout")
     cudnn_benchmark: bool = setting(False, "Let cuDNN time its convolution algorithms on the first step of each "
-                                    "image size.", advanced=True)
+                                    "image size.", advanced=True, label="cuDNN benchmark")
     fused_optimizer: bool = setting(True, "AdamW as one fused kernel over every tensor instead of a loop.",
-                                    advanced=True)
-    cache_on_gpu: bool = setting(False, "Keep cached latents in GPU memory rather than in RAM.", advanced=True)
+                                    advanced=True, label="Fused AdamW")
+    cache_on_gpu: bool = setting(False, "Keep cached latents in GPU memory rather than in RAM.", advanced=True,
+                                 label="Latent cache on the GPU")
 
     # -- loss and noise ---------------------------------------------------------------------------------
     prediction_type: str = setting("auto", "What the UNet predicts: auto (the model's), epsilon, v_prediction.",
