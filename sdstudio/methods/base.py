@@ -72,6 +72,12 @@ class RunInfo:
     dataset_hash: str = ""
     tag_frequency: dict = field(default_factory=dict)
     started: float = 0.0
+    # What the files' ss_* metadata reports, as the loop ran it:
+    mixed_precision: str = "no"  # accelerate's: "no", "fp16" or "bf16"
+    optimizer: str = ""  # the optimizer's class, "module.Class" (set once it is built)
+    world: int = 1  # processes
+    batches_per_epoch: int = 0
+    bucket_info: dict | None = None  # formats.metadata.bucket_info
 
 
 class MethodBase:

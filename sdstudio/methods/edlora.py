@@ -410,7 +410,9 @@ class EDLoRA(MethodBase):
             from ..formats.metadata import training_metadata
 
             meta = training_metadata(self.run, c.family, network_dim=self.o.lora_rank,
-                                     network_alpha=self.o.lora_alpha * self.o.lora_rank, kind="edlora")
+                                     network_alpha=self.o.lora_alpha * self.o.lora_rank, kind="edlora",
+                                     unet_lr=self.o.unet_lr, text_encoder_lr=self.o.text_encoder_lr,
+                                     clip_skip=self.o.clip_skip)
         meta |= {"sdstudio.method": "edlora", "sdstudio.base_model": str(c.ref), "sdstudio.family": c.family.name,
                 "sdstudio.concept_tokens": " ".join(self.tokens), "sdstudio.class_word": self.o.class_word,
                 "sdstudio.layers": str(self.layers), "sdstudio.clip_skip": str(self.o.clip_skip),
