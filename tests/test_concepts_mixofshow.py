@@ -149,6 +149,24 @@ def test_attention_reg_term_matches_mix_of_show_and_needs_background():
     assert float(attention_reg_loss(maps, torch.ones(2, 1, 4, 4), 0.01)) == 0.0  # no background: nothing to do
 
 
+def test_without_masks_the_term_is_off_and_the_step_unchanged():
+    """No mask files means all-ones masks: no background, so the step is the plain one (fast attention kernel)."""
+    from sdstudio.methods.edlora import EDLoRA
+
+    batch = fake_batch(captions=["a photo of <ann1> <ann2>"] * 2)
+    batch.mask = torch.ones(2, 1, 8, 8)
+    losses = []
+    for weight in (0.0, 0.01):
+        c = load_base("tiny")
+        m = EDLoRA()
+        torch.manual_seed(0)
+        m.prepare(c, ed_cfg(attn_reg_weight=weight))
+        torch.manual_seed(1)
+        losses.append(float(m.loss(c, batch, 0).detach()))
+        assert m.rec is None or m.rec.take() == []  # nothing was recorded
+    assert losses[0] == losses[1]
+
+
 def test_attention_reg_with_gradient_checkpointing():
     """The recording processor runs the same computation when checkpointing recomputes the forward."""
     from sdstudio.methods.edlora import EDLoRA

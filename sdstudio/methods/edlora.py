@@ -337,7 +337,9 @@ class EDLoRA(MethodBase):
         subject_mask = batch.mask
         if not self.o.masked_loss and batch.mask is not None:
             batch = dataclasses.replace(batch, mask=None)
-        if self.rec is None or subject_mask is None:
+        # The regularisation acts on the background only: without one (no mask files: all ones) it is zero, so
+        # the step keeps the fast attention kernel.
+        if self.rec is None or subject_mask is None or not bool((subject_mask < 0.5).any()):
             if self.rec is not None:
                 self.rec.start(None)
             return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
