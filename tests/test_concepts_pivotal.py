@@ -56,6 +56,9 @@ def test_pivotal_orders(order, phases, tmp_path):
     bundle = bundled_embeddings(load_state_dict(files[0]))
     assert list(bundle) == ["<piv-cat>"] and torch.allclose(bundle["<piv-cat>"], m.ti.rows().detach())
     plain = load_state_dict(files[1])
+    from sdstudio.formats.safe_io import read_safetensors_metadata
+
+    assert read_safetensors_metadata(files[1])["ss_output_name"] == "piv.lora-only"  # A1111's alias: its own
     assert set(plain) == {k for k in load_state_dict(files[0]) if not k.startswith("bundle_emb.")}
     # In plain diffusers, as its users load files, with no filtering: the LoRA-only file plus the separate
     # embedding give the trained picture; the A1111 bundle is what diffusers refuses.

@@ -167,9 +167,11 @@ class Pivotal(MethodBase):
                                   meta | {"modelspec.usage_hint": f"A1111/Forge: <lora:{name}:1> and write {token}; "
                                                                   "the word is inside this file."})
         # 2. The LoRA alone and 3. the word alone, for everything that does not read bundle_emb.
+        # (Its own ss_output_name: A1111 names a LoRA by it, and two files sharing one lose their aliases.)
         plain = save_safetensors(sd, stem.with_name(name + LORA_ONLY),
                                  meta | {"modelspec.usage_hint": f"ComfyUI/diffusers: load with {name}{EMBEDDING} "
-                                                                 f"and write {token}."})
+                                                                 f"and write {token}.",
+                                         "ss_output_name": name + LORA_ONLY[:-len(".safetensors")]})
         emb = save_embedding(rows, stem.with_name(name + EMBEDDING[:-len(".safetensors")]), token, "a1111", word,
                              step=self.run.step if self.run is not None else 0)
         return [bundle, plain, *emb]
