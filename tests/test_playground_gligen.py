@@ -287,3 +287,40 @@ def test_bad_grounding_at_generation_time_is_one_line(plain, gated, gligen_files
     with pytest.raises(UserError, match="not a GLIGEN model"):
         plain.run(BASE.replace(grounding=[CAR], gligen=str(tmp_path / "lora.safetensors")))
     assert not hasattr(plain.comps.unet, "position_net")
+
+
+@pytest.fixture(scope="module")
+def placing(tmp_path_factory, tiny_components):
+    """A GLIGEN module that can place things on the random tiny base, with the coordinate T2I-Adapter it reads
+    positions from (tests/gligen_fixture.py says how and why)."""
+    import gligen_fixture
+
+    return gligen_fixture.build(tiny_components, tmp_path_factory.mktemp("placing"), ["a red car"])
+
+
+def test_moving_a_box_moves_where_the_output_changes(placing, plain):
+    """Difference maps against the same recipe without boxes: most of the change is inside the box, and it follows
+    the box from left to right and from top to bottom (a transposed or misplaced box would fail this)."""
+    from gligen_fixture import ADAPTER_WEIGHT, HALVES, SIZE
+
+    from sdstudio.playground.recipe import T2IAdapterItem
+
+    base = BASE.replace(width=SIZE, height=SIZE, gligen=str(placing["module"]), grounding_fraction=1.0,
+                        t2i_adapter=[T2IAdapterItem(str(placing["adapter"]), image=str(placing["image"]),
+                                                    weight=ADAPTER_WEIGHT)])
+    ref = arr(plain.run(base)).astype(np.float32)
+    maps = {}
+    for name, box in HALVES.items():
+        out = arr(plain.run(base.replace(grounding=[GroundingItem("a red car", box)]))).astype(np.float32)
+        d = np.abs(out - ref).mean(-1)
+        x0, y0, x1, y1 = (round(v * SIZE) for v in box)
+        inside = np.zeros_like(d, dtype=bool)
+        inside[y0:y1, x0:x1] = True
+        assert d[inside].mean() > 1.0, name  # a visible change (in 0-255 levels)
+        assert d[inside].mean() > 1.6 * d[~inside].mean(), name
+        maps[name] = d
+    half = SIZE // 2
+    assert maps["left"][:, :half].mean() > maps["right"][:, :half].mean()
+    assert maps["right"][:, half:].mean() > maps["left"][:, half:].mean()
+    assert maps["top"][:half].mean() > maps["bottom"][:half].mean()
+    assert maps["bottom"][half:].mean() > maps["top"][half:].mean()
