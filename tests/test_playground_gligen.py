@@ -267,7 +267,7 @@ def test_bad_grounding_at_generation_time_is_one_line(plain, gated, gligen_files
     with pytest.raises(UserError, match="80 tokens; GLIGEN reads at most 75") as info:
         gated.run(BASE.replace(grounding=[long]))
     assert "\n" not in str(info.value)
-    with pytest.raises(UserError, match="has no GLIGEN layers, so it cannot place phrases in boxes: pick a GLIGEN model"):
+    with pytest.raises(UserError, match="has no GLIGEN layers, so it cannot place phrases in boxes: pick a GLIGEN"):
         plain.run(BASE.replace(grounding=[CAR]))
     with pytest.raises(UserError, match="at most 30"):
         gated.run(BASE.replace(grounding=[CAR] * 31))

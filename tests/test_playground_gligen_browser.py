@@ -3,13 +3,13 @@ file for the tiny base, generate, drag one box elsewhere, generate again. The PN
 from __future__ import annotations
 
 import shutil
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import screenshot
+from test_playground_browser import _wait_outputs
 
 pytestmark = pytest.mark.browser
 
@@ -18,16 +18,6 @@ def _set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]").first
     box.fill(str(value))
     box.press("Tab")
-
-
-def _wait_outputs(home, n: int, page, timeout=180):
-    end = time.time() + timeout
-    while time.time() < end:
-        pngs = sorted((home / "outputs").glob("*.png"), key=lambda p: p.stat().st_mtime)
-        if len(pngs) >= n:
-            return pngs
-        page.wait_for_timeout(300)
-    raise AssertionError(f"no output after {timeout}s; status: {page.locator('#playground-status').inner_text()}")
 
 
 def _drag(page, stage, a, b) -> None:

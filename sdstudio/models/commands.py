@@ -12,9 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--single-file", type=Path, default=None,
                    help="also write an original-layout (A1111/LDM) single .safetensors checkpoint here")
     p.add_argument("--gligen", nargs="?", type=Path, const=True, default=None, metavar="MODULE",
-                   help="write the tiny GLIGEN model (gated self-attention layers and a text-box position net), and its "
-                        "GLIGEN part alone as a module file ComfyUI's GLIGEN loader reads (at MODULE, default "
-                        "OUT/gligen.safetensors)")
+                   help="write the tiny GLIGEN model (gated self-attention layers and a text-box position net), "
+                        "and its GLIGEN part alone as a module file ComfyUI's GLIGEN loader reads (at MODULE, "
+                        "default OUT/gligen.safetensors)")
     p.set_defaults(func=run_tiny_model)
 
 

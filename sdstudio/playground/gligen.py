@@ -17,7 +17,6 @@ net once per call and each transformer block's fuser after its self-attention.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,8 +86,9 @@ def attach_module(unet, sd: dict, name: str, key: tuple = ()) -> Attached:
         dim = block.attn1.to_q.in_features
         own = {k[len(path) + len(FUSER):]: v for k, v in tensors.items() if k.startswith(path + FUSER)}
         if own["linear.weight"].shape != (dim, key_dim):
-            raise UserError(f"{name}'s fuser for {path} is {tuple(own['linear.weight'].shape)}, this base's block needs "
-                            f"({dim}, {key_dim}): it was made for another model.")
+            shape = tuple(own["linear.weight"].shape)
+            raise UserError(f"{name}'s fuser for {path} is {shape}, this base's block needs ({dim}, {key_dim}): it was "
+                            f"made for another model.")
         heads = block.attn1.heads
         fuser = GatedSelfAttentionDense(dim, key_dim, heads, dim // heads)
         _load(fuser, own, f"{name} ({path})")
@@ -233,9 +233,3 @@ def recipe_grounding(comps, recipe, expand, batch: int, use_cfg: bool) -> Ground
     if use_cfg:
         masks[:batch] = 0  # the unconditional rows ([negative x batch, positive x batch]) see the null objects
     return Grounding({"boxes": boxes, "positive_embeddings": emb, "masks": masks}, fraction)
-
-
-def box_cells(box, h: int, w: int) -> tuple[slice, slice]:
-    """The (rows, cols) of an h x w grid that a fractional box covers (for tests and previews)."""
-    x0, y0, x1, y1 = box
-    return slice(int(math.floor(y0 * h)), int(math.ceil(y1 * h))), slice(int(math.floor(x0 * w)), int(math.ceil(x1 * w)))

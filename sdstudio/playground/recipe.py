@@ -247,8 +247,8 @@ class Recipe:
                 if table == "lora" and any(not math.isfinite(b) for b in it.blocks):
                     raise UserError(f"{where} has a block weight that is not a number: use plain numbers.")
         if not (math.isfinite(self.grounding_fraction) and 0 <= self.grounding_fraction <= 1):
-            raise UserError(f"grounding_fraction = {self.grounding_fraction} is out of range: use 0 (no grounding) to 1 "
-                            f"(every step).")
+            raise UserError(f"grounding_fraction = {self.grounding_fraction} is out of range: use 0 (no grounding) "
+                            f"to 1 (every step).")
         if len(self.grounding) > 30:
             raise UserError(f"{len(self.grounding)} [[grounding]] boxes: GLIGEN places at most 30; remove some.")
         for i, g in enumerate(self.grounding):
