@@ -33,6 +33,12 @@ def test_boxes_panel_maps_to_grounding_and_regions_and_back():
     back = apply_boxes(Recipe(width=640, height=384), value, "models/gligen/x.safetensors", 0.6)
     assert back.grounding == recipe.grounding and back.region == recipe.region
     assert back.gligen == "models/gligen/x.safetensors" and back.grounding_fraction == 0.6
+    # A Mix-of-Show region ([top, left, bottom, right] in pixels) shows as fractions and comes back as fractions.
+    mos = Recipe(width=640, height=384, region=[RegionItem("a dog", box=(0, 320, 384, 640), box_format="mixofshow")])
+    (shown,) = recipe_boxes(mos)
+    assert shown["box"] == [0.5, 0.0, 1.0, 1.0]
+    again = apply_boxes(Recipe(width=640, height=384), editor_value([shown], kinds=KINDS), "", 0.3)
+    assert again.region[0].box == (0.5, 0.0, 1.0, 1.0) and again.region[0].box_format == "fractions"
     value["boxes"].append({"kind": "grounding", "label": "", "box": [0.2, 0.2, 0.4, 0.4]})
     with pytest.raises(UserError, match="Box 3 has no label"):
         apply_boxes(Recipe(), value, "", 0.3)

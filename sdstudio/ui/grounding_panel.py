@@ -35,7 +35,8 @@ def recipe_boxes(recipe: Recipe, ws=None) -> list[dict]:
         extra = {"negative_prompt": r.negative_prompt}
         if r.t2i_weight is not None:
             extra["t2i_weight"] = r.t2i_weight
-        boxes.append({"kind": "region", "label": r.prompt, "box": list(r.box), "enabled": r.enabled, "extra": extra})
+        box = list(r.fractions(recipe.width, recipe.height))  # a Mix-of-Show pixel box, as fractions
+        boxes.append({"kind": "region", "label": r.prompt, "box": box, "enabled": r.enabled, "extra": extra})
     return boxes
 
 
@@ -51,8 +52,10 @@ def apply_boxes(recipe: Recipe, value, gligen: str | None, fraction) -> Recipe:
         else:
             extra = b["extra"]
             t2i = extra.get("t2i_weight")
-            regions.append(RegionItem(b["label"], str(extra.get("negative_prompt") or ""), b["box"],
-                                      float(t2i) if isinstance(t2i, (int, float)) else None, enabled=b["enabled"]))
+            regions.append(RegionItem(b["label"], negative_prompt=str(extra.get("negative_prompt") or ""),
+                                      box=b["box"], box_format="fractions",
+                                      t2i_weight=float(t2i) if isinstance(t2i, (int, float)) else None,
+                                      enabled=b["enabled"]))
     out = recipe.replace(grounding=grounding, region=regions, gligen=(gligen or "").strip(),
                          grounding_fraction=float(fraction if fraction is not None else 0.3))
     out.validate()
