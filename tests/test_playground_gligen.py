@@ -246,6 +246,15 @@ enabled = false
     assert np.array_equal(arr(gated.run(back)), np.asarray(Image.open(paths[0])).astype(np.int16))
 
 
+def test_a_grid_axis_over_the_grounding_fraction():
+    from sdstudio.playground.grid import grid_recipes, parse_axis
+
+    axis = parse_axis("grounding_fraction=0, 0.5, 1")
+    cells = grid_recipes(BASE.replace(grounding=[CAR]), axis, None)[0]
+    assert [c.grounding_fraction for c in cells] == [0.0, 0.5, 1.0] and all(c.grounding == [CAR] for c in cells)
+    assert axis.label(0.5) == "GLIGEN steps 0.5"
+
+
 @pytest.mark.parametrize("item, message", [
     (dict(phrase="a car", box=[0.1, 0.2, 1.3, 0.8]), "outside the image"),
     (dict(phrase="a car", box=[-0.1, 0.2, 0.5, 0.8]), "outside the image"),
