@@ -118,8 +118,17 @@ def box_to_fractions(box, box_format: str, width: int, height: int) -> tuple[flo
     return x0, y0, x1, y1
 
 
+@dataclass
+class GroundingItem:
+    """A GLIGEN object: a phrase placed in a box (playground/gligen.py)."""
+
+    phrase: str = ""
+    box: tuple[float, float, float, float] = (0.25, 0.25, 0.75, 0.75)  # x0, y0, x1, y1 as fractions of the image
+    enabled: bool = True
+
+
 ITEM_TABLES = {"lora": LoraItem, "embedding": EmbeddingItem, "controlnet": ControlNetItem,
-               "t2i_adapter": T2IAdapterItem, "region": RegionItem}
+               "t2i_adapter": T2IAdapterItem, "region": RegionItem, "grounding": GroundingItem}
 
 
 @dataclass
@@ -138,11 +147,14 @@ class Recipe:
     init_image: str = ""  # img2img / inpaint source image; empty = txt2img
     mask_image: str = ""  # inpaint mask (white = repaint); needs init_image
     strength: float = 0.75  # img2img denoising strength
+    gligen: str = ""  # a GLIGEN module file applied to the base; empty = the base's own gated layers
+    grounding_fraction: float = 0.3  # GLIGEN's scheduled sampling: boxes steer this first part of the steps
     lora: list[LoraItem] = field(default_factory=list)
     embedding: list[EmbeddingItem] = field(default_factory=list)
     controlnet: list[ControlNetItem] = field(default_factory=list)
     t2i_adapter: list[T2IAdapterItem] = field(default_factory=list)
     region: list[RegionItem] = field(default_factory=list)
+    grounding: list[GroundingItem] = field(default_factory=list)
 
     # -- conversions ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -234,6 +246,22 @@ class Recipe:
                     raise UserError(f"{where} has start = {it.start}, end = {it.end}: use 0 <= start < end <= 1.")
                 if table == "lora" and any(not math.isfinite(b) for b in it.blocks):
                     raise UserError(f"{where} has a block weight that is not a number: use plain numbers.")
+        if not (math.isfinite(self.grounding_fraction) and 0 <= self.grounding_fraction <= 1):
+            raise UserError(f"grounding_fraction = {self.grounding_fraction} is out of range: use 0 (no grounding) "
+                            f"to 1 (every step).")
+        if len(self.grounding) > 30:
+            raise UserError(f"{len(self.grounding)} [[grounding]] boxes: GLIGEN places at most 30; remove some.")
+        for i, g in enumerate(self.grounding):
+            where = f"[[grounding]] #{i + 1}"
+            if not g.phrase.strip():
+                raise UserError(f"{where} has no phrase: say what belongs in its box, e.g. phrase = \"a red car\".")
+            x0, y0, x1, y1 = g.box
+            if not all(0 <= v <= 1 for v in g.box):
+                raise UserError(f"{where} ({g.phrase!r}) has box {list(g.box)} outside the image: use fractions from 0 "
+                                f"to 1 as [x0, y0, x1, y1].")
+            if not (x0 < x1 and y0 < y1):
+                raise UserError(f"{where} ({g.phrase!r}) has box {list(g.box)} with zero area: x1 must be above x0 and "
+                                f"y1 above y0.")
         for i, r in enumerate(self.region):
             try:
                 r.fractions(self.width, self.height)
@@ -250,8 +278,8 @@ def split_box_format(value) -> tuple[str | None, object]:
     return None, value
 
 
-def parse_box(value, allow_empty: bool = False) -> tuple[float, ...]:
-    """A region box from "x0,y0,x1,y1" text or a 4-number list; plain number parsing, never eval."""
+def parse_box(value, allow_empty: bool = False, what: str = "region box") -> tuple[float, ...]:
+    """A region or grounding box from "x0,y0,x1,y1" text or a 4-number list; plain number parsing, never eval."""
     if isinstance(value, str):
         parts = [p for p in re.split(r"[,\s]+", value.strip().strip("()[]")) if p]
     else:
@@ -259,10 +287,10 @@ def parse_box(value, allow_empty: bool = False) -> tuple[float, ...]:
     try:
         nums = tuple(float(p) for p in parts)
     except (TypeError, ValueError):
-        raise UserError(f"The region box {value!r} is not four numbers: write it as \"x0,y0,x1,y1\" with fractions "
+        raise UserError(f"The {what} {value!r} is not four numbers: write it as \"x0,y0,x1,y1\" with fractions "
                         f"like \"0.0,0.0,0.5,1.0\".") from None
     if (len(nums) != 4 and not (allow_empty and not nums)) or not all(math.isfinite(n) for n in nums):
-        raise UserError(f"The region box {value!r} needs exactly four numbers: \"x0,y0,x1,y1\".")
+        raise UserError(f"The {what} {value!r} needs exactly four numbers: \"x0,y0,x1,y1\".")
     return nums
 
 
@@ -314,7 +342,8 @@ def _coerce(name, value, f, where):
     t = str(f.type)
     try:
         if name == "box":
-            return parse_box(value, allow_empty=True)
+            grounding = "[[grounding]]" in where  # a region box may be empty (Mix-of-Show: the whole image)
+            return parse_box(value, allow_empty=not grounding, what="grounding box" if grounding else "region box")
         if name == "box_format" and value not in BOX_FORMATS:
             raise UserError(f"In {where}, box_format = {value!r} is not known: use \"fractions\" (left, top, right, "
                             "bottom in 0..1) or \"mixofshow\" ([top, left, bottom, right] in pixels).")
