@@ -9,7 +9,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-KINDS = ("lora", "lycoris", "embedding", "edlora", "controlnet", "t2i_adapter", "checkpoint", "unknown")
+KINDS = ("lora", "lycoris", "embedding", "edlora", "gligen", "controlnet", "t2i_adapter", "checkpoint", "unknown")
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LYCORIS_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a")
@@ -21,6 +21,11 @@ def detect_kind_from_keys(keys) -> str:
     ks = set(keys)
     if any(k.startswith("edlora.") or k.startswith("new_concept_embedding.") for k in keys):
         return "edlora"
+    if not any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in keys):
+        from .gligen import is_gligen_keys
+
+        if is_gligen_keys(keys):  # a GLIGEN module alone (a full GLIGEN checkpoint is a checkpoint)
+            return "gligen"
     if any(k.endswith(LYCORIS_SUFFIXES) for k in keys):
         return "lycoris"
     if any(".lora_down." in k or ".lora_up." in k or ".lora_A." in k or ".lora_B." in k or ".lora.down." in k

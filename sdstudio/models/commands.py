@@ -1,4 +1,4 @@
-"""`sdstudio tiny-model OUT [--family sd15|sdxl] [--size tiny|full] [--single-file F]`."""
+"""`sdstudio tiny-model OUT [--family sd15|sdxl] [--size tiny|full] [--single-file F] [--gligen [MODULE]]`."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "which only `sdstudio bench` and the gpu tests may load")
     p.add_argument("--single-file", type=Path, default=None,
                    help="also write an original-layout (A1111/LDM) single .safetensors checkpoint here (tiny only)")
+    p.add_argument("--gligen", nargs="?", type=Path, const=True, default=None, metavar="MODULE",
+                   help="write the tiny GLIGEN model (gated self-attention layers and a text-box position net), "
+                        "and its GLIGEN part alone as a module file ComfyUI's GLIGEN loader reads (at MODULE, "
+                        "default OUT/gligen.safetensors); SD 1.5 only")
     p.add_argument("--device", default="cpu", help="where a full-size model is built (cuda is much faster)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="weights' dtype on disk for --size full (fp16 halves the size)")
@@ -29,9 +33,11 @@ def run_tiny_model(args) -> int:
     from ..formats.safe_io import atomic_dir
 
     family = "sdxl" if args.family == "sdxl" else "sd1"
+    gligen = args.gligen is not None
     if args.size == "full":
-        if args.single_file:
-            raise UserError("--single-file is for the tiny models: a full-size random model is for benchmarks only.")
+        if args.single_file or gligen:
+            raise UserError("--single-file and --gligen are for the tiny models: a full-size random model is for "
+                            "benchmarks only.")
         import torch
 
         from .full import write_full_model
@@ -41,11 +47,21 @@ def run_tiny_model(args) -> int:
             write_full_model(tmp, args.family, device=args.device, dtype=dtype)
         print(f"wrote {args.out} (full-size {args.family}, random weights: for benchmarks only)")
         return 0
+    if gligen and family == "sdxl":
+        raise UserError("--gligen makes the SD 1.5 tiny GLIGEN model: leave out --family sdxl.")
     from .tiny import write_tiny_model
 
     with atomic_dir(args.out) as tmp:
-        write_tiny_model(tmp, family)
+        write_tiny_model(tmp, family, gligen=gligen)
     print(f"wrote {args.out}")
+    if gligen:
+        from ..formats.gligen import save_module
+        from .loading import load_base
+
+        module = args.out / "gligen.safetensors" if args.gligen is True else args.gligen
+        save_module(load_base(str(args.out)).unet, module,
+                    metadata={"modelspec.architecture": "stable-diffusion-v1/gligen", "sdstudio.model": "tiny"})
+        print(f"wrote {module}")
     if args.single_file:
         write_single_file(args.out, args.single_file)
         print(f"wrote {args.single_file}")

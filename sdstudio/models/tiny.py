@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 SEED = 1234
+GLIGEN_SEED = SEED + 3  # the gated layers and the position net of the tiny GLIGEN model
 TINY_LABEL = "tiny (offline demo, random weights)"
 TINY_SDXL_LABEL = "tiny-sdxl (SDXL layout, random weights)"
 
@@ -201,12 +202,53 @@ def save_pipeline(out: Path, parts: dict, marker: dict, marker_name: str = "sdst
     return out
 
 
-def write_tiny_model(out: Path | str, family: str = "sd1") -> Path:
+def add_gligen(unet):
+    """The tiny GLIGEN UNet: `unet` with diffusers' `attention_type="gated"` layers (a fuser in every transformer
+    block and a text-box position net), made from GLIGEN_SEED.
+
+    Every other weight is `unet`'s own, bit for bit: with no boxes it is the plain model. diffusers starts the
+    gates at zero (a no-op until trained); here they start open (tanh(1) = 0.76), so boxes change the picture."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    # Built on the meta device (no random draw for the base weights), then given the base's tensors.
+    with torch.device("meta"):
+        config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+        gated = UNet2DConditionModel(**dict(config, attention_type="gated"))
+    base = unet.state_dict()
+    gated.load_state_dict(base, strict=False, assign=True)
+    torch.manual_seed(GLIGEN_SEED)
+    new = [name for name, _ in gated.named_modules() if name.endswith(".fuser") or name == "position_net"]
+    for name in new:
+        module = gated.get_submodule(name)
+        module.to_empty(device="cpu")
+        for sub in module.modules():  # each Linear / LayerNorm draws its own default init, in module order
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        with torch.no_grad():
+            for pname, p in module.named_parameters(recurse=False):
+                if pname.startswith("alpha_"):
+                    p.fill_(1.0)
+                elif pname.startswith("null_"):
+                    p.normal_(0.0, 0.02)
+    return gated.eval()
+
+
+def write_tiny_model(out: Path | str, family: str = "sd1", gligen: bool = False) -> Path:
     """Write a tiny model as a diffusers folder that `StableDiffusionPipeline.from_pretrained` (or, for
-    "sdxl", `StableDiffusionXLPipeline.from_pretrained`) loads offline."""
-    label = TINY_SDXL_LABEL if _check_family(family) == "sdxl" else TINY_LABEL
-    marker = {"seed": SEED, "label": label} if family == "sd1" else {"seed": SEED, "label": label, "family": family}
-    return save_pipeline(Path(out), build_components(family), marker)
+    "sdxl", `StableDiffusionXLPipeline.from_pretrained`) loads offline; `gligen=True` writes the tiny GLIGEN
+    model (SD 1.x only: its UNet with gated layers, see `add_gligen`)."""
+    xl = _check_family(family) == "sdxl"
+    if gligen and xl:
+        raise ValueError("the tiny GLIGEN model is SD 1.x only")
+    parts = build_components(family)
+    if gligen:
+        parts["unet"] = add_gligen(parts["unet"])
+    if xl:
+        marker = {"seed": SEED, "label": TINY_SDXL_LABEL, "family": family}
+    else:
+        marker = {"seed": SEED, "label": TINY_LABEL} | ({"gligen_seed": GLIGEN_SEED} if gligen else {})
+    return save_pipeline(Path(out), parts, marker)
 
 
 def tiny_model_dir(family: str = "sd1") -> Path:
