@@ -37,6 +37,22 @@ def tiny_components(tiny_dir):
     return load_base("tiny")
 
 
+@pytest.fixture(scope="session")
+def sd15_full(tmp_path_factory) -> Path:
+    """The full-size SD 1.5 with random weights (models/full.py), for the gpu tests: the folder
+    scripts/gpu_check.sh built ($SDSTUDIO_BENCH_MODELS/sd15), else one built here on the GPU in fp16."""
+    ready = Path(os.environ.get("SDSTUDIO_BENCH_MODELS", "/nonexistent")) / "sd15"
+    if (ready / "model_index.json").is_file():
+        return ready
+    import torch
+
+    from sdstudio.models.full import write_full_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return write_full_model(tmp_path_factory.mktemp("sd15-full") / "sd15", "sd15", device=device,
+                            dtype=torch.float16 if device == "cuda" else torch.float32)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (use with pytest.mark.usefixtures): on a shared 2-core box, OpenMP's

@@ -1,5 +1,5 @@
-"""The Playground on an SDXL-shaped tiny model (two text encoders, pooled embeds, time ids), built here from
-diffusers' own dummy-test sizes: prompts, LoRAs named lora_te1_/lora_te2_ and clip_l/clip_g embeddings."""
+"""The Playground on the built-in tiny SDXL (two text encoders, pooled embeds, time ids, SDXL's block layout):
+prompts, LoRAs named lora_te1_/lora_te2_ and clip_l/clip_g embeddings."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,32 +15,11 @@ from sdstudio.playground.stack import Stack
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_xl(tiny_dir):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def tiny_xl(tiny_dir=None):
+    """The built-in tiny SDXL (models/tiny.py), loaded fresh: tests here attach LoRAs to it."""
+    from sdstudio.models.loading import load_base
 
-    from sdstudio.models.families import get_family
-    from sdstudio.models.loading import Components
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-                                cross_attention_dim=64)
-    cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-               max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
-               pad_token_id=49407, hidden_act="gelu")
-    te1 = CLIPTextModel(CLIPTextConfig(**cfg))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
-    vae = AutoencoderKL.from_pretrained(str(tiny_dir / "vae"))
-    toks = [CLIPTokenizer.from_pretrained(str(tiny_dir / "tokenizer")) for _ in range(2)]
-    sched = EulerDiscreteScheduler.from_pretrained(str(tiny_dir / "scheduler"))
-    for m in (unet, te1, te2, vae):
-        m.eval().requires_grad_(False)
-    return Components(unet=unet, vae=vae, text_encoders=[te1, te2], tokenizers=toks, scheduler=sched,
-                      family=get_family("sdxl"), ref="tiny-xl", dtype=torch.float32)
+    return load_base("tiny-sdxl")
 
 
 def xl_lora(comps, seed=1, scale=0.2):
@@ -67,7 +46,8 @@ def test_sdxl_shaped_base_generates_with_lora_and_clip_l_g_embedding(tiny_dir, t
 
     comps = tiny_xl(tiny_dir)
     lora = save_safetensors(xl_lora(comps), tmp_path / "xl.safetensors")
-    emb = save_embedding(tmp_path / "e.safetensors", [torch.randn(2, 32), torch.randn(2, 32)], "<e>")
+    widths = [te.get_input_embeddings().weight.shape[1] for te in comps.text_encoders]  # clip_l, clip_g
+    emb = save_embedding(tmp_path / "e.safetensors", [torch.randn(2, w) for w in widths], "<e>")
     stack = Stack(comps)
     r = Recipe(prompt="a (photo:1.2) of <e>", steps=3, width=64, height=64, sampler="euler", cfg=5.0, seed=2)
 
@@ -108,8 +88,11 @@ def test_kohya_sdxl_lora_with_ldm_block_names_loads_like_diffusers_names(tiny_di
 
     sgm_sd = {sgm(k): v for k, v in plain.items()}
     assert any("input_blocks_4_1_transformer_blocks_1_attn2_to_k" in k for k in sgm_sd)
-    # kohya's numbering on this UNet (2 layers per block; attention in down block 1 and up block 0).
-    spot = {"lora_unet_input_blocks_4_1_proj_in": "lora_unet_down_blocks_1_attentions_0_proj_in",
+    # kohya's numbering on SDXL's layout (2 layers per block; attention in down blocks 1-2 and up blocks 0-1).
+    spot = {"lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k":
+            "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_attn2_to_k",
+            "lora_unet_output_blocks_5_2_conv": "lora_unet_up_blocks_1_upsamplers_0_conv",
+            "lora_unet_input_blocks_4_1_proj_in": "lora_unet_down_blocks_1_attentions_0_proj_in",
             "lora_unet_input_blocks_5_1_transformer_blocks_0_ff_net_2": "lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_ff_net_2",
             "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q": "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
             "lora_unet_output_blocks_2_1_proj_out": "lora_unet_up_blocks_0_attentions_2_proj_out",

@@ -1,4 +1,4 @@
-"""diffusers -> original (LDM / A1111 / civitai) single-file checkpoint layout, for SD1.x and SD2.x.
+"""diffusers -> original (LDM / A1111 / civitai) single-file checkpoint layout, for SD1.x, SD2.x and SDXL.
 
 Loading goes the other way through diffusers' own `from_single_file` (models/loading.py); this module writes
 the files users drop into A1111's or ComfyUI's checkpoint folder.
@@ -88,13 +88,13 @@ def vae_to_ldm(sd: dict, config: dict) -> dict:
     return out
 
 
-def text_encoder_to_ldm(sd: dict) -> dict:
-    """SD1.x text encoder keys as A1111 stores them. transformers 5 has no `.text_model` level; the file
-    format keeps it."""
+def text_encoder_to_ldm(sd: dict, prefix: str = "cond_stage_model.transformer.") -> dict:
+    """SD1.x text encoder keys as A1111 stores them (SDXL's first encoder: `prefix`
+    "conditioner.embedders.0.transformer."). transformers 5 has no `.text_model` level; the file format keeps it."""
     out = {}
     for key, value in sd.items():
         k = key[len("text_model."):] if key.startswith("text_model.") else key
-        out[f"cond_stage_model.transformer.text_model.{k}"] = value
+        out[f"{prefix}text_model.{k}"] = value
     return out
 
 
@@ -102,20 +102,25 @@ _OPENCLIP_LAYER = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_
                    ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
 
 
-def openclip_text_encoder_to_ldm(sd: dict) -> dict:
+def openclip_text_encoder_to_ldm(sd: dict, pre: str = "cond_stage_model.model.") -> dict:
     """SD2.x text encoder keys as the original checkpoints store them (OpenCLIP ViT-H: `resblocks` with one
     fused q/k/v `in_proj`). diffusers' SD2 text encoder keeps the 23 layers SD2 uses (it conditions on the
     penultimate layer), so the file has those 23 and no `text_projection`: A1111 and ComfyUI never use the
-    24th layer or the projection for SD2, and load without them."""
+    24th layer or the projection for SD2, and load without them.
+
+    SDXL's second encoder (OpenCLIP bigG, `pre` "conditioner.embedders.1.model.") has the same layout plus its
+    `text_projection`, which OpenCLIP stores as (width, embed dim), the transpose of a Linear weight."""
     import torch
 
-    pre = "cond_stage_model.model."
     sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    projection = sd.pop("text_projection.weight", None)
     out = {f"{pre}token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
            f"{pre}positional_embedding": sd.pop("embeddings.position_embedding.weight"),
            f"{pre}ln_final.weight": sd.pop("final_layer_norm.weight"),
            f"{pre}ln_final.bias": sd.pop("final_layer_norm.bias")}
     sd.pop("embeddings.position_ids", None)
+    if projection is not None:
+        out[f"{pre}text_projection"] = projection.T.contiguous()
     layers = sorted({int(m[1]) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
     for i in layers:
         src, dst = f"encoder.layers.{i}.", f"{pre}transformer.resblocks.{i}."
@@ -129,12 +134,19 @@ def openclip_text_encoder_to_ldm(sd: dict) -> dict:
     return out
 
 
-def pipeline_to_ldm(unet, vae, text_encoder, family_name: str = "sd1") -> dict:
-    """One state dict in the original single-file layout, for SD1.x (`family_name` "sd1") or SD2.x ("sd2")."""
-    if family_name not in ("sd1", "sd2"):
+def pipeline_to_ldm(unet, vae, text_encoder, family_name: str = "sd1", text_encoder_2=None) -> dict:
+    """One state dict in the original single-file layout, for SD1.x (`family_name` "sd1"), SD2.x ("sd2") or SDXL
+    ("sdxl", with `text_encoder_2`: CLIP-L under `conditioner.embedders.0`, bigG under `.1`)."""
+    if family_name not in ("sd1", "sd2", "sdxl"):
         raise ValueError(f"no single-file layout for {family_name}")
+    if (family_name == "sdxl") != (text_encoder_2 is not None):
+        raise ValueError("SDXL has two text encoders, SD1.x and SD2.x one")
     sd = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
     sd.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae.state_dict(), vae.config).items()})
     te = text_encoder.state_dict()
-    sd.update(openclip_text_encoder_to_ldm(te) if family_name == "sd2" else text_encoder_to_ldm(te))
+    if family_name == "sdxl":
+        sd.update(text_encoder_to_ldm(te, "conditioner.embedders.0.transformer."))
+        sd.update(openclip_text_encoder_to_ldm(text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    else:
+        sd.update(openclip_text_encoder_to_ldm(te) if family_name == "sd2" else text_encoder_to_ldm(te))
     return sd

@@ -384,7 +384,7 @@ def inject(model, adapter_name: str, deltas: dict) -> list:
         group = {p: d for p, d in deltas.items() if d.kind == kind}
         if not group:
             continue
-        ranks = {_re.escape(p): d.rank for p, d in group.items()}
+        ranks = _rank_patterns(group)
         targets = sorted(group)
         if kind == "lora":
             cfg = LoraConfig(r=1, lora_alpha=1, target_modules=targets, rank_pattern=ranks, alpha_pattern=ranks,
@@ -415,6 +415,16 @@ def inject(model, adapter_name: str, deltas: dict) -> list:
             layer.scaling[adapter_name] = 1.0
             layers.append((path, layer))
     return layers
+
+
+def _rank_patterns(group: dict) -> dict:
+    """peft's rank_pattern for `group` ({module path: delta}): one alternation of paths per distinct rank. One
+    pattern per module made peft compile about N x N regexes once N outgrew `re`'s cache of 512 (an SDXL LoRA's
+    700+ modules took minutes to attach); a file has a handful of ranks."""
+    by_rank: dict[int, list[str]] = {}
+    for path, delta in group.items():
+        by_rank.setdefault(delta.rank, []).append(_re.escape(path))
+    return {"|".join(sorted(paths)): rank for rank, paths in by_rank.items()}
 
 
 def owner_layer(module, adapter_name: str):

@@ -1,7 +1,7 @@
 """load_base(ref) -> Components: the one way a base model gets into memory.
 
 ref is one of:
-- "tiny": the built-in offline demo model (models/tiny.py);
+- "tiny" / "tiny-sdxl": the built-in offline models, SD 1.5's and SDXL's layouts (models/tiny.py);
 - a local diffusers folder (has model_index.json);
 - a single-file original-layout checkpoint (.safetensors; .ckpt only with allow_pickle) of SD1.x, SD2.x or SDXL,
   which loads with no network because we write the family's configs locally;
@@ -19,6 +19,8 @@ from ..errors import UserError
 from .families import ModelFamily, detect_family_from_keys, detect_family_from_unet_config, get_family
 
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"
+TINY_REFS = {TINY: "sd1", TINY_SDXL: "sdxl"}  # ref -> the tiny model's family
 
 
 @dataclass
@@ -141,8 +143,10 @@ def family_config_dir(family: ModelFamily, prediction_type: str | None = None) -
 
 
 def load_base(ref: str | Path, *, dtype=None, device: str = "cpu", allow_pickle: bool = False,
-              prediction_type: str | None = None, config_dir: str | Path | None = None) -> Components:
-    """Load a base model from any of the refs users have. Every user mistake is one UserError sentence."""
+              prediction_type: str | None = None, config_dir: str | Path | None = None,
+              benchmark: bool = False) -> Components:
+    """Load a base model from any of the refs users have. Every user mistake is one UserError sentence.
+    `benchmark`: the caller is a benchmark, which alone may load a full-size random model (models/full.py)."""
     import torch
 
     _quiet_if_asked()
@@ -151,13 +155,16 @@ def load_base(ref: str | Path, *, dtype=None, device: str = "cpu", allow_pickle:
     if not ref_s:
         raise UserError("No base model chosen: pick one, or use 'tiny' for the offline demo model.")
 
-    if ref_s == TINY:
+    if ref_s in TINY_REFS:
         from .tiny import tiny_model_dir
 
-        comps = _load_folder(tiny_model_dir(), ref_s, dtype)
+        comps = _load_folder(tiny_model_dir(TINY_REFS[ref_s]), ref_s, dtype)
     else:
         path = Path(ref_s).expanduser()
         if is_diffusers_folder(path):
+            from .full import refuse_unless_benchmark
+
+            refuse_unless_benchmark(path, benchmark)
             comps = _load_folder(path, ref_s, dtype)
         elif path.is_dir():
             raise UserError(f"{ref_s} is a folder but not a diffusers model (no model_index.json): point at the "
@@ -219,7 +226,7 @@ def _load_single_file(path: Path, ref: str, dtype, allow_pickle: bool, predictio
     elif _is_tiny_checkpoint(sd):
         from .tiny import tiny_model_dir
 
-        config = tiny_model_dir()
+        config = tiny_model_dir("sdxl" if family.is_xl else "sd1")
     else:
         config = family_config_dir(family, prediction_type)
     cls = getattr(diffusers, family.pipeline_class)
@@ -242,7 +249,7 @@ def _load_single_file(path: Path, ref: str, dtype, allow_pickle: bool, predictio
 
 
 def _is_tiny_checkpoint(sd: dict) -> bool:
-    """The built-in tiny model exported as a single file (its conv_in is 32 wide, a real SD's is 320)."""
+    """A built-in tiny model exported as a single file (its conv_in is 32 wide, a real SD's or SDXL's is 320)."""
     w = sd.get("model.diffusion_model.input_blocks.0.0.weight")
     return w is not None and w.shape[0] == 32
 
@@ -277,8 +284,8 @@ def model_choices(workspace=None) -> list[tuple[str, str]]:
 
 def family_of_ref(ref: str) -> ModelFamily:
     """The family of a ref without loading weights where possible."""
-    if ref == TINY:
-        return get_family("sd1")
+    if ref in TINY_REFS:
+        return get_family(TINY_REFS[ref])
     path = Path(ref)
     if is_diffusers_folder(path):
         return family_of_folder(path)

@@ -1,8 +1,9 @@
-"""The built-in tiny model: the real SD-1.5 architecture, narrow, with random weights from a fixed seed.
+"""The built-in tiny models: the real SD-1.5 ("tiny") and SDXL ("tiny-sdxl") architectures, narrow, with random
+weights from a fixed seed.
 
-Every module name, LDM single-file key, kohya LoRA name and LoRA-Block-Weight index is the same as on a real
-SD 1.5, so every code path a real model takes (save/load, single file, LoRA keys, TI tokens) runs on it.
-It is built offline in about a second and makes the same bytes every time. It is also the offline demo model.
+Every module name, LDM single-file key, kohya LoRA name and LoRA-Block-Weight index is the same as on the real
+model, so every code path a real model takes (save/load, single file, LoRA keys, TI tokens) runs on them.
+Each is built offline in about a second and makes the same bytes every time. "tiny" is also the offline demo.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 SEED = 1234
 GLIGEN_SEED = SEED + 3  # the gated layers and the position net of the tiny GLIGEN model
 TINY_LABEL = "tiny (offline demo, random weights)"
+TINY_SDXL_LABEL = "tiny-sdxl (SDXL layout, random weights)"
 
 # SD 1.5's block layout, only narrower (see DESIGN.md, "The built-in tiny model").
 UNET_CONFIG = dict(
@@ -64,6 +66,35 @@ SCHEDULER_CONFIG = dict(
     skip_prk_steps=True,
     steps_offset=1,
 )
+
+# SDXL's block layout, only narrower: DownBlock2D then 2 x CrossAttnDownBlock2D, 1/2/10 transformer layers per
+# attention (70 cross-attention layers in all, as on the real SDXL), linear projections, `text_time` added
+# conditioning (6 micro-conditioning numbers + the second encoder's pooled projection).
+XL_TEXT_1 = dict(TEXT_CONFIG)  # CLIP-L-shaped: quick_gelu, no projection used, pads with <|endoftext|>
+XL_TEXT_2 = dict(TEXT_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 projection_dim=64, hidden_act="gelu")  # bigG-shaped: wider, deeper, gelu, with a projection
+# The two encoders differ in width on purpose, as CLIP-L (768) and bigG (1280) do: diffusers' single-file
+# loader tells `conditioner.embedders.0` from `.1` by the position-embedding width.
+XL_TIME_EMBED_DIM = 8
+XL_UNET_CONFIG = dict(
+    sample_size=8,  # 64 px by default, like "tiny"
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(2, 4, 4),
+    cross_attention_dim=XL_TEXT_1["hidden_size"] + XL_TEXT_2["hidden_size"],  # the two encoders, concatenated
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=XL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=6 * XL_TIME_EMBED_DIM + XL_TEXT_2["projection_dim"],
+    norm_num_groups=32,
+)
+XL_VAE_CONFIG = dict(VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE scale; factor 8
+XL_TEXT = (("CLIPTextModel", XL_TEXT_1, "<|endoftext|>"), ("CLIPTextModelWithProjection", XL_TEXT_2, "!"))
 
 
 def bpe_path() -> Path:
@@ -115,21 +146,60 @@ def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     tok.save_pretrained(str(folder))
 
 
-def build_components() -> dict:
-    """Build every component of the tiny pipeline in memory, deterministically."""
+def build_components(family: str = "sd1") -> dict:
+    """Build every component of a tiny pipeline ("sd1" or "sdxl") in memory, deterministically."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    xl = _check_family(family) == "sdxl"
     # Each module gets its own seed, so changing one never changes the bytes of another.
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(XL_UNET_CONFIG if xl else UNET_CONFIG))
     torch.manual_seed(SEED + 1)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**(XL_VAE_CONFIG if xl else VAE_CONFIG))
+    if not xl:
+        torch.manual_seed(SEED + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
+        return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), scheduler=scheduler)
+    from .families import SDXL
+
     torch.manual_seed(SEED + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), scheduler=scheduler)
+    te1 = CLIPTextModel(CLIPTextConfig(**XL_TEXT_1))
+    torch.manual_seed(SEED + 3)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**XL_TEXT_2))
+    scheduler = EulerDiscreteScheduler(**SDXL.scheduler[1])  # SDXL's own scheduler settings
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=te1.eval(), text_encoder_2=te2.eval(),
+                scheduler=scheduler)
+
+
+def _check_family(family: str) -> str:
+    if family not in ("sd1", "sdxl"):
+        raise ValueError(f"tiny models exist for sd1 and sdxl, not {family!r}")
+    return family
+
+
+def save_pipeline(out: Path, parts: dict, marker: dict, marker_name: str = "sdstudio_tiny.json") -> Path:
+    """Write a diffusers folder from built components (SD 1.x when there is one text encoder, SDXL with two),
+    with CLIP tokenizers made offline, and a small JSON marker saying what it is."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    write_tokenizer(out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    if "text_encoder_2" in parts:
+        write_tokenizer(out / "tokenizer_2", pad_token="!")  # OpenCLIP's tokenizer pads with "!" (id 0)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(out / "tokenizer_2"))
+        pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, add_watermarker=False,
+                                         **parts)
+    else:
+        pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / marker_name).write_text(json.dumps(marker), encoding="utf-8")
+    return out
 
 
 def add_gligen(unet):
@@ -164,28 +234,24 @@ def add_gligen(unet):
     return gated.eval()
 
 
-def write_tiny_model(out: Path | str, gligen: bool = False) -> Path:
-    """Write the tiny model as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads offline;
-    `gligen=True` writes the tiny GLIGEN model (its UNet with gated layers, see `add_gligen`)."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    out = Path(out)
-    parts = build_components()
+def write_tiny_model(out: Path | str, family: str = "sd1", gligen: bool = False) -> Path:
+    """Write a tiny model as a diffusers folder that `StableDiffusionPipeline.from_pretrained` (or, for
+    "sdxl", `StableDiffusionXLPipeline.from_pretrained`) loads offline; `gligen=True` writes the tiny GLIGEN
+    model (SD 1.x only: its UNet with gated layers, see `add_gligen`)."""
+    xl = _check_family(family) == "sdxl"
+    if gligen and xl:
+        raise ValueError("the tiny GLIGEN model is SD 1.x only")
+    parts = build_components(family)
     if gligen:
         parts["unet"] = add_gligen(parts["unet"])
-    tok_dir = out / "tokenizer"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False, **parts)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    info = {"seed": SEED, "label": TINY_LABEL} | ({"gligen_seed": GLIGEN_SEED} if gligen else {})
-    (out / "sdstudio_tiny.json").write_text(json.dumps(info), encoding="utf-8")
-    return out
+    if xl:
+        marker = {"seed": SEED, "label": TINY_SDXL_LABEL, "family": family}
+    else:
+        marker = {"seed": SEED, "label": TINY_LABEL} | ({"gligen_seed": GLIGEN_SEED} if gligen else {})
+    return save_pipeline(Path(out), parts, marker)
 
 
-def tiny_model_dir() -> Path:
+def tiny_model_dir(family: str = "sd1") -> Path:
     """The cached tiny model folder, built once per machine (under $SDSTUDIO_CACHE or ~/.cache/sdstudio)."""
     from .. import __version__
     from ..formats.safe_io import atomic_dir
@@ -195,8 +261,9 @@ def tiny_model_dir() -> Path:
     import transformers
 
     # The folder name carries the library versions: a config written by one version is rebuilt for another.
-    folder = root / f"tiny-{__version__}-d{diffusers.__version__}-t{transformers.__version__}"
+    name = "tiny" if _check_family(family) == "sd1" else "tiny-sdxl"
+    folder = root / f"{name}-{__version__}-d{diffusers.__version__}-t{transformers.__version__}"
     if not (folder / "model_index.json").exists():
         with atomic_dir(folder) as tmp:
-            write_tiny_model(tmp)
+            write_tiny_model(tmp, family)
     return folder

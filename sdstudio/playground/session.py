@@ -66,10 +66,10 @@ class Playground:
     def base(self, ref: str):
         from ..devices import pick_device, pick_dtype
 
-        from ..models.loading import looks_like_hub_id
+        from ..models.loading import TINY_REFS, looks_like_hub_id
 
         ref_path = ref = (ref or "tiny").strip()
-        if ref != "tiny":
+        if ref not in TINY_REFS:
             try:
                 ref_path = str(self.resolve(ref))
             except UserError:

@@ -29,10 +29,17 @@ def register_bench(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds, variants interleaved; the best round of each counts (a shared machine is noisy)")
+    from .bench_gpu import register_args
+
+    register_args(p)  # --arch sd15,sdxl --device cuda: full-size models, each memory preset (train/bench_gpu.py)
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args) -> int:
+    if args.arch:
+        from .bench_gpu import run_matrix
+
+        return run_matrix(args)
     with tempfile.TemporaryDirectory(prefix="sdstudio-bench-") as tmp:
         ds = _make_dataset(Path(tmp) / "ds", args.images)
         results: dict = {}

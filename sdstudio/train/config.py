@@ -66,8 +66,22 @@ class TrainConfig:
     precision: str = setting("auto", "Mixed precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16. "
                              "Trainable weights stay fp32.", choices=("auto", "fp32", "fp16", "bf16"), advanced=True)
     gradient_checkpointing: bool = setting(False, "Trade speed for memory (recompute activations).", advanced=True)
-    attention: str = setting("auto", "Attention kernel: auto (xformers on CUDA when installed, else SDPA).",
-                             choices=("auto", "sdpa", "xformers"), advanced=True)
+    attention: str = setting("auto", "Attention kernel: auto (xformers on CUDA when installed, else SDPA), sdpa, "
+                             "xformers, or one SDPA backend (sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math).",
+                             choices=("auto", "sdpa", "xformers", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+                                      "sdpa_math"), advanced=True)
+
+    # -- speed (train/speed.py; none changes the maths, each measured by `sdstudio bench train --speed`) ----
+    compile_unet: bool = setting(False, "Compile the UNet with torch.compile (the first steps are slow while it "
+                                 "compiles).", advanced=True, label="Compile the UNet")
+    channels_last: bool = setting(False, "Channels-last memory layout for the UNet's convolutions.", advanced=True,
+                                  label="Channels-last layout")
+    cudnn_benchmark: bool = setting(False, "Let cuDNN time its convolution algorithms on the first step of each "
+                                    "image size.", advanced=True, label="cuDNN benchmark")
+    fused_optimizer: bool = setting(True, "AdamW as one fused kernel over every tensor instead of a loop.",
+                                    advanced=True, label="Fused AdamW")
+    cache_on_gpu: bool = setting(False, "Keep cached latents in GPU memory rather than in RAM.", advanced=True,
+                                 label="Latent cache on the GPU")
 
     # -- loss and noise ---------------------------------------------------------------------------------
     prediction_type: str = setting("auto", "What the UNet predicts: auto (the model's), epsilon, v_prediction.",

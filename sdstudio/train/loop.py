@@ -32,6 +32,7 @@ from ..jobs import Commands, Stopped
 from ..methods.base import Batch, RunInfo, get_method, hook
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
+from .speed import SpeedOptions, check_speed_settings
 
 # Settings that must not change across a resume: they fix the data order and the shapes of what trains.
 RESUME_FIXED = ("method", "base_model", "dataset", "seed", "batch_size", "resolution", "gradient_accumulation",
@@ -178,6 +179,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
     pre = checked or preflight(cfg, resume=resume, home=home)
     run_dir, layout = pre.run_dir, pre.layout
     device = pick_device(cfg.device)
+    check_speed_settings(cfg, device)
     acc, weight_dtype = _make_accelerator(cfg, device)
     commands.check()
 
@@ -238,13 +240,8 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
         if te_trains:
             for te in c.text_encoders:
                 te.gradient_checkpointing_enable()
-    if str(device).startswith("cuda") and cfg.attention in ("auto", "xformers"):
-        from ..devices import has_xformers
-
-        if has_xformers():
-            c.unet.enable_xformers_memory_efficient_attention()
-        elif cfg.attention == "xformers":
-            raise UserError("attention = xformers but xformers is not installed: pip install xformers, or use sdpa.")
+    # The attention kernel, torch.compile, channels_last, cuDNN autotuning (train/speed.py).
+    speed = SpeedOptions(c, cfg, device).apply()
 
     # 4. Optimizer, schedule, EMA; the noise scheduler for training (DDPM over the base's betas).
     from diffusers import DDPMScheduler
@@ -296,8 +293,10 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
         emit(Status("flip is off while latents are cached (cached latents are not flipped)", stage="cache"))
 
     # 7. Training.
+    @contextlib.contextmanager
     def autocast():
-        return acc.autocast()
+        with acc.autocast(), speed.step():
+            yield
 
     log_f = open(run_dir / "log.jsonl", "a", encoding="utf-8") if main else None
     t0 = time.time()
@@ -394,6 +393,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             if step > start_step:
                 preview()
             checkpoint()
+            speed.restore()
             method.run.step = step
             emit(Status("saving", stage="save"))
             with (ema.swapped() if ema else contextlib.nullcontext()):
@@ -414,6 +414,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             checkpoint()
         raise
     finally:
+        speed.restore()
         if log_f:
             log_f.close()
 
@@ -473,12 +474,13 @@ def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentS
         commands.check()  # Stop works during caching
         path = folder / f"{data.latent_key(i, str(cfg.base_model))}.safetensors" if cfg.cache_latents == "disk" else None
         if path is not None and path.is_file():
-            store.mem[i] = load_state_dict(path)["latent"]
+            store.mem[i] = load_state_dict(path)["latent"].to(acc.device if cfg.cache_on_gpu else "cpu")
         else:
             gen = torch.Generator(device=acc.device).manual_seed(_seed_for(cfg.seed, "latent", i))
             pix = data.pixels(i)[None].to(acc.device, c.dtype)
             with torch.no_grad(), acc.autocast():
-                store.mem[i] = encode_images(c.vae, pix, gen, dtype=c.dtype)[0].float().cpu()
+                latent = encode_images(c.vae, pix, gen, dtype=c.dtype)[0].float()
+            store.mem[i] = latent if cfg.cache_on_gpu else latent.cpu()
             if path is not None:
                 save_safetensors({"latent": store.mem[i]}, path)
         if i % 4 == 0 or i == n - 1:

@@ -18,7 +18,7 @@ def build_optimizer(name: str, groups, cfg, device: str):
         # One fused kernel over every tensor (CPU and CUDA) instead of a Python loop over hundreds of small
         # LoRA tensors: same maths, a fraction of the launch overhead. Trainable weights are fp32 (the loop
         # makes them so), which the fused kernel needs.
-        fused = str(device).split(":")[0] in ("cpu", "cuda") and all(
+        fused = cfg.fused_optimizer and str(device).split(":")[0] in ("cpu", "cuda") and all(
             p.dtype == torch.float32 for g in params for p in g["params"])
         return torch.optim.AdamW(params, lr=lr, fused=fused or None, foreach=None if fused else True)
     if name == "adamw8bit":
