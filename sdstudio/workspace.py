@@ -20,6 +20,7 @@ SUBDIRS = (
     "models/t2i_adapter",
     "models/checkpoints",
     "models/edlora",
+    "models/vae",
     "models/annotators",
     "models/rembg",
     "models/captioners",
@@ -39,6 +40,8 @@ MODEL_DIRS = {
     "t2i_adapter": "models/t2i_adapter",
     "checkpoint": "models/checkpoints",
     "edlora": "models/edlora",
+    "vae": "models/vae",
+    "captioner": "models/captioners",
 }
 
 

@@ -59,6 +59,39 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_copy(src: Path | str, dst: Path | str, *, link: bool = False) -> Path:
+    """Put a copy of the file `src` at `dst` atomically, streaming (a 7 GB checkpoint never sits in memory).
+    `link`: a hard link instead when both are on one filesystem (no second copy on disk), else a copy."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        if link:
+            try:
+                os.unlink(tmp)
+                os.link(src, tmp)
+                os.replace(tmp, dst)
+                _fsync_dir(dst.parent)
+                return dst
+            except OSError:  # another filesystem, or links not allowed: copy instead
+                pass
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 16 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise _disk_full(dst, exc) from exc
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
 def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> Path:
     """Save a dict of tensors as .safetensors, atomically. Metadata values must be strings."""
     from safetensors.torch import save
@@ -137,6 +170,33 @@ def read_safetensors_metadata(path: Path | str) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def read_safetensors_header(path: Path | str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """({tensor name: shape}, metadata) of a .safetensors file, read from its header alone, after checking that
+    the header is sound and the file holds every byte it promises (a cut-off download is caught here)."""
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 1 or n > 100_000_000 or 8 + n > size:
+            raise UserError(f"{path.name} is not a .safetensors file (its header is missing or damaged): "
+                            f"download it again, or pick the right file.")
+        try:
+            header = json.loads(f.read(n))
+            meta = header.pop("__metadata__", None) or {}
+            shapes = {k: list(v["shape"]) for k, v in header.items()}
+            end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path.name} has a damaged .safetensors header ({type(exc).__name__}): download it "
+                            f"again.") from exc
+    if 8 + n + end > size:
+        raise UserError(f"{path.name} is cut off ({size:,} of {8 + n + end:,} bytes): the download did not finish; "
+                        f"download it again.")
+    return shapes, {str(k): str(v) for k, v in meta.items()}
 
 
 def read_safetensors_keys(path: Path | str) -> list[str]:
