@@ -1,6 +1,6 @@
 """`sdstudio fuse CONFIG.toml [--set k=v ...]`: Mix-of-Show gradient fusion of EDLoRA concepts, headless.
 
-    base_model = "runwayml/stable-diffusion-v1-5"
+    base_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     output_name = "anna-and-bob"
     [[concept]]
     path = "models/edlora/anna.safetensors"
