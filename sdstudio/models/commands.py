@@ -1,4 +1,4 @@
-"""`sdstudio tiny-model OUT [--single-file F]`."""
+"""`sdstudio tiny-model OUT [--single-file F]`, `sdstudio download KEY|ORG/NAME`, `sdstudio import FILE`."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write an original-layout (A1111/LDM) single .safetensors checkpoint here")
     p.set_defaults(func=run_tiny_model)
 
+    p = sub.add_parser("download", help="download a model from the curated list or the hub into the workspace",
+                       description="Download a base model, ControlNet, T2I-Adapter, annotator weights, captioner or "
+                                   "background-removal model into the workspace's models/: only the files loading "
+                                   "needs, resumable (run it again after a stop or a cut connection).")
+    p.add_argument("source", nargs="?", default="", help="a catalog key (see --list) or a hub id org/name[@revision]")
+    p.add_argument("--kind", default="auto", choices=["auto", "checkpoint", "controlnet", "t2i_adapter", "captioner"],
+                   help="what a hub id is (default: told from its files)")
+    p.add_argument("--fp16", action="store_true", help="the fp16 weights where the repo has them (half the size)")
+    p.add_argument("--list", action="store_true", help="list the curated models and whether they are installed")
+    p.set_defaults(func=run_download)
+
+    p = sub.add_parser("import", help="import a model file (checkpoint, LoRA, embedding, ControlNet, VAE) into the "
+                                      "workspace", description="Check a .safetensors model file, tell its kind and "
+                                      "family from its tensors, and put it in the workspace's models/<kind>/ with "
+                                      "its sha256 and A1111 short hash.")
+    p.add_argument("file", help="the .safetensors file")
+    p.add_argument("--link", action="store_true", help="hard-link instead of copying (same filesystem only)")
+    p.set_defaults(func=run_import)
+
 
 def run_tiny_model(args) -> int:
     from ..formats.ldm import pipeline_to_ldm
@@ -25,8 +44,63 @@ def run_tiny_model(args) -> int:
     if args.single_file:
         from .loading import load_base
 
-        comps = load_base(str(args.out))
+        comps = load_base(str(Path(args.out).resolve()))
         save_safetensors(pipeline_to_ldm(comps.unet, comps.vae, comps.text_encoder), args.single_file,
                          metadata={"modelspec.architecture": "stable-diffusion-v1", "sdstudio.model": "tiny"})
         print(f"wrote {args.single_file}")
+    return 0
+
+
+def run_download(args) -> int:
+    import sys
+
+    from ..errors import UserError
+    from ..events import Progress, Status
+    from ..jobs import foreground_exit, run_foreground
+    from ..workspace import Workspace
+    from .catalog import CATALOG, download_work, installed
+
+    ws = Workspace.open()
+    if args.list or not args.source:
+        for e in CATALOG:
+            mark = "installed" if installed(e, ws.root) else ""
+            print(f"{e.key:<12} {e.kind:<12} {e.source:<60} {mark}")
+        if not args.list:
+            raise UserError("Name what to download: a key from the list above, or a hub id org/name.")
+        return 0
+    tty = sys.stderr.isatty()
+
+    def show(ev) -> None:
+        if isinstance(ev, Progress):
+            if tty:
+                print(f"\r\033[K{ev.message}", end="", file=sys.stderr, flush=True)
+            elif ev.done == ev.total:
+                print(ev.message, file=sys.stderr, flush=True)
+        elif isinstance(ev, Status):
+            print(("\n" if tty else "") + ev.message, file=sys.stderr, flush=True)
+
+    job = run_foreground(args.source, "download", download_work(args.source, ws.root, kind=args.kind, half=args.fp16),
+                         listeners=[show])
+    if tty:
+        print(file=sys.stderr)
+    code = foreground_exit(job, args.verbose, "stopped; run the same command again to resume")
+    if code is not None:
+        return code
+    print(job.result)
+    return 0
+
+
+def run_import(args) -> int:
+    from ..jobs import foreground_exit, run_foreground
+    from ..workspace import Workspace
+    from .importer import import_work
+    from .refs import Places
+
+    ws = Workspace.open()
+    src = Places.cli(ws).path(args.file, what="model file")
+    job = run_foreground(src.name, "import", import_work(ws, src, link=args.link))
+    code = foreground_exit(job, args.verbose)
+    if code is not None:
+        return code
+    print(f"{ws.relative(job.result.path)}: {job.result.summary()}")
     return 0
