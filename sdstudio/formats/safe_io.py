@@ -33,15 +33,14 @@ def _disk_full(path: Path, exc: OSError) -> UserError:
                      f"(nothing was overwritten).")
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
-    path = Path(path)
+def _atomic_file(path: Path, fill) -> Path:
+    """Write a file through a temporary sibling: `fill(f)` writes into the open file, then fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a saved model should be readable like any file
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -55,6 +54,11 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     return path
 
 
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    return _atomic_file(Path(path), lambda f: f.write(data))
+
+
 def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -63,33 +67,23 @@ def atomic_copy(src: Path | str, dst: Path | str, *, link: bool = False) -> Path
     """Put a copy of the file `src` at `dst` atomically, streaming (a 7 GB checkpoint never sits in memory).
     `link`: a hard link instead when both are on one filesystem (no second copy on disk), else a copy."""
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        if link:
-            try:
+    if link:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            _fsync_dir(dst.parent)
+            return dst
+        except OSError:  # another filesystem, or links not allowed: copy instead
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-                os.link(src, tmp)
-                os.replace(tmp, dst)
-                _fsync_dir(dst.parent)
-                return dst
-            except OSError:  # another filesystem, or links not allowed: copy instead
-                pass
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 16 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, dst)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(dst, exc) from exc
-        raise
-    _fsync_dir(dst.parent)
-    return dst
+
+    def fill(f) -> None:
+        with open(src, "rb") as fin:
+            shutil.copyfileobj(fin, f, 16 << 20)
+
+    return _atomic_file(dst, fill)
 
 
 def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> Path:
