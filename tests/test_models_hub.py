@@ -429,3 +429,16 @@ def test_a_user_hub_id_with_only_pickles_is_refused(hub, workspace):
     end = job.log.snapshot()["end"]
     assert job.state == "failed" and "no .safetensors weights" in end.message
     assert hub.fetched("someone/old-controlnet") == ["config.json"]  # told what it is; never the pickle
+
+
+def test_disk_space_is_checked_before_any_byte(hub, workspace, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
+    job, _ = _run(catalog.download_work(REPO, workspace.root))
+    end = job.log.snapshot()["end"]
+    assert job.state == "failed" and re.match(r"Not enough disk space for org/tiny-sd: it needs \d+\.\d MB more and "
+                                              r"1\.0 MB is free on .*; free some space", end.message), end.message
+    assert [f for f in hub.fetched(REPO) if f.endswith(".safetensors")] == []  # nothing big was fetched
