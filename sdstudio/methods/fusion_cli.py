@@ -30,8 +30,11 @@ def run(args) -> int:
     from ..jobs import foreground_exit, run_foreground
     from .fusion import load_fuse_config, run_fuse
 
+    from ..models.refs import Places
+
     home = Path(os.environ["SDSTUDIO_HOME"]) if os.environ.get("SDSTUDIO_HOME") else None
-    cfg = load_fuse_config(args.config, args.sets, home)
+    config = Places(home.resolve() if home else None, Path.cwd()).path(args.config, what="fuse config")
+    cfg = load_fuse_config(config, args.sets, home)
 
     def listener(ev) -> None:
         if isinstance(ev, Progress):
