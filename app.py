@@ -18,6 +18,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     p.add_argument("--home", default=None, help="workspace folder (default ./workspace or $SDSTUDIO_HOME)")
+    p.add_argument("--models-from", action="append", default=[], metavar="DIR",
+                   help="also list the models of an A1111, Forge or ComfyUI folder in the pickers (read-only; "
+                        "repeatable)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     return p.parse_args(argv)
 
@@ -29,6 +32,11 @@ def main(argv=None) -> int:
 
     try:
         ws = Workspace.open(args.home)
+        os.environ["SDSTUDIO_HOME"] = str(ws.root)  # what the core's default workspace is in this process
+        if args.models_from:
+            from sdstudio.models.refs import set_models_from
+
+            set_models_from(args.models_from)
         auth = None
         if args.auth:
             user, sep, password = args.auth.partition(":")

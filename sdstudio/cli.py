@@ -14,7 +14,7 @@ from .errors import UserError
 # Each module has `register(subparsers)`, which adds its commands with `set_defaults(func=...)`.
 # Listed explicitly (no directory scans), in the order `--help` shows them.
 COMMAND_MODULES = [
-    "sdstudio.models.commands",  # tiny-model
+    "sdstudio.models.commands",  # tiny-model, download, import
     "sdstudio.data.commands",  # prepare, regularize
     "sdstudio.train.commands",  # train
     "sdstudio.methods.fusion_cli",  # fuse
@@ -26,8 +26,13 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdstudio", description="SD Studio: fine-tune and mix Stable Diffusion.")
+    from .models.refs import RULES_HELP
+
+    parser = argparse.ArgumentParser(prog="sdstudio", description="SD Studio: fine-tune and mix Stable Diffusion.",
+                                     epilog=RULES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default=None, help="workspace folder (default ./workspace or $SDSTUDIO_HOME)")
+    parser.add_argument("--models-from", action="append", default=[], metavar="DIR",
+                        help="also list the models of an A1111, Forge or ComfyUI folder (read-only; repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -42,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.home:
         os.environ["SDSTUDIO_HOME"] = args.home
+    if args.models_from:
+        from .models.refs import set_models_from
+
+        try:
+            set_models_from(args.models_from)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

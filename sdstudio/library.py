@@ -1,5 +1,6 @@
 """What is on disk in the workspace: models by kind (detected from tensor keys, not file names), runs and
-outputs. The Library tab draws this; the CLI can print it."""
+outputs; and, read-only, the models of other apps given with --models-from (A1111, Forge, ComfyUI folders).
+The Library tab draws this; every model picker lists its choices through `list_models`."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,22 @@ from .workspace import Workspace
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+HELPER_DIRS = ("annotators", "rembg", "captioners")  # helper models, not something to mix or train from
+
+# The folders other apps keep each kind in, matched case-insensitively under DIR, DIR/models and (when DIR is
+# itself a models folder) its parent: A1111/Forge use models/Stable-diffusion, models/Lora, models/LyCORIS,
+# embeddings/ beside models/, models/ControlNet, models/VAE; ComfyUI uses models/checkpoints, models/loras,
+# models/embeddings, models/controlnet (and t2i_adapter), models/vae, models/diffusers.
+FOREIGN_DIRS = {
+    "checkpoint": ("stable-diffusion", "checkpoints", "diffusers"),
+    "lora": ("lora", "lycoris", "loras"),
+    "embedding": ("embeddings",),
+    "controlnet": ("controlnet", "t2i_adapter"),
+    "vae": ("vae",),
+}
+# A picker of one kind also lists the kinds it loads the same way.
+PICKER_KINDS = {"checkpoint": ("checkpoint",), "lora": ("lora", "lycoris", "edlora"), "embedding": ("embedding",),
+                "controlnet": ("controlnet",), "t2i_adapter": ("t2i_adapter",), "vae": ("vae",)}
 
 
 @dataclass(frozen=True)
@@ -21,6 +38,7 @@ class ModelEntry:
     size_mb: float
     family: str = ""
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
+    source: str = "workspace"  # or the --models-from folder it was found in (read-only)
 
 
 def _size_mb(p: Path) -> float:
@@ -41,6 +59,7 @@ def _metadata(p: Path) -> dict:
 
 
 def _family(kind: str, p: Path, meta: dict) -> str:
+    """sd1 / sd2 / sdxl from the file's own words (modelspec, ss_* keys), else from its tensors; '' unknown."""
     arch = meta.get("modelspec.architecture", "") or meta.get("ss_base_model_version", "")
     if arch:
         a = arch.lower()
@@ -52,32 +71,131 @@ def _family(kind: str, p: Path, meta: dict) -> str:
             return family_of_ref(str(p)).name
         except Exception:
             return ""
+    if p.suffix == ".safetensors":
+        from .formats.kinds import family_from_shapes
+        from .formats.safe_io import read_safetensors_header
+
+        try:
+            return family_from_shapes(kind, read_safetensors_header(p)[0])
+        except Exception:
+            return ""
+    if kind == "controlnet" and (p / "config.json").is_file():
+        import json
+
+        try:
+            width = json.loads((p / "config.json").read_text()).get("cross_attention_dim")
+        except (OSError, ValueError):
+            return ""
+        return {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1"}.get(width, "")
     return ""
 
 
-def scan_models(ws: Workspace) -> list[ModelEntry]:
-    """Every model under workspace/models, classified by content. Diffusers folders count as one model."""
+_DETECTED: dict[tuple, tuple[str, dict, str]] = {}  # (path, mtime, size) -> (kind, metadata, family)
+
+
+def _describe(p: Path) -> tuple[str, dict, str]:
+    """(kind, metadata, family) of a model file or folder, cached by path, mtime and size: the pickers list
+    hundreds of --models-from files on every refresh, and a header read each time adds up."""
+    try:
+        st = p.stat()
+    except OSError:
+        return "unknown", {}, ""
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if key not in _DETECTED:
+        kind = detect_kind(p)
+        meta = _metadata(p) if kind != "unknown" else {}
+        if len(_DETECTED) > 4096:
+            _DETECTED.clear()
+        _DETECTED[key] = (kind, meta, _family(kind, p, meta) if kind != "unknown" else "")
+    return _DETECTED[key]
+
+
+def _walk(root: Path):
+    """Model files and model folders under root, a diffusers folder counting as one; hidden entries (partial
+    downloads, temporary files) skipped."""
+    try:
+        children = sorted(root.iterdir())
+    except OSError:
+        return
+    for p in children:
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if detect_kind(p) != "unknown":
+                yield p
+            else:
+                yield from _walk(p)
+        elif p.suffix in MODEL_SUFFIXES:
+            yield p
+
+
+def foreign_dirs(root: Path, kind: str) -> list[Path]:
+    """The folders of `kind` in another app's models folder (see FOREIGN_DIRS)."""
+    root = Path(root)
+    bases = [root, root / "models"] + ([root.parent] if root.name.lower() == "models" else [])
+    out: list[Path] = []
+    for base in bases:
+        try:
+            children = sorted(base.iterdir())
+        except OSError:
+            continue
+        for child in children:
+            if child.is_dir() and child.name.lower() in FOREIGN_DIRS.get(kind, ()) and child.resolve() not in out:
+                out.append(child.resolve())
+    return out
+
+
+def _entry(p: Path, kind: str, meta: dict, family: str, path: str, source: str) -> ModelEntry:
+    return ModelEntry(name=p.stem if p.is_file() else p.name, kind=kind, path=path, size_mb=round(_size_mb(p), 2),
+                      family=family, metadata=meta, source=source)
+
+
+def scan_models(ws: Workspace, roots=None) -> list[ModelEntry]:
+    """Every model under workspace/models, classified by content (a diffusers folder counts as one), then those
+    in the --models-from folders (`roots`; default: the ones the app was started with), read-only."""
+    from .models.refs import models_from_roots
+
     out: list[ModelEntry] = []
     root = ws.root / "models"
-    seen_dirs: set[Path] = set()
-    for p in sorted(root.rglob("*")):
-        if any(parent in seen_dirs for parent in p.parents):
+    for sub in sorted(root.iterdir()) if root.is_dir() else []:
+        if not sub.is_dir() or sub.name in HELPER_DIRS or sub.name.startswith("."):
             continue
-        rel_parts = p.relative_to(root).parts
-        if rel_parts and rel_parts[0] in ("annotators", "rembg", "captioners"):
-            continue  # helper models, not something to mix or train from
-        if p.is_dir():
-            kind = detect_kind(p)
-            if kind == "unknown":
-                continue
-            seen_dirs.add(p)
-        elif p.suffix in MODEL_SUFFIXES and not p.name.startswith("."):
-            kind = detect_kind(p)
-        else:
-            continue
-        meta = _metadata(p)
-        out.append(ModelEntry(name=p.stem if p.is_file() else p.name, kind=kind, path=ws.relative(p),
-                              size_mb=round(_size_mb(p), 2), family=_family(kind, p, meta), metadata=meta))
+        for p in _walk(sub):
+            kind, meta, family = _describe(p)
+            if kind != "unknown":
+                out.append(_entry(p, kind, meta, family, ws.relative(p), "workspace"))
+    for froot in models_from_roots() if roots is None else roots:
+        seen: set[Path] = set()
+        for folder_kind in FOREIGN_DIRS:
+            for d in foreign_dirs(froot, folder_kind):
+                for p in _walk(d):
+                    if p in seen:
+                        continue
+                    seen.add(p)
+                    kind, meta, family = _describe(p)
+                    if kind != "unknown":
+                        out.append(_entry(p, kind, meta, family, str(p), str(froot)))
+    return out
+
+
+def list_models(ws: Workspace, kind: str, roots=None) -> list[ModelEntry]:
+    """The models a picker of `kind` offers ("checkpoint", "lora", "embedding", "controlnet", "t2i_adapter",
+    "vae"): the workspace's, then those of the --models-from folders. The one source for every picker."""
+    kinds = PICKER_KINDS.get(kind, (kind,))
+    return [m for m in scan_models(ws, roots) if m.kind in kinds]
+
+
+def list_model_paths(workspace_root, kind: str, roots=()) -> list[Path]:
+    """The paths of the models of `kind` in the workspace and in `roots`, found by folder without reading any
+    file: what a model reference by name is looked up in (models/refs.py)."""
+    from .workspace import MODEL_DIRS
+
+    folders = [Path(workspace_root) / MODEL_DIRS[kind]] if workspace_root is not None and kind in MODEL_DIRS else []
+    for froot in roots:
+        folders += foreign_dirs(froot, kind)
+    out: list[Path] = []
+    for folder in folders:
+        out += [p for p in _walk(folder) if p.suffix in (".safetensors", "") or p.is_dir()]
     return out
 
 

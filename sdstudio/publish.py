@@ -10,19 +10,22 @@ import shutil
 from pathlib import Path
 
 from .formats.kinds import detect_kind
-from .formats.safe_io import atomic_dir, atomic_write_bytes
+from .formats.safe_io import atomic_copy, atomic_dir
 from .workspace import MODEL_DIRS, Workspace
 
 
-def publish(ws: Workspace, paths, *, kind: str | None = None) -> list[Path]:
+def publish(ws: Workspace, paths, *, kind: str | None = None, link: bool = False,
+            names: dict | None = None) -> list[Path]:
     """Copy each artefact into `models/<kind>/` atomically (the kind read from the file unless given) and
-    return where they went. Files of no model kind (a run card, a log) are skipped."""
+    return where they went. Files of no model kind (a run card, a log) are skipped. `link`: hard-link files
+    when the filesystem allows (an import of a file already in the workspace takes no second copy);
+    `names`: {source path: file name to publish it as} (an import that would clash with another file)."""
     out = []
     for p in map(Path, paths):
         k = kind or detect_kind(p)
         if k not in MODEL_DIRS or not p.exists():
             continue
-        target = ws.models(k) / p.name
+        target = ws.models(k) / ((names or {}).get(p) or (names or {}).get(str(p)) or p.name)
         if target.resolve() == p.resolve():
             out.append(target)
             continue
@@ -30,7 +33,7 @@ def publish(ws: Workspace, paths, *, kind: str | None = None) -> list[Path]:
             with atomic_dir(target) as tmp:
                 shutil.copytree(p, tmp, dirs_exist_ok=True)
         else:
-            atomic_write_bytes(target, p.read_bytes())
+            atomic_copy(p, target, link=link)
         out.append(target)
     if out:
         ws.note_change()

@@ -181,7 +181,7 @@ def _photo_warnings(photos: list[Path], min_side: int) -> list[str]:
 
 def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
     """Every check a user can fail, in one sentence each, before any training starts. Raises UserError."""
-    from .models.loading import TINY, family_of_ref
+    from .models.loading import TINY, TINY_REFS, family_of_ref
     from .train.config import PRESETS_DIR, load_config, read_toml
     from .train.estimate import check_fits, estimate
 
@@ -233,7 +233,7 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
     est = check_fits(real, memory, alternatives=alternatives, gpu=gpu, device_is_cuda=True)
     if qc.preset and qc.preset != picked:
         notes.append(f"Using {qc.preset} as asked (the wizard would pick {picked} for {memory:g} GB).")
-    min_side = qc.min_side or (64 if base == TINY else MIN_SIDE)
+    min_side = qc.min_side or (64 if base in TINY_REFS else MIN_SIDE)
     warnings = _photo_warnings(photos, min_side)
     if len(photos) < GOOD_PHOTOS:
         warnings.append(f"{len(photos)} photos is few: {GOOD_PHOTOS}-30 of different angles and light give a more "
@@ -436,8 +436,13 @@ def _regularize(p: Plan, ws, cls, emit, check, device, cache) -> None:
     count = qc.reg_count or min(200, 5 * len(p.photos))
     rc = RegularizationConfig(class_word=cls, count=count, steps=qc.sample_steps or 25,
                               size=int(p.values.get("resolution", 512)))
-    comps = (cache.get(qc.base_model, device=device, dtype=pick_dtype(device)) if cache is not None
-             else load_base(qc.base_model, device=device, dtype=pick_dtype(device)))
+    from .models.refs import Places
+
+    dtype = pick_dtype(device)  # a hub id downloads into the workspace first, with progress
+    base = Places.cli(ws).local_model(qc.base_model, half=str(dtype) in ("torch.float16", "torch.bfloat16"),
+                                      emit=emit, check=check)
+    comps = (cache.get(base, device=device, dtype=dtype) if cache is not None
+             else load_base(base, device=device, dtype=dtype))
     generate_class_images(comps, rc, reg_dir(p.dataset, cls), emit=emit, check=check)
 
 
@@ -515,8 +520,9 @@ def make_grid(ws, cfg, lora: Path, name: str, cls: str, *, steps: int, device: s
     from .playground.recipe import LoraItem, Recipe
     from .playground.session import Playground
 
-    session = Playground(resolve=lambda p: ws.resolve(p) if not Path(p).is_absolute() else Path(p),
-                         lora_dir=ws.models("lora"), device=device, dtype=pick_dtype(device))
+    from .models.refs import Places
+
+    session = Playground(places=Places.cli(ws), lora_dir=ws.models("lora"), device=device, dtype=pick_dtype(device))
     prompts = sample_prompts(name, cls)
     base = cfg.base_model
     recipe = Recipe(base_model=base, prompt=prompts[0], steps=steps, cfg=7.0, seed=cfg.sample_seed,

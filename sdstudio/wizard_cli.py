@@ -78,9 +78,9 @@ def run_quick_cmd(args) -> int:
         work = more_steps_work(ws, args.run, args.more_steps, grid_steps=args.sample_steps, device=args.device)
         job = run_foreground(args.run, "quick", work, listeners=[_printer])
     else:
-        base = args.base or _library_base(ws)
-        if base != "tiny" and not Path(base).exists() and (ws.root / base).exists():
-            base = str(ws.root / base)  # the Library stores workspace-relative paths
+        from .models.refs import Places
+
+        base = Places.cli(ws).model(args.base or _library_base(ws)).ref  # the one model-reference rule
         qc = QuickConfig(photos=list(args.photos), name=args.name, class_word=args.class_word, base_model=base,
                          memory_gb=args.memory if args.memory is not None else _memory_default(),
                          regularization=args.class_images, preset=args.preset, max_steps=args.max_steps,

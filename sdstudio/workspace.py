@@ -21,6 +21,7 @@ SUBDIRS = (
     "models/checkpoints",
     "models/edlora",
     "models/gligen",
+    "models/vae",
     "models/annotators",
     "models/rembg",
     "models/captioners",
@@ -41,6 +42,8 @@ MODEL_DIRS = {
     "checkpoint": "models/checkpoints",
     "edlora": "models/edlora",
     "gligen": "models/gligen",
+    "vae": "models/vae",
+    "captioner": "models/captioners",
 }
 
 

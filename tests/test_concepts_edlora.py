@@ -89,7 +89,7 @@ def test_edlora_norm_threshold_stops_embeddings_and_bad_input():
     with pytest.raises(UserError, match="two different new words"):
         EDLoRA().prepare(load_base("tiny"), ed_cfg(tokens="<a1>"))
     wrong = EDLoRAFile(__import__("pathlib").Path("sd15.safetensors"), {"<b1>": torch.zeros(16, 768),
-                       "<b2>": torch.zeros(16, 768)}, {}, {"sdstudio.base_model": "runwayml/stable-diffusion-v1-5"})
+                       "<b2>": torch.zeros(16, 768)}, {}, {"sdstudio.base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"})
     with pytest.raises(UserError, match="another base model"):
         apply_edlora(load_base("tiny"), wrong)
 

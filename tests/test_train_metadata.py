@@ -167,7 +167,7 @@ def test_base_model_name_and_hashes(tmp_path):
     assert got == {"ss_sd_model_name": "sd15.safetensors",
                    "ss_sd_model_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
                    "ss_new_sd_model_hash": hashlib.sha256(data).hexdigest()}
-    assert base_model_fields("runwayml/stable-diffusion-v1-5") == {"ss_sd_model_name": "runwayml/stable-diffusion-v1-5"}
+    assert base_model_fields("stable-diffusion-v1-5/stable-diffusion-v1-5") == {"ss_sd_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
     assert base_model_fields(str(tmp_path / "models")) == {"ss_sd_model_name": "models"}  # a diffusers folder
 
 

@@ -6,10 +6,12 @@ ComfyUI recognise them (see DESIGN.md, "LoRA file names that A1111 and ComfyUI r
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
-KINDS = ("lora", "lycoris", "embedding", "edlora", "gligen", "controlnet", "t2i_adapter", "checkpoint", "unknown")
+KINDS = ("lora", "lycoris", "embedding", "edlora", "gligen", "controlnet", "t2i_adapter", "checkpoint", "vae",
+         "unknown")
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LYCORIS_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a")
@@ -35,8 +37,13 @@ def detect_kind_from_keys(keys) -> str:
         return "embedding"
     if len(keys) == 1 and next(iter(keys)).startswith("<") and next(iter(keys)).endswith(">"):
         return "embedding"  # diffusers learned_embeds: {"<token>": tensor}
+    if keys and all(k.startswith("first_stage_model.") for k in keys):
+        return "vae"  # a VAE saved with its checkpoint prefix
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")) for k in keys):
         return "checkpoint"
+    if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys) and \
+            any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
+        return "vae"  # A1111's VAE files (vae-ft-mse-840000-ema-pruned) and diffusers AutoencoderKL weights
     if any(k.startswith("controlnet_cond_embedding.") or k.startswith("control_model.") for k in keys):
         return "controlnet"
     if any(k.startswith("adapter.") or k.startswith("body.") for k in keys) and not any("conv_in" in k for k in keys):
@@ -72,6 +79,38 @@ def detect_kind(path: Path | str) -> str:
         # Reading a pickle's keys means loading it; the Library does not do that. Guess from the name.
         return "embedding" if path.suffix in (".pt", ".bin") and path.stat().st_size < 1_000_000 else "unknown"
     return "unknown"
+
+
+# Cross-attention width -> family: the text encoder's hidden size that every adapter's attn2 k/v reads.
+# 32 is the built-in tiny model, SD 1.5's architecture at a narrow width.
+_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1"}
+
+
+def family_from_shapes(kind: str, shapes: dict[str, list[int]]) -> str:
+    """'sd1', 'sd2', 'sdxl' or '' (unknown) for a LoRA, LyCORIS, embedding, EDLoRA, ControlNet or T2I-Adapter
+    file, from its tensor names and shapes alone (a safetensors header): the width its cross-attention or
+    text embedding has. Checkpoints are told apart by their keys (models/families.py)."""
+    keys = list(shapes)
+    if kind in ("lora", "lycoris", "edlora"):
+        if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+            return "sdxl"
+        for k in keys:  # the down (A) matrix of an attn2 k/v projection reads the text width
+            if re.search(r"attn2[._]to_[kv]", k) and re.search(r"(lora_down|lora_A|hada_w1_b|lora\.down)\.weight$", k):
+                return _WIDTH_FAMILY.get(shapes[k][-1], "")
+        return ""
+    if kind == "embedding":
+        if "clip_g" in shapes:
+            return "sdxl"
+        for k in ("emb_params", "string_to_param.*", *keys):
+            if k in shapes and shapes[k]:
+                return _WIDTH_FAMILY.get(shapes[k][-1], "")
+        return ""
+    if kind == "controlnet":
+        for k in keys:
+            if re.search(r"attn2\.to_k\.weight$", k):
+                return _WIDTH_FAMILY.get(shapes[k][-1], "")
+        return ""
+    return ""
 
 
 # -- kohya names ---------------------------------------------------------------------------------------

@@ -33,15 +33,14 @@ def _disk_full(path: Path, exc: OSError) -> UserError:
                      f"(nothing was overwritten).")
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
-    path = Path(path)
+def _atomic_file(path: Path, fill) -> Path:
+    """Write a file through a temporary sibling: `fill(f)` writes into the open file, then fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a saved model should be readable like any file
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -55,8 +54,36 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     return path
 
 
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    return _atomic_file(Path(path), lambda f: f.write(data))
+
+
 def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_copy(src: Path | str, dst: Path | str, *, link: bool = False) -> Path:
+    """Put a copy of the file `src` at `dst` atomically, streaming (a 7 GB checkpoint never sits in memory).
+    `link`: a hard link instead when both are on one filesystem (no second copy on disk), else a copy."""
+    src, dst = Path(src), Path(dst)
+    if link:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            _fsync_dir(dst.parent)
+            return dst
+        except OSError:  # another filesystem, or links not allowed: copy instead
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def fill(f) -> None:
+        with open(src, "rb") as fin:
+            shutil.copyfileobj(fin, f, 16 << 20)
+
+    return _atomic_file(dst, fill)
 
 
 def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> Path:
@@ -141,6 +168,33 @@ def read_safetensors_metadata(path: Path | str) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def read_safetensors_header(path: Path | str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """({tensor name: shape}, metadata) of a .safetensors file, read from its header alone, after checking that
+    the header is sound and the file holds every byte it promises (a cut-off download is caught here)."""
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 1 or n > 100_000_000 or 8 + n > size:
+            raise UserError(f"{path.name} is not a .safetensors file (its header is missing or damaged): "
+                            f"download it again, or pick the right file.")
+        try:
+            header = json.loads(f.read(n))
+            meta = header.pop("__metadata__", None) or {}
+            shapes = {k: list(v["shape"]) for k, v in header.items()}
+            end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path.name} has a damaged .safetensors header ({type(exc).__name__}): download it "
+                            f"again.") from exc
+    if 8 + n + end > size:
+        raise UserError(f"{path.name} is cut off ({size:,} of {8 + n + end:,} bytes): the download did not finish; "
+                        f"download it again.")
+    return shapes, {str(k): str(v) for k, v in meta.items()}
 
 
 def read_safetensors_keys(path: Path | str) -> list[str]:

@@ -84,20 +84,18 @@ def load_fuse_config(path: Path | str, sets: list[str] | None = None, home: Path
     cfg = build_dataclass(FuseConfig, values)
     for i, it in enumerate(items):
         c = build_dataclass(FuseConcept, it, where=f" in [[concept]] #{i + 1}")
-        c.path = str(_find(c.path, p.parent, home))
+        c.path = str(_find(c.path, home))
         cfg.concepts.append(c)
     return cfg
 
 
-def _find(path: str, config_dir: Path, home: Path | None) -> Path:
+def _find(path: str, home: Path | None) -> Path:
+    """A concept file by the one rule for user paths (models/refs.py): the workspace, then the current folder."""
+    from ..models.refs import Places
+
     if not path:
         raise UserError("A [[concept]] has no path: set path = \"models/edlora/<name>.safetensors\".")
-    q = Path(path).expanduser()
-    for cand in ([q] if q.is_absolute() else [config_dir / q] + ([Path(home) / q] if home else [])):
-        if cand.is_file():
-            return cand
-    raise UserError(f"The concept file {path} does not exist (looked next to the config"
-                    f"{' and in the workspace' if home else ''}): check the path.")
+    return Places(Path(home).resolve() if home else None, Path.cwd()).path(path, what="concept file")
 
 
 # -- the solver ----------------------------------------------------------------------------------------

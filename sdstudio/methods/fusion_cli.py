@@ -1,6 +1,6 @@
 """`sdstudio fuse CONFIG.toml [--set k=v ...]`: Mix-of-Show gradient fusion of EDLoRA concepts, headless.
 
-    base_model = "runwayml/stable-diffusion-v1-5"
+    base_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     output_name = "anna-and-bob"
     [[concept]]
     path = "models/edlora/anna.safetensors"
@@ -30,8 +30,11 @@ def run(args) -> int:
     from ..jobs import foreground_exit, run_foreground
     from .fusion import load_fuse_config, run_fuse
 
+    from ..models.refs import Places
+
     home = Path(os.environ["SDSTUDIO_HOME"]) if os.environ.get("SDSTUDIO_HOME") else None
-    cfg = load_fuse_config(args.config, args.sets, home)
+    config = Places(home.resolve() if home else None, Path.cwd()).path(args.config, what="fuse config")
+    cfg = load_fuse_config(config, args.sets, home)
 
     def listener(ev) -> None:
         if isinstance(ev, Progress):

@@ -1,4 +1,5 @@
-"""`sdstudio tiny-model OUT [--family sd15|sdxl] [--size tiny|full] [--single-file F] [--gligen [MODULE]]`."""
+"""`sdstudio tiny-model OUT [--family sd15|sdxl] [--size tiny|full] [--single-file F] [--gligen [MODULE]]`,
+`sdstudio download KEY|ORG/NAME`, `sdstudio import FILE`."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="weights' dtype on disk for --size full (fp16 halves the size)")
     p.set_defaults(func=run_tiny_model)
+
+    p = sub.add_parser("download", help="download a model from the curated list or the hub into the workspace",
+                       description="Download a base model, ControlNet, T2I-Adapter, annotator weights, captioner or "
+                                   "background-removal model into the workspace's models/: only the files loading "
+                                   "needs, resumable (run it again after a stop or a cut connection).")
+    p.add_argument("source", nargs="?", default="", help="a catalog key (see --list) or a hub id org/name[@revision]")
+    p.add_argument("--kind", default="auto", choices=["auto", "checkpoint", "controlnet", "t2i_adapter", "captioner"],
+                   help="what a hub id is (default: told from its files)")
+    p.add_argument("--fp16", action="store_true", help="the fp16 weights where the repo has them (half the size)")
+    p.add_argument("--list", action="store_true", help="list the curated models and whether they are installed")
+    p.set_defaults(func=run_download)
+
+    p = sub.add_parser("import", help="import a model file (checkpoint, LoRA, embedding, ControlNet, VAE) into the "
+                                      "workspace", description="Check a .safetensors model file, tell its kind and "
+                                      "family from its tensors, and put it in the workspace's models/<kind>/ with "
+                                      "its sha256 and A1111 short hash.")
+    p.add_argument("file", help="the .safetensors file")
+    p.add_argument("--link", action="store_true", help="hard-link instead of copying (same filesystem only)")
+    p.set_defaults(func=run_import)
 
 
 def run_tiny_model(args) -> int:
@@ -59,7 +79,7 @@ def run_tiny_model(args) -> int:
         from .loading import load_base
 
         module = args.out / "gligen.safetensors" if args.gligen is True else args.gligen
-        save_module(load_base(str(args.out)).unet, module,
+        save_module(load_base(str(Path(args.out).resolve())).unet, module,
                     metadata={"modelspec.architecture": "stable-diffusion-v1/gligen", "sdstudio.model": "tiny"})
         print(f"wrote {module}")
     if args.single_file:
@@ -74,10 +94,65 @@ def write_single_file(folder: Path, out: Path) -> Path:
     from ..formats.safe_io import save_safetensors
     from .loading import load_base
 
-    comps = load_base(str(folder))
+    comps = load_base(str(Path(folder).resolve()))  # a relative text would mean the workspace first
     xl = comps.family.is_xl
     sd = pipeline_to_ldm(comps.unet, comps.vae, comps.text_encoders[0], comps.family.name,
                          text_encoder_2=comps.text_encoders[1] if xl else None)
     arch = "stable-diffusion-xl-v1-base" if xl else "stable-diffusion-v1"
     return save_safetensors(sd, out, metadata={"modelspec.architecture": arch,
                                                "sdstudio.model": "tiny-sdxl" if xl else "tiny"})
+
+
+def run_download(args) -> int:
+    import sys
+
+    from ..errors import UserError
+    from ..events import Progress, Status
+    from ..jobs import foreground_exit, run_foreground
+    from ..workspace import Workspace
+    from .catalog import CATALOG, download_work, installed
+
+    ws = Workspace.open()
+    if args.list or not args.source:
+        for e in CATALOG:
+            mark = "installed" if installed(e, ws.root) else ""
+            print(f"{e.key:<12} {e.kind:<12} {e.source:<60} {mark}")
+        if not args.list:
+            raise UserError("Name what to download: a key from the list above, or a hub id org/name.")
+        return 0
+    tty = sys.stderr.isatty()
+
+    def show(ev) -> None:
+        if isinstance(ev, Progress):
+            if tty:
+                print(f"\r\033[K{ev.message}", end="", file=sys.stderr, flush=True)
+            elif ev.done == ev.total:
+                print(ev.message, file=sys.stderr, flush=True)
+        elif isinstance(ev, Status):
+            print(("\n" if tty else "") + ev.message, file=sys.stderr, flush=True)
+
+    job = run_foreground(args.source, "download", download_work(args.source, ws.root, kind=args.kind, half=args.fp16),
+                         listeners=[show])
+    if tty:
+        print(file=sys.stderr)
+    code = foreground_exit(job, args.verbose, "stopped; run the same command again to resume")
+    if code is not None:
+        return code
+    print(job.result)
+    return 0
+
+
+def run_import(args) -> int:
+    from ..jobs import foreground_exit, run_foreground
+    from ..workspace import Workspace
+    from .importer import import_work
+    from .refs import Places
+
+    ws = Workspace.open()
+    src = Places.cli(ws).path(args.file, what="model file")
+    job = run_foreground(src.name, "import", import_work(ws, src, link=args.link))
+    code = foreground_exit(job, args.verbose)
+    if code is not None:
+        return code
+    print(f"{ws.relative(job.result.path)}: {job.result.summary()}")
+    return 0

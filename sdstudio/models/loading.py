@@ -5,7 +5,9 @@ ref is one of:
 - a local diffusers folder (has model_index.json);
 - a single-file original-layout checkpoint (.safetensors; .ckpt only with allow_pickle) of SD1.x, SD2.x or SDXL,
   which loads with no network because we write the family's configs locally;
-- a hub id ("runwayml/stable-diffusion-v1-5"): downloaded when online, one clear error when not.
+- any other reference by the one rule of models/refs.py (a model in the workspace by name, a hub id such as
+  "stable-diffusion-v1-5/stable-diffusion-v1-5", downloaded into the workspace by models/hub.py when online).
+Callers that show progress (training, the Playground) resolve and download first, then pass the local path.
 """
 from __future__ import annotations
 
@@ -18,9 +20,7 @@ from typing import Any
 from ..errors import UserError
 from .families import ModelFamily, detect_family_from_keys, detect_family_from_unet_config, get_family
 
-TINY = "tiny"
-TINY_SDXL = "tiny-sdxl"
-TINY_REFS = {TINY: "sd1", TINY_SDXL: "sdxl"}  # ref -> the tiny model's family
+from .refs import TINY, TINY_REFS, TINY_SDXL  # noqa: F401  (the built-in tiny models' refs)
 
 
 @dataclass
@@ -94,8 +94,9 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def looks_like_hub_id(ref: str) -> bool:
-    parts = ref.split("/")
-    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~")) and not Path(ref).exists()
+    from .refs import parse_hub_id
+
+    return parse_hub_id(ref) is not None and not Path(ref).exists()
 
 
 def family_of_folder(folder: Path) -> ModelFamily:
@@ -161,6 +162,13 @@ def load_base(ref: str | Path, *, dtype=None, device: str = "cpu", allow_pickle:
         comps = _load_folder(tiny_model_dir(TINY_REFS[ref_s]), ref_s, dtype)
     else:
         path = Path(ref_s).expanduser()
+        if not (path.is_absolute() and path.exists()):
+            # Anything but an existing absolute path goes through the one rule (workspace, then the current
+            # folder, then models by name, then a hub id, downloaded into the workspace).
+            from .refs import Places
+
+            local = Places.cli().local_model(ref_s, half=dtype in (torch.float16, torch.bfloat16))
+            path = Path(local)
         if is_diffusers_folder(path):
             from .full import refuse_unless_benchmark
 
@@ -169,15 +177,8 @@ def load_base(ref: str | Path, *, dtype=None, device: str = "cpu", allow_pickle:
         elif path.is_dir():
             raise UserError(f"{ref_s} is a folder but not a diffusers model (no model_index.json): point at the "
                             f"model's top folder, or at a single .safetensors checkpoint.")
-        elif path.is_file():
-            comps = _load_single_file(path, ref_s, dtype, allow_pickle, prediction_type, config_dir)
-        elif path.suffix in (".safetensors", ".ckpt", ".pt") or os.sep in ref_s and not looks_like_hub_id(ref_s):
-            raise UserError(f"{ref_s} does not exist: check the path (relative paths start in the current folder).")
-        elif looks_like_hub_id(ref_s):
-            comps = _load_hub(ref_s, dtype)
         else:
-            raise UserError(f"{ref_s!r} is not a model: use 'tiny', a hub id like 'org/name', a diffusers folder, "
-                            f"or a .safetensors checkpoint.")
+            comps = _load_single_file(path, ref_s, dtype, allow_pickle, prediction_type, config_dir)
     if prediction_type and comps.scheduler.config.get("prediction_type") != prediction_type:
         comps.scheduler = comps.scheduler.__class__.from_config(comps.scheduler.config,
                                                                 prediction_type=prediction_type)
@@ -203,6 +204,10 @@ def _load_folder(folder: Path, ref: str, dtype) -> Components:
         cls = getattr(diffusers, index.get("_class_name", family.pipeline_class), None) or getattr(
             diffusers, family.pipeline_class)
         kwargs = {} if family.is_xl else dict(safety_checker=None, requires_safety_checker=False)
+        unet_files = [p.name for p in (folder / "unet").iterdir()] if (folder / "unet").is_dir() else []
+        if not any(n.endswith(".safetensors") and ".fp16" not in n for n in unet_files) and \
+                any(".fp16." in n for n in unet_files):
+            kwargs["variant"] = "fp16"  # a folder downloaded elsewhere with only the fp16 weights
         pipe = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **kwargs)
     except UserError:
         raise
@@ -254,38 +259,32 @@ def _is_tiny_checkpoint(sd: dict) -> bool:
     return w is not None and w.shape[0] == 32
 
 
-def _load_hub(repo_id: str, dtype) -> Components:
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                        ignore_patterns=["*.ckpt", "*.bin", "*ema*", "*.fp16.*", "*non_ema*"]))
-    except Exception as exc:
-        raise UserError(f"Could not download {repo_id} from the Hugging Face hub ({type(exc).__name__}): when "
-                        f"offline, download it elsewhere and point at the local folder or .safetensors file.") from exc
-    if not is_diffusers_folder(folder):
-        raise UserError(f"{repo_id} is not a diffusers model repo (no model_index.json): download its "
-                        f".safetensors checkpoint and point at that file.")
-    return _load_folder(folder, repo_id, dtype)
-
-
 def model_choices(workspace=None) -> list[tuple[str, str]]:
-    """(label, ref) pairs for a base-model picker: tiny first, then checkpoints found in the workspace."""
+    """(label, ref) pairs for a base-model picker: tiny first, then the checkpoints in the workspace and in the
+    --models-from folders (library.list_models, the one source every picker uses)."""
     from .tiny import TINY_LABEL
 
     out = [(TINY_LABEL, TINY)]
     if workspace is not None:
-        root = workspace.models("checkpoint")
-        for p in sorted(root.iterdir()) if root.is_dir() else []:
-            if is_diffusers_folder(p) or p.suffix == ".safetensors":
-                out.append((p.name, str(p)))
+        from ..library import list_models
+
+        for m in list_models(workspace, "checkpoint"):
+            label = m.name if m.source == "workspace" else f"{m.name} ({Path(m.source).name})"
+            out.append((label, str(workspace.root / m.path) if m.source == "workspace" else m.path))
     return out
 
 
 def family_of_ref(ref: str) -> ModelFamily:
-    """The family of a ref without loading weights where possible."""
+    """The family of a ref without loading weights where possible (a hub id: the catalog's word for it)."""
     if ref in TINY_REFS:
         return get_family(TINY_REFS[ref])
+    from .catalog import by_source
+    from .refs import parse_hub_id
+
+    hub = parse_hub_id(ref)
+    entry = by_source(hub.repo) if hub and not Path(ref).exists() else None
+    if entry is not None and entry.family:
+        return get_family(entry.family)
     path = Path(ref)
     if is_diffusers_folder(path):
         return family_of_folder(path)

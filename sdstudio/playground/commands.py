@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a recipe TOML (LoRAs, embeddings, ControlNets, ...)",
-                       description="Generate images from a Playground recipe. Relative paths in the recipe are "
-                                   "looked up in the workspace, then next to the recipe, then in the current folder.")
-    p.add_argument("recipe", type=Path, help="the recipe .toml (or a PNG this app made: its recipe is reused)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the images")
+                       description="Generate images from a Playground recipe. The recipe, --out and the paths in "
+                                   "the recipe are looked up in the workspace, then in the current folder; "
+                                   "base_model follows the model-reference rule (see sdstudio --help).")
+    p.add_argument("recipe", help="the recipe .toml (or a PNG this app made: its recipe is reused)")
+    p.add_argument("--out", required=True, help="folder for the images (a new one goes into the workspace)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep LoRAs unfused (by default a stack without step ranges is fused into the base: faster)")
     p.add_argument("--x", default=None, help="X/Y grid axis, e.g. cfg=5,7,9 or lora_weight[0]=0,0.5,1")
@@ -22,19 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow .pt/.ckpt files (loaded with weights_only=True); only for files you trust")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.set_defaults(func=run_generate)
-
-
-def make_resolver(recipe_dir: Path, home: Path | None):
-    def resolve(text: str) -> Path:
-        p = Path(str(text)).expanduser()
-        if p.is_absolute():
-            return p
-        for root in ([home] if home else []) + [recipe_dir, Path.cwd()]:
-            if (root / p).exists():
-                return (root / p).resolve()
-        return (home or recipe_dir) / p
-
-    return resolve
 
 
 def _apply_sets(recipe, sets):
@@ -58,33 +45,36 @@ def _apply_sets(recipe, sets):
 def run_generate(args) -> int:
     from ..devices import pick_device
     from ..jobs import foreground_exit, run_foreground
-    from ..workspace import default_home
+    from ..models.refs import Places
+    from ..workspace import Workspace
     from .grid import parse_axis
     from .outputs import read_recipe
     from .recipe import Recipe
     from .session import Playground, generation_work
 
-    recipe = read_recipe(args.recipe) if args.recipe.suffix.lower() == ".png" else Recipe.load(args.recipe)
+    ws = Workspace.open()  # --home or $SDSTUDIO_HOME
+    places = Places.cli(ws)  # the one rule: the workspace, then the current folder
+    recipe_path = places.path(args.recipe, what="recipe")
+    recipe = read_recipe(recipe_path) if recipe_path.suffix.lower() == ".png" else Recipe.load(recipe_path)
     recipe = _apply_sets(recipe, args.set)
-    home = default_home()
-    home = home.resolve() if home.is_dir() else None
-    resolve = make_resolver(args.recipe.resolve().parent, home)
+    out = places.output(args.out)
     x = parse_axis(args.x) if args.x else None
     y = parse_axis(args.y) if args.y else None
     if y and not x:
         from ..errors import UserError
 
         raise UserError("--y needs --x: give the first grid axis too.")
-    session = Playground(resolve, lora_dir=(home / "models" / "lora") if home else None,
-                         annotators_dir=(home / "models" / "annotators") if home else None,
+    session = Playground(places=places, lora_dir=ws.models("lora"), annotators_dir=ws.root / "models" / "annotators",
                          device=pick_device(args.device), allow_pickle=args.allow_pickle)
-    work = generation_work(session, recipe, args.out, fuse=args.fuse, x=x, y=y, preview_every=0)
+    work = generation_work(session, recipe, out, fuse=args.fuse, x=x, y=y, preview_every=0)
 
     def show(ev):
-        from ..events import Progress
+        from ..events import Progress, Status
 
         if isinstance(ev, Progress) and sys.stderr.isatty():
-            print(f"\r{ev.message}", end="", file=sys.stderr, flush=True)
+            print(f"\r\033[K{ev.message}", end="", file=sys.stderr, flush=True)
+        elif isinstance(ev, Status) and ev.stage in ("note", "download"):
+            print(ev.message, file=sys.stderr, flush=True)
 
     job = run_foreground("generate", "generate", work, listeners=[show])
     code = foreground_exit(job, args.verbose)

@@ -45,8 +45,12 @@ class Playground:
     """Keeps everything loaded across generations; `run(recipe)` does only the work the change needs."""
 
     def __init__(self, resolve: Callable[[str], Path] | None = None, *, cache=None, lora_dir: Path | None = None,
-                 annotators_dir: Path | None = None, device: str | None = None, dtype=None, allow_pickle=False):
-        self.resolve = resolve or (lambda p: Path(p).expanduser())
+                 annotators_dir: Path | None = None, device: str | None = None, dtype=None, allow_pickle=False,
+                 places=None):
+        # `places` (models/refs.Places): the one rule for the base model and the recipe's paths; `resolve`
+        # alone (older callers) maps a recipe path to a file.
+        self.places = places
+        self.resolve = resolve or (places.path if places is not None else (lambda p: Path(p).expanduser()))
         self.cache = cache
         self.lora_dir = lora_dir
         self.annotators_dir = annotators_dir
@@ -61,24 +65,32 @@ class Playground:
         self.gligen = ModuleSlot()  # a GLIGEN module file attached to the base (playground/gligen.py)
         self.live_preview = None  # the latest step's cheap preview (PIL), for the UI to poll
         self.live_step = (0, 0)
+        self.job_io = (None, None)  # (emit, check) of the job running now: a hub download reports through it
 
     # 1. The base -----------------------------------------------------------------------------------------
     def base(self, ref: str):
         from ..devices import pick_device, pick_dtype
+        from ..models.refs import Places, parse_hub_id
 
-        from ..models.loading import TINY_REFS, looks_like_hub_id
+        from ..models.refs import TINY_REFS
 
-        ref_path = ref = (ref or "tiny").strip()
-        if ref not in TINY_REFS:
+        ref = (ref or "tiny").strip()
+        device = self.device or pick_device()
+        dtype = self.dtype or pick_dtype(device)
+        half = str(dtype) in ("torch.float16", "torch.bfloat16")
+        emit, check = self.job_io
+        if self.places is not None:  # the one rule; a hub id is downloaded into the workspace, with progress
+            ref_path = self.places.local_model(ref, half=half, emit=emit, check=check)
+        elif ref in TINY_REFS:
+            ref_path = ref
+        else:
             try:
                 ref_path = str(self.resolve(ref))
             except UserError:
-                if not looks_like_hub_id(ref):  # not in the workspace and not "org/name": say why
+                if parse_hub_id(ref) is None:
                     raise
-                ref_path = ref
+                ref_path = Places.cli().local_model(ref, half=half, emit=emit, check=check)
         if self.comps is None or self._ref != ref_path:
-            device = self.device or pick_device()
-            dtype = self.dtype or pick_dtype(device)
             self.comps, self.stack = None, None
             self._controls.clear()
             if self.cache is not None:
@@ -206,6 +218,7 @@ def generation_work(session: Playground, recipe: Recipe, out_dir: Path, *, fuse:
     def work(ctx):
         ctx.emit(Status("loading the base model and the stack", stage="load"))
         check = ctx.commands.check
+        session.job_io = (ctx.emit, check)
 
         def on_step(i, total, latents):
             session.live_step = (i + 1, total)

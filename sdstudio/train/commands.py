@@ -25,16 +25,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args) -> int:
     from ..events import Preview, Progress, Saved, Status, Step
     from ..jobs import foreground_exit, run_foreground
+    from ..errors import UserError
+    from ..models.refs import Places
     from ..publish import publish
     from ..workspace import Workspace
-    from .config import load_config
+    from .config import apply_places, list_presets, load_config
     from .loop import preflight, train
 
-    cfg = load_config(args.config, args.sets)
+    ws = Workspace.open()  # --home or $SDSTUDIO_HOME: the finished files are published into its models/
+    places = Places.cli(ws)  # the one rule: the workspace first, then the current folder
+    config = args.config
+    if config not in list_presets():
+        try:
+            config = str(places.path(config, what="config"))
+        except UserError:
+            pass  # read_toml says it, listing the presets
+    cfg = apply_places(load_config(config, args.sets), places)
     if args.print_config:
         print(cfg.to_toml())
         return 0
-    checked = preflight(cfg, resume=args.resume)  # folder mistakes: one line, before any model loads
+    checked = preflight(cfg, resume=args.resume, home=ws.root)  # folder mistakes: one line, before any model loads
     rank0 = int(os.environ.get("RANK", "0")) == 0
     bar = _Bar(enabled=rank0)
 
@@ -42,7 +52,7 @@ def run_train(args) -> int:
         if isinstance(ev, Step):
             bar.step(ev)
         elif isinstance(ev, Progress):
-            bar.line(f"{ev.message or ev.stage} {ev.done}/{ev.total}")
+            bar.line(ev.message if ev.stage == "download" else f"{ev.message or ev.stage} {ev.done}/{ev.total}")
         elif isinstance(ev, Status):
             bar.note(ev.message)
         elif isinstance(ev, Preview):
@@ -52,10 +62,8 @@ def run_train(args) -> int:
         elif isinstance(ev, Saved) and ev.kind != "checkpoint":
             bar.note(f"saved {ev.path}")
 
-    ws = Workspace.open()  # --home or $SDSTUDIO_HOME: the finished files are published into its models/
-
     job = run_foreground(cfg.output_name, "train",
-                         lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume, checked=checked,
+                         lambda ctx: train(cfg, ctx.emit, ctx.commands, resume=args.resume, checked=checked, home=ws.root,
                                            publish=lambda paths: publish(ws, paths) if rank0 else []),
                          listeners=[listener])
     bar.done()

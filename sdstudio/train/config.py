@@ -34,7 +34,8 @@ class TrainConfig:
 
     # -- basic ------------------------------------------------------------------------------------------
     method: str = setting("lora", "Training method: lora, dreambooth, full, textual_inversion, ...")
-    base_model: str = setting("tiny", "Base model: 'tiny', a hub id, a diffusers folder or a .safetensors file.")
+    base_model: str = setting("tiny", "Base model: 'tiny', a file or folder, a model in models/checkpoints by name, "
+                              "or a hub id (org/name[@revision], downloaded into the workspace).")
     dataset: str = setting("", "Dataset folder: a kohya folder (with img/), or a folder of images with captions.")
     output_name: str = setting("my-lora", "Name of the run and of the file it makes.")
     output_dir: str = setting("", "Run folder (empty: runs/<output_name> in the workspace).", advanced=True)
@@ -202,6 +203,21 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None, e
     values = read_toml(path) if path else {}
     values = merge(values, extra or {})
     return resolve(merge(values, parse_sets(sets)))
+
+
+def apply_places(cfg: TrainConfig, places) -> TrainConfig:
+    """The one rule for what a user typed (models/refs.py), applied to a config in place: the dataset, the
+    class-image folder and output_dir by the path rule (the workspace, then the current folder), base_model by
+    the model-reference rule. A hub id stays an id (the run downloads it, with progress); everything else
+    becomes an absolute path, so the run's config.toml means the same thing from any folder."""
+    if str(cfg.dataset).strip():
+        cfg.dataset = str(places.path(cfg.dataset, what="dataset folder"))
+    if str(cfg.class_data).strip():
+        cfg.class_data = str(places.path(cfg.class_data, what="class-image folder"))
+    if str(cfg.output_dir).strip():
+        cfg.output_dir = str(places.output(cfg.output_dir))
+    cfg.base_model = places.model(cfg.base_model).ref
+    return cfg
 
 
 def list_presets() -> list[str]:

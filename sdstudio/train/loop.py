@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
     from ..data.dataset import dataset_hash, tag_frequency
     from ..devices import pick_device
     from ..models.loading import load_base
+    from ..models.refs import Places
 
     commands = commands or Commands()
     method = method if method is not None else get_method(cfg.method)()
@@ -183,10 +184,19 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
     acc, weight_dtype = _make_accelerator(cfg, device)
     commands.check()
 
-    # 2. Load the base and let the method attach what trains.
+    # 2. Load the base (a hub id is downloaded into the workspace first, by the main process, with progress)
+    #    and let the method attach what trains.
     emit(Status(f"loading {cfg.base_model}", stage="load"))
+    places = Places.cli(home)
+    half = weight_dtype in (torch.float16, torch.bfloat16)
+    if acc.is_main_process:
+        base = places.local_model(cfg.base_model, half=half, emit=emit, check=commands.check)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        base = places.local_model(cfg.base_model, half=half)
     pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
-    c = load_base(cfg.base_model, dtype=weight_dtype, device=str(acc.device), prediction_type=pred)
+    c = load_base(base, dtype=weight_dtype, device=str(acc.device), prediction_type=pred)
+    c.ref = cfg.base_model  # what the files' metadata name: the hub id, not the folder it was downloaded to
     from ..formats.metadata import bucket_info
 
     method.run = RunInfo(cfg=cfg, run_dir=run_dir, layout=layout, dataset_hash=dataset_hash(layout),

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import dataset_boxes_panel, dataset_tab, fusion_panel, library_tab, playground_tab, quick_tab, train_tab
+from . import (dataset_boxes_panel, dataset_tab, fusion_panel, library_models, library_tab, playground_tab, quick_tab,
+               train_tab)
 from .context import AppContext
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
@@ -18,7 +19,7 @@ TABS = [
     ("Dataset", "tab-dataset", (dataset_tab, dataset_boxes_panel)),
     ("Train", "tab-train", (train_tab, fusion_panel)),
     ("Playground", "tab-playground", playground_tab),
-    ("Library", "tab-library", library_tab),
+    ("Library", "tab-library", (library_tab, library_models)),
 ]
 
 

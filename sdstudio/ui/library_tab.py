@@ -8,27 +8,44 @@ import pandas as pd
 
 from ..errors import UserError
 from ..library import scan_models, scan_outputs, scan_runs
-from ..models.loading import TINY, model_choices
+from ..models.loading import TINY, TINY_REFS, model_choices
 from .context import AppContext
 
 KIND_LABELS = {"lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding", "edlora": "EDLoRA",
                "gligen": "GLIGEN", "controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "checkpoint": "Checkpoint",
+               "vae": "VAE",
                "unknown": "Unknown"}
-MODEL_COLUMNS = ["name", "type", "family", "size (MB)", "path"]
+MODEL_COLUMNS = ["name", "type", "family", "size (MB)", "A1111 hash", "path"]
 
 
 def base_model_choices(ctx: AppContext) -> list[tuple[str, str]]:
-    """The base-model picker's choices: tiny first, then the checkpoints in the workspace."""
-    return [(label, ref if ref == TINY else ctx.workspace.relative(ref)) for label, ref in model_choices(ctx.workspace)]
+    """The base-model picker's choices: tiny first, then the checkpoints in the workspace and the --models-from
+    folders (library.list_models, through models.loading.model_choices)."""
+    return [(label, ref if ref in TINY_REFS else ctx.workspace.relative(ref)) for label, ref in model_choices(ctx.workspace)]
 
 
 def current_base(ctx: AppContext) -> str:
     return ctx.settings.load("app").get("base_model", TINY)
 
 
+def current_base_family(ctx: AppContext) -> str:
+    """The family ('sd1', 'sd2', 'sdxl') of the Library's base model; '' when it cannot be told without
+    loading it (a hub id not yet downloaded, a mistyped name)."""
+    from ..models.loading import family_of_ref
+    from ..models.refs import Places
+
+    try:
+        return family_of_ref(Places.app(ctx.workspace).model(current_base(ctx)).ref).name
+    except Exception:  # the base is for the user to fix in its own picker; a label is not worth an error here
+        return ""
+
+
 def _models_frame(ctx: AppContext, kind_filter: str) -> pd.DataFrame:
-    rows = [[m.name, KIND_LABELS.get(m.kind, m.kind), m.family, m.size_mb, m.path] for m in scan_models(ctx.workspace)
-            if kind_filter in ("All", KIND_LABELS.get(m.kind))]
+    from ..models.importer import hashes_known, short_hash
+
+    hashes = hashes_known(ctx.workspace)  # recorded at import and download; a hash is never computed here
+    rows = [[m.name, KIND_LABELS.get(m.kind, m.kind), m.family, m.size_mb, short_hash(hashes.get(m.path, "")),
+             m.path] for m in scan_models(ctx.workspace) if kind_filter in ("All", KIND_LABELS.get(m.kind))]
     return pd.DataFrame(rows, columns=MODEL_COLUMNS)
 
 
@@ -83,13 +100,14 @@ def build(ctx: AppContext) -> None:
     models.select(on_select, [models], [selected, meta])
 
     def on_base(ref):
+        from ..models.refs import Places
+
         ref = (ref or "").strip() or TINY
-        if ref != TINY:
-            try:
-                ctx.workspace.resolve(ref, must_exist=True)
-            except UserError as exc:
-                gr.Warning(str(exc))
-                return gr.update(value=current_base(ctx))
+        try:  # the one model-reference rule: a path, a model by name or a hub id (downloaded when first used)
+            Places.app(ctx.workspace).model(ref)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return gr.update(value=current_base(ctx))
         ctx.settings.save("app", {**ctx.settings.load("app"), "base_model": ref})
         gr.Info(f"Base model: {ref}")
         return gr.update(value=ref)

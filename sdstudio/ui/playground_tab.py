@@ -17,7 +17,7 @@ import gradio as gr
 from ..errors import UserError
 from ..events import Failed
 from ..formats.kinds import detect_kind
-from ..library import scan_models
+from ..library import list_models
 from ..playground.grid import parse_axis
 from ..playground.outputs import read_recipe
 from ..playground.pipeline import SAMPLERS
@@ -26,7 +26,7 @@ from ..playground.recipe import ControlNetItem, EmbeddingItem, LoraItem, Recipe,
 from ..playground.session import Playground, generation_work
 from . import grounding_panel
 from .context import AppContext
-from .library_tab import base_model_choices, current_base
+from .library_tab import base_model_choices, current_base, current_base_family
 
 MAX_ITEMS = 8
 KINDS = {"LoRA / LyCORIS": "lora", "Embedding": "embedding", "ControlNet": "controlnet", "T2I-Adapter": "t2i_adapter"}
@@ -41,12 +41,19 @@ _SESSIONS: dict[int, Playground] = {}
 
 
 def session_for(ctx: AppContext) -> Playground:
-    """One Playground per app: the base, stack and control models stay loaded between generations."""
+    """One Playground per app: the base, stack and control models stay loaded between generations. Paths and
+    the base follow the one rule (models/refs.py), confined to the workspace and the --models-from folders."""
     if id(ctx) not in _SESSIONS:
         ws = ctx.workspace
-        _SESSIONS[id(ctx)] = Playground(lambda p: ws.resolve(p, must_exist=True), cache=ctx.cache,
-                                        lora_dir=ws.models("lora"), annotators_dir=ws.root / "models" / "annotators")
+        _SESSIONS[id(ctx)] = Playground(places=_places(ctx), cache=ctx.cache, lora_dir=ws.models("lora"),
+                                        annotators_dir=ws.root / "models" / "annotators")
     return _SESSIONS[id(ctx)]
+
+
+def _places(ctx: AppContext):
+    from ..models.refs import Places
+
+    return Places.app(ctx.workspace)
 
 
 # -- items <-> recipe (plain python) --------------------------------------------------------------------
@@ -94,8 +101,20 @@ def recipe_to_items(recipe: Recipe, ws) -> list[dict]:
     return items[:MAX_ITEMS]
 
 
-def model_choices(ctx: AppContext, kind: str) -> list[str]:
-    return [m.path for m in scan_models(ctx.workspace) if DETECTED.get(m.kind) == kind]
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def model_choices(ctx: AppContext, kind: str) -> list[tuple[str, str]]:
+    """(label, path) for the stack's file picker: the workspace's models of `kind`, then the --models-from
+    folders' (library.list_models). A file made for another family than the base is labelled, not hidden."""
+    base = current_base_family(ctx)
+    out = []
+    for m in list_models(ctx.workspace, kind):
+        label = m.path if m.source == "workspace" else f"{Path(m.path).name} ({Path(m.source).name}, read-only)"
+        if base and m.family and m.family != base:
+            label += f" - {FAMILY_LABELS.get(m.family, m.family)}, not for this base"
+        out.append((label, m.path))
+    return out
 
 
 # -- the tab ----------------------------------------------------------------------------------------------
@@ -273,7 +292,7 @@ def build(ctx: AppContext) -> None:
             gr.Warning("Pick a file to add first.")
             return draw(items)
         try:
-            p = ws.resolve(path, must_exist=True)
+            p = _places(ctx).path(path)
         except UserError as exc:
             gr.Warning(str(exc))
             return draw(items)
@@ -296,7 +315,7 @@ def build(ctx: AppContext) -> None:
         if not path:
             return draw(items)
         try:
-            p = ws.resolve(path, must_exist=True)
+            p = _places(ctx).path(path)
             kind = DETECTED.get(detect_kind(p))
             if kind is None:
                 raise UserError(f"{p.name} is not a LoRA, embedding, ControlNet or T2I-Adapter the Playground can use.")
@@ -401,7 +420,7 @@ def build(ctx: AppContext) -> None:
         prog = snap["progress"]
         text = snap["status"]
         if prog:
-            text = f"{prog[3] or prog[2]} ({prog[0]}/{prog[1]})"
+            text = prog[3] if prog[2] == "download" else f"{prog[3] or prog[2]} ({prog[0]}/{prog[1]})"
         end = snap["end"]
         paths = [p for ev in snap["previews"] for p in ev.paths]
         gallery_update = gr.update()
@@ -431,7 +450,7 @@ def build(ctx: AppContext) -> None:
 
     # -- recipes and PNGs ---------------------------------------------------------------------------------
     def show_recipe(recipe: Recipe) -> list:
-        vals = [recipe.base_model if recipe.base_model == "tiny" else ws.relative(recipe.base_model)]
+        vals = [recipe.base_model if recipe.base_model in ("tiny", "tiny-sdxl") else ws.relative(recipe.base_model)]
         vals += [getattr(recipe, f) for f in FORM_FIELDS[1:]]
         return vals + boxes.show(recipe, ws) + [recipe.to_toml()] + draw(recipe_to_items(recipe, ws))
 
@@ -453,7 +472,7 @@ def build(ctx: AppContext) -> None:
 
     def load_recipe(path):
         try:
-            recipe = Recipe.load(ws.resolve(path, must_exist=True))
+            recipe = Recipe.load(_places(ctx).path(path, what="recipe"))
         except UserError as exc:
             gr.Warning(str(exc))
             return [gr.update()] * (len(form_in) + 1 + len(redraw))

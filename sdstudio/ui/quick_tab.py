@@ -222,9 +222,9 @@ def build(ctx: AppContext) -> None:
             if len(args[0]) < wizard.MIN_PHOTOS:
                 raise UserError(f"Only {len(args[0])} photo(s): add at least {wizard.MIN_PHOTOS} ({wizard.GOOD_PHOTOS}"
                                 f"-30 of different angles and light work best).")
-            base_ref = (qc.base_model or "tiny").strip()
-            if base_ref != "tiny" and (ctx.workspace.root / base_ref).exists():
-                qc.base_model = str(ctx.workspace.resolve(base_ref, must_exist=True))
+            from ..models.refs import Places
+
+            qc.base_model = Places.app(ctx.workspace).model(qc.base_model or "tiny").ref  # the one rule
             qc.photos = list(args[0])
             wizard.plan(qc, ctx.workspace)  # every check first, so a refused start leaves no copies behind
             qc.photos = _copy_uploads(ctx, args[0])

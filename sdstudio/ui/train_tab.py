@@ -137,8 +137,8 @@ def job_view(job) -> dict:
         progress = _progress(last.step, last.total, f"step {last.step}/{last.total} · ETA {_fmt_eta(last.eta_s)}")
         stats = f"loss **{last.loss:.4f}** · lr **{last.lr:.2e}** · **{last.it_per_s:.2f}** it/s"
     elif snap["progress"]:
-        done, total, _stage, msg = snap["progress"]
-        progress, stats = _progress(done, total, f"{msg} {done}/{total}"), ""
+        done, total, stage, msg = snap["progress"]
+        progress, stats = _progress(done, total, msg if stage == "download" else f"{msg} {done}/{total}"), ""
     else:
         progress, stats = _progress(0, 1, snap["status"] or "starting"), ""
     gallery = [(p, f"step {ev.step}: {cap}") for ev in reversed(snap["previews"])
@@ -177,20 +177,11 @@ def _publisher(ctx: AppContext):
     return lambda paths: publish(ctx.workspace, paths)
 
 
-def _resolve_base(ctx: AppContext, base: str) -> str:
-    """'tiny', a model inside the workspace (confined), or a hub id."""
-    from ..models.loading import TINY
-
-    if base == TINY:
-        return base
-    inside = ctx.workspace.root / base
-    if inside.exists() or base.startswith(("/", ".", "~")) or base.count("/") != 1:
-        return str(ctx.workspace.resolve(base, must_exist=True))
-    return base  # org/name: a hub id
-
-
 def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = False):
-    """Validate (in a second, before any model loads) and start the run as a Job. Raises UserError."""
+    """Validate (in a second, before any model loads) and start the run as a Job. Raises UserError. Paths and
+    the base model follow the one rule (models/refs.py), confined to the workspace."""
+    from ..models.refs import Places
+    from ..train.config import apply_places
     from ..train.loop import preflight, train
 
     ws = ctx.workspace
@@ -198,8 +189,7 @@ def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = 
     if not str(values.get("dataset") or "").strip():
         raise UserError("Choose a dataset folder first (make one in the Dataset tab, or put images in "
                         "workspace/datasets/).")
-    values["dataset"] = str(ws.resolve(values["dataset"], must_exist=True))
-    values["base_model"] = _resolve_base(ctx, str(values.get("base_model") or "tiny").strip())
+    values["base_model"] = str(values.get("base_model") or "tiny").strip()
     values["output_dir"] = str(ws.run_dir(values.get("output_name") or "run"))
     tables: dict = {}
     flat = {}
@@ -214,10 +204,11 @@ def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = 
     base_vals = read_toml(preset_path) if preset_path else {}
     # The form shows every field, so only the chosen method's table and the top-level keys go in.
     base_vals = {k: v for k, v in base_vals.items() if not isinstance(v, dict) or k == flat.get("method")}
-    cfg = load_config(None, extra={**base_vals, **flat, **tables})
+    cfg = apply_places(load_config(None, extra={**base_vals, **flat, **tables}), Places.app(ws))
     pre = preflight(cfg, resume=resume, home=ws.root)
     return ctx.jobs.start(cfg.output_name, JOB_KIND, lambda jc: train(cfg, jc.emit, jc.commands, resume=resume,
-                                                                      checked=pre, publish=_publisher(ctx)))
+                                                                      checked=pre, home=ws.root,
+                                                                      publish=_publisher(ctx)))
 
 
 # -- the tab --------------------------------------------------------------------------------------------
