@@ -175,7 +175,7 @@ def test_models_from_an_a1111_folder_show_in_the_pickers_and_nothing_is_written(
     from sdstudio.workspace import Workspace
 
     before = _snapshot(a1111)
-    monkeypatch.delenv(MODELS_FROM_ENV, raising=False)
+    monkeypatch.setenv(MODELS_FROM_ENV, "")  # recorded, so the roots set_models_from writes are undone after the test
     set_models_from([str(a1111)])
     ws = Workspace.open(tmp_path / "ws")
     ctx = AppContext(workspace=ws)
@@ -211,7 +211,7 @@ def test_comfyui_layout_and_a_models_folder_given_directly(tmp_path, tiny_compon
     _sdxl_lora(comfy / "models" / "loras" / "xl" / "b.safetensors")
     (comfy / "models" / "embeddings").mkdir(parents=True)
     save_file({"emb_params": torch.zeros(1, 32)}, comfy / "models" / "embeddings" / "e.safetensors")
-    monkeypatch.delenv(MODELS_FROM_ENV, raising=False)
+    monkeypatch.setenv(MODELS_FROM_ENV, "")  # recorded, so the roots set_models_from writes are undone after the test
     ws = Workspace.open(tmp_path / "ws")
     for given in (comfy, comfy / "models"):
         set_models_from([str(given)])
