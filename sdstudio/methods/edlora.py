@@ -304,7 +304,7 @@ class EDLoRA(MethodBase):
             self.emb.frozen = True
         ensure_processors(c.unet, self.cross[0])
         if not self.o.masked_loss and batch.mask is not None:
-            batch = dataclasses.replace(batch, mask=None)
+            batch = dataclasses.replace(batch, cond={k: v for k, v in batch.cond.items() if k != "mask"})
         return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
 
     # Checkpoints: the LoRA hooks live beside the models (not inside them), so list them explicitly.
