@@ -32,7 +32,8 @@ def detect_kind_from_keys(keys) -> str:
         return "embedding"  # diffusers learned_embeds: {"<token>": tensor}
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")) for k in keys):
         return "checkpoint"
-    if any(k.startswith("controlnet_cond_embedding.") or k.startswith("control_model.") for k in keys):
+    if any(k.startswith(("controlnet_cond_embedding.", "control_model.", "input_hint_block.", "zero_convs."))
+           for k in keys):  # diffusers, ControlNet 1.0 (prefixed) and 1.1 (bare) layouts
         return "controlnet"
     if any(k.startswith("adapter.") or k.startswith("body.") for k in keys) and not any("conv_in" in k for k in keys):
         return "t2i_adapter"

@@ -53,7 +53,7 @@ def training_metadata(run, family, *, network_dim: int | None = None, network_al
         "ss_num_reg_images": str(len(layout.class_images) if layout else 0),
         "ss_dataset_hash": run.dataset_hash,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": arch + (f"/{kind}" if kind in ("lora", "lycoris", "textual-inversion") else ""),
+        "modelspec.architecture": arch + (f"/{kind}" if kind in ("lora", "lycoris", "textual-inversion", "controlnet") else ""),
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": title or cfg.output_name,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
