@@ -87,7 +87,7 @@ class ControlNet(MethodBase):
         self.cfg = cfg
         o: ControlNetConfig = cfg.options
         net = load_controlnet(Path(o.init), c.unet) if o.init else ControlNetModel.from_unet(c.unet)
-        self.controlnet = net.to(device=c.unet.device, dtype=torch.float32).requires_grad_(True)
+        self.controlnet = net.to(device=c.unet.device).requires_grad_(True)  # the loop keeps trained weights fp32
         return [ParamGroup("controlnet", list(self.controlnet.parameters()), cfg.learning_rate)]
 
     def trainable_modules(self, c):

@@ -98,7 +98,7 @@ class T2IAdapterMethod(MethodBase):
         if list(adapter.config.channels) != widths[:len(adapter.config.channels)]:
             raise UserError(f"The T2I-Adapter's widths {list(adapter.config.channels)} do not fit this base "
                             f"({widths}): continue an adapter made for this model family, or start a new one.")
-        self.adapter = adapter.to(device=c.unet.device, dtype=torch.float32).requires_grad_(True)
+        self.adapter = adapter.to(device=c.unet.device).requires_grad_(True)  # the loop keeps trained weights fp32
         return [ParamGroup("adapter", list(self.adapter.parameters()), cfg.learning_rate)]
 
     def trainable_modules(self, c):
