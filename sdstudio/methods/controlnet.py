@@ -81,7 +81,6 @@ class ControlNet(MethodBase):
 
     # 1. What trains: the ControlNet alone (the UNet, VAE and text encoder stay frozen and bit-identical).
     def prepare(self, c, cfg) -> list[ParamGroup]:
-        import torch
         from diffusers import ControlNetModel
 
         self.cfg = cfg

@@ -81,7 +81,6 @@ class T2IAdapterMethod(MethodBase):
 
     # 1. What trains: the adapter alone; the base stays frozen.
     def prepare(self, c, cfg) -> list[ParamGroup]:
-        import torch
         from diffusers import T2IAdapter
 
         self.cfg = cfg
