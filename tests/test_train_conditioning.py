@@ -172,3 +172,49 @@ def test_fill50k_metadata_layout_reads_captions_without_a_kohya_folder(tmp_path)
     (root / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"images/{i:03d}.png", "text": "t"})
                                                   for i in range(2)))
     assert len(read_dataset(root).images) == 2
+
+
+def test_a_new_variable_length_condition_plugs_in(tmp_path, monkeypatch):
+    """What GLIGEN needs: a `Condition` whose items differ in length (boxes with their phrases), declared by a
+    method, cut with the image, handed over as a list per batch, through the latent disk cache too."""
+    from sdstudio.data.conditioning import CONDITIONS, Condition
+    from sdstudio.methods.lora import Lora
+    from sdstudio.train.loop import train
+
+    class Boxes(Condition):
+        name, label, required, stacked = "boxes", "box file", False, False
+
+        def locate(self, layout, image):
+            p = image.with_suffix(".boxes.json")
+            return p if p.is_file() else None
+
+        def read(self, source, cut):
+            rows = json.loads(source.read_text()) if source else []
+            boxes = torch.tensor([r["box"] for r in rows], dtype=torch.float32).reshape(-1, 4)
+            return {"boxes": cut.boxes(boxes), "phrases": [r["phrase"] for r in rows]}
+
+    monkeypatch.setitem(CONDITIONS, "boxes", Boxes())
+    ds = make_kohya_dataset(tmp_path / "ds", n=2)
+    folder = ds / "img" / "2_sks person"
+    (folder / "000.boxes.json").write_text(json.dumps([{"box": [0, 0, 0.5, 0.5], "phrase": "a hat"},
+                                                       {"box": [0.5, 0.5, 1, 1], "phrase": "a dog"}]))
+
+    class BoxLora(Lora):
+        conditioning = ("boxes",)
+        seen: list = []
+
+        def loss(self, c, batch, step):
+            self.seen.append({i: v for i, v in zip(batch.index, batch.cond["boxes"])})
+            return super().loss(c, batch, step)
+
+    for cache in ("disk", "off"):
+        method = BoxLora()
+        method.seen = []
+        cfg = load_config(None, fast_sets(ds, tmp_path / f"run-{cache}", max_steps=4, cache_latents=cache,
+                                          sample_prompts="[]", buckets="false", batch_size=2))
+        train(cfg, lambda e: None, method=method)
+        items = {i: v for step in method.seen for i, v in step.items()}
+        with_boxes = [v for v in items.values() if v["phrases"]]
+        assert len(with_boxes) == 1 and with_boxes[0]["phrases"] == ["a hat", "a dog"]
+        assert with_boxes[0]["boxes"].shape == (2, 4)
+        assert [len(v["phrases"]) for v in items.values()].count(0) == 1  # the other item: no boxes, still there

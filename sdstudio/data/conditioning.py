@@ -96,7 +96,11 @@ def upright_size(path: Path) -> tuple[int, int]:
 
 # -- conditions ---------------------------------------------------------------------------------------------
 class Condition:
-    """One kind of per-item conditioning. Subclass and add it to CONDITIONS."""
+    """One kind of per-item conditioning. Subclass and add it to CONDITIONS.
+
+    `read` returns what the method gets for one item: a tensor (uint8 images become floats in [0, 1]), or, for a
+    condition that is not `stacked`, any per-item value (boxes with their phrases, say). Tensors are kept in the
+    latent disk cache; anything else is read again when a run resumes from it."""
 
     name: ClassVar[str]
     label: ClassVar[str]  # what a user calls it, in messages: "condition image"
@@ -106,6 +110,10 @@ class Condition:
     def locate(self, layout, image: Path) -> Any:
         """The item's source (a path, a metadata row...), or None when it has none."""
         raise NotImplementedError
+
+    def locate_all(self, layout, images: list[Path]) -> list:
+        """`locate` for many images at once (override to share work, e.g. one read of a metadata file)."""
+        return [self.locate(layout, p) for p in images]
 
     def check(self, source, image_size: tuple[int, int]) -> str | None:
         """What is wrong with this source for an image of `image_size`, as a short clause; None when fine."""
@@ -134,6 +142,10 @@ class ControlImage(Condition):
 
     def locate(self, layout, image: Path) -> Path | None:
         return find_condition(layout, image)
+
+    def locate_all(self, layout, images: list[Path]) -> list:
+        cache: dict = {}  # each metadata.jsonl is read once, not once per image
+        return [find_condition(layout, p, cache) for p in images]
 
     def check(self, source, image_size):
         from PIL import Image
@@ -201,12 +213,13 @@ def get_condition(name: str) -> Condition:
         raise UserError(f"Unknown conditioning {name!r}: the dataset can read {', '.join(CONDITIONS)}.") from None
 
 
-def to_batch(cond: Condition, values: list[torch.Tensor], device) -> "torch.Tensor | list[torch.Tensor]":
-    """What `batch.cond[name]` holds: uint8 images become floats in [0, 1]; stacked or one per item."""
-    values = [v.float() / 255.0 if v.dtype == torch.uint8 else v for v in values]
+def to_batch(cond: Condition, values: list, device) -> "torch.Tensor | list":
+    """What `batch.cond[name]` holds: uint8 images become floats in [0, 1]; one (B, ...) tensor when the condition
+    is stacked, else a list with each item's value (tensors moved to the device)."""
+    values = [v.float() / 255.0 if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 else v for v in values]
     if cond.stacked:
         return torch.stack(values).to(device)
-    return [v.to(device) for v in values]
+    return [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
 
 
 # -- where a control image is ---------------------------------------------------------------------------------
@@ -290,10 +303,9 @@ class Pair:
 def check_pairs(layout, images: list[Path] | None = None) -> list[Pair]:
     """Every image of the dataset with its control image and problem: missing, unreadable, another size."""
     cond = CONDITIONS["control"]
-    cache: dict = {}
+    images = list(images if images is not None else layout.images)
     out = []
-    for p in images if images is not None else layout.images:
-        src = find_condition(layout, p, cache)
+    for p, src in zip(images, cond.locate_all(layout, images)):
         if src is None:
             out.append(Pair(p, None, "has no condition image"))
             continue

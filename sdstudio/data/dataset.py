@@ -106,15 +106,13 @@ class TrainDataset:
 
     def _locate(self, cond: Condition) -> list:
         """Each item's source for `cond`; raises one UserError naming every missing or bad one."""
-        found: dict = {}
+        sizes = {it.path: it.size for it in self.items}  # each image once (a class image may repeat)
+        found = dict(zip(sizes, cond.locate_all(self.layout, list(sizes))))
         bad = []
-        for it in self.items:
-            if it.path in found:  # a class image can appear once per concept folder; look once
-                continue
-            src = found[it.path] = cond.locate(self.layout, it.path)
-            why = cond.check(src, it.size) if src is not None else (f"has no {cond.label}" if cond.required else None)
+        for path, src in found.items():
+            why = cond.check(src, sizes[path]) if src is not None else (f"has no {cond.label}" if cond.required else None)
             if why:
-                bad.append((it.path, why))
+                bad.append((path, why))
         if bad:
             raise UserError(problems_sentence(bad, len(found), cond.label))
         return [found[it.path] for it in self.items]

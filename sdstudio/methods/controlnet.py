@@ -4,9 +4,9 @@ base model and the base never changes.
 
 Written like diffusers' examples/controlnet/train_controlnet.py: `ControlNetModel.from_unet` (or an existing
 ControlNet to continue), the condition in [0, 1] beside the image in [-1, 1], uniform timesteps, the MSE
-between the UNet's prediction (with the ControlNet's residuals added) and the eps or v target. Its defaults
-come with the presets (lr 1e-5, AdamW, constant schedule); empty prompts, which teach the net to read the image
-alone, are the shared `caption_dropout` (diffusers' --proportion_empty_prompts).
+between the UNet's prediction (with the ControlNet's residuals added) and the eps or v target, AdamW at lr 1e-5
+(its own default, as the script's README trains) with a constant schedule. Empty prompts, which teach the net to
+read the image alone, are the shared `caption_dropout` (diffusers' --proportion_empty_prompts).
 
 The dataset gives each image its control image as `batch.cond["control"]` (data/conditioning.py). Saved: a
 diffusers folder (the Playground, `ControlNetModel.from_pretrained`) and one .safetensors in the original
@@ -78,6 +78,7 @@ class ControlNet(MethodBase):
     name = "controlnet"
     Config = ControlNetConfig
     conditioning = ("control",)  # every image needs its control image: batch.cond["control"], (B, 3, H, W) in [0, 1]
+    run_defaults = {"learning_rate": 1e-5}
 
     # 1. What trains: the ControlNet alone (the UNet, VAE and text encoder stay frozen and bit-identical).
     def prepare(self, c, cfg) -> list[ParamGroup]:

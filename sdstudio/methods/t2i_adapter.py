@@ -78,6 +78,7 @@ class T2IAdapterMethod(MethodBase):
     name = "t2i_adapter"
     Config = T2IAdapterConfig
     conditioning = ("control",)
+    run_defaults = {"learning_rate": 1e-5}  # the T2I-Adapter paper's and diffusers' SDXL adapter examples'
 
     # 1. What trains: the adapter alone; the base stays frozen.
     def prepare(self, c, cfg) -> list[ParamGroup]:

@@ -492,9 +492,10 @@ def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentS
         commands.check()  # Stop works during caching
         path = folder / f"{data.latent_key(i, str(cfg.base_model))}.safetensors" if cfg.cache_latents == "disk" else None
         saved = load_state_dict(path) if path is not None and path.is_file() else {}
-        if "latent" in saved and all(f"cond.{name}" in saved for name in data.conditions):
+        if "latent" in saved:  # conditioning that is not a tensor (boxes with phrases) is not on disk: read it
             store.mem[i] = saved["latent"]
-            store.cond[i] = {name: saved[f"cond.{name}"] for name in data.conditions}
+            store.cond[i] = {name: saved[f"cond.{name}"] if f"cond.{name}" in saved else data.cond(i, name)
+                             for name in data.conditions}
         else:
             gen = torch.Generator(device=acc.device).manual_seed(_seed_for(cfg.seed, "latent", i))
             pix = data.pixels(i)[None].to(acc.device, c.dtype)
@@ -502,7 +503,8 @@ def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentS
                 store.mem[i] = encode_images(c.vae, pix, gen, dtype=c.dtype)[0].float().cpu()
             store.cond[i] = {name: data.cond(i, name) for name in data.conditions}
             if path is not None:
-                save_safetensors({"latent": store.mem[i], **{f"cond.{k}": v for k, v in store.cond[i].items()}}, path)
+                save_safetensors({"latent": store.mem[i], **{f"cond.{k}": v for k, v in store.cond[i].items()
+                                                             if isinstance(v, torch.Tensor)}}, path)
         if i % 4 == 0 or i == n - 1:
             emit(Progress(done=i + 1, total=n, stage="cache", message="caching latents"))
     return store
