@@ -58,6 +58,13 @@ class Batch:
         """The loss mask (B, 1, h, w) in latent space, when masked loss is on."""
         return self.cond.get("mask")
 
+    @mask.setter
+    def mask(self, value) -> None:
+        if value is None:
+            self.cond.pop("mask", None)
+        else:
+            self.cond["mask"] = value
+
 
 class Method(Protocol):
     name: ClassVar[str]  # registry key, and `method = "..."` in a preset
