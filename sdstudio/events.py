@@ -53,6 +53,7 @@ class Preview(Event):
     step: int
     paths: tuple[str, ...]
     captions: tuple[str, ...] = ()
+    conditions: tuple[str, ...] = ()  # per image, the control image it was made from ("" for none)
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ class Saved(Event):
     """A file or folder written: a checkpoint, a LoRA, a dataset."""
 
     path: str
-    kind: str = ""  # "checkpoint", "lora", "embedding", "dataset", ...
+    kind: str = ""  # what the artefact is: "checkpoint", "lora", "controlnet", "t2i_adapter", "dataset", ...
     step: int | None = None
+    published: bool = False  # a copy in the workspace's models/<kind>/ (sdstudio.publish), not the run's own
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,9 @@ def scan_runs(ws: Workspace) -> list[RunEntry]:
                 except (json.JSONDecodeError, ValueError):
                     pass
         ckpts = len(list((d / "checkpoints").glob("step-*"))) if (d / "checkpoints").is_dir() else 0
-        arts = tuple(ws.relative(p) for p in sorted(d.iterdir()) if p.suffix == ".safetensors")
+        # model files, and the model folders a run writes (ControlNet, T2I-Adapter, a fine-tune's pipeline)
+        arts = tuple(ws.relative(p) for p in sorted(d.iterdir()) if p.suffix == ".safetensors"
+                     or p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file()))
         out.append(RunEntry(d.name, ws.relative(d), method, steps, loss, ckpts, arts))
     return out
 

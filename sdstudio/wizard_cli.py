@@ -61,7 +61,7 @@ def _printer(ev) -> None:
         print(f"   step {ev.step}/{ev.total} loss {ev.loss:.4f}", file=sys.stderr, flush=True)
     elif isinstance(ev, Progress) and ev.total and ev.done == ev.total:
         print(f"   {ev.stage}: {ev.done}/{ev.total}", file=sys.stderr, flush=True)
-    elif isinstance(ev, Saved) and ev.kind in ("grid", "published"):
+    elif isinstance(ev, Saved) and (ev.kind == "grid" or ev.published):
         print(f"   saved {ev.path}", file=sys.stderr, flush=True)
 
 

@@ -18,7 +18,7 @@ def fake_batch(n: int = 2, size: int = 64, seed: int = 0, captions=None, mask: b
     if mask:
         m = torch.zeros(n, 1, size // 8, size // 8)
         m[..., 2:6, 2:6] = 1
-    return Batch(captions=list(captions or ["a photo"] * n), pixel_values=px, mask=m)
+    return Batch(captions=list(captions or ["a photo"] * n), pixel_values=px, cond={"mask": m} if mask else {})
 
 
 def train_steps(method, c, cfg, steps: int = 3, batch=None, lr_scale: float = 1.0):

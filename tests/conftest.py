@@ -106,6 +106,11 @@ class AppServer:
         while time.time() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited early:\n{self.log.read_text()}")
+            # Gradio checks that its own page answers within 3 s before launch returns (and exits when it does
+            # not); our requests during that check slow it down on a busy machine. Wait for launch to finish.
+            if "public link" not in self.log.read_text(errors="replace"):
+                time.sleep(0.3)
+                continue
             try:
                 urllib.request.urlopen(self.url, timeout=2)
                 return

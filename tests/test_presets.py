@@ -20,7 +20,7 @@ def test_every_preset_trains_two_steps_on_tiny(name, tmp_path, tiny_dir):
     assert raw.get("method"), f"{name} has no method"
     header = preset_header(name)
     assert "VRAM" in header and "per 1,000 steps" in header, name
-    ds = make_kohya_dataset(tmp_path / "ds", n=2, with_reg=True)
+    ds = make_kohya_dataset(tmp_path / "ds", n=2, with_reg=True, with_cond=True)  # ControlNet/T2I presets need pairs
     sets = fast_sets(ds, tmp_path / "run", max_steps=2)
     # adamw8bit needs CUDA + bitsandbytes, out of reach here: the CPU run uses AdamW, the rest of the preset as is.
     if raw.get("optimizer") == "adamw8bit":

@@ -2,7 +2,9 @@
 PeftLoraLoaderMixinTests). A new method joins automatically by being in methods/registry.py.
 
 Each method runs 2 steps on tiny through the one loop, emits Step and Preview events, and saves something
-that a fresh diffusers pipeline loads (through the method's `load_output` hook) with a visible effect."""
+that a fresh diffusers pipeline loads (through the method's `load_output` hook) with a visible effect. The
+dataset carries control images, which methods that declare `conditioning = ("control",)` train on (and are
+generated with) and the others ignore."""
 from __future__ import annotations
 
 import pytest
@@ -15,15 +17,15 @@ from sdstudio.train.loop import train
 from train_helpers import fast_sets, make_kohya_dataset
 
 
-def _image(pipe, prompt):
+def _image(pipe, prompt, **kw):
     out = pipe(prompt, num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
-               generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+               generator=torch.Generator("cpu").manual_seed(0), output_type="np", **kw)
     return torch.from_numpy(out.images[0])
 
 
 @pytest.mark.parametrize("name", sorted(all_methods()))
 def test_every_method_trains_previews_and_saves_a_loadable_file(name, tmp_path, tiny_dir):
-    ds = make_kohya_dataset(tmp_path / "ds", n=2, with_reg=True)
+    ds = make_kohya_dataset(tmp_path / "ds", n=2, with_reg=True, with_cond=True)
     method_cls = all_methods()[name]
     # A method may name settings it needs on tiny (e.g. its placeholder token) as `contract_settings`.
     extra = dict(getattr(method_cls, "contract_settings", {}))
@@ -35,6 +37,10 @@ def test_every_method_trains_previews_and_saves_a_loadable_file(name, tmp_path, 
     assert [e.step for e in events if isinstance(e, Step)] == [1, 2]
     previews = [e for e in events if isinstance(e, Preview)]
     assert previews and all(p.exists() for e in previews for p in map(__import__("pathlib").Path, e.paths))
+    controlled = "control" in getattr(method_cls, "conditioning", ())
+    if controlled:  # each preview names the control image it was drawn from
+        assert all(e.conditions and all(map(lambda p: __import__("pathlib").Path(p).is_file(), e.conditions))
+                   for e in previews)
     assert isinstance(events[-1], Status) and events[-1].stage == "done"  # the Job running it ends with Finished
     assert outputs and all(p.exists() for p in outputs)
 
@@ -46,5 +52,10 @@ def test_every_method_trains_previews_and_saves_a_loadable_file(name, tmp_path, 
     with torch.no_grad():
         base = _image(pipe, prompt)
         loaded = hook(method_cls(), "load_output")(pipe, outputs)
-        tuned = _image(loaded, prompt)
+        kw = {}
+        if controlled:
+            from PIL import Image
+
+            kw["image"] = Image.open(previews[0].conditions[0]).convert("RGB").resize((64, 64))
+        tuned = _image(loaded, prompt, **kw)
     assert (tuned - base).abs().max() > 1e-4, f"{name}: the saved file has no visible effect in diffusers"

@@ -24,10 +24,31 @@ def make_images(folder: Path, n: int = 4, captions: bool = True, size=(64, 64), 
     return folder
 
 
-def make_kohya_dataset(root: Path, n: int = 4, repeats: int = 2, with_reg: bool = False) -> Path:
+def make_conditions(folder: Path) -> list[Path]:
+    """A control image `name.cond.png` beside each image of `folder`: its inverted grey, so a condition follows
+    its image (and has its size)."""
+    from PIL import Image, ImageOps
+
+    from sdstudio.data.folder import list_images
+
+    out = []
+    for p in list_images(folder):
+        with Image.open(p) as im:
+            cond = ImageOps.invert(im.convert("L")).convert("RGB")
+        out.append(p.with_name(p.stem + ".cond.png"))
+        cond.save(out[-1])
+    return out
+
+
+def make_kohya_dataset(root: Path, n: int = 4, repeats: int = 2, with_reg: bool = False,
+                       with_cond: bool = False) -> Path:
+    """DS/img/<repeats>_sks person/ with n images (and reg/1_person/ class images, and name.cond.png control
+    images beside the instance images)."""
     make_images(root / "img" / f"{repeats}_sks person", n)
     if with_reg:
         make_images(root / "reg" / "1_person", 2, captions=False, seed=7)
+    if with_cond:
+        make_conditions(root / "img" / f"{repeats}_sks person")
     return root
 
 

@@ -35,8 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--character-threshold", type=float, default=0.85, help="WD14: character tag threshold")
     p.add_argument("--exclude-tags", default="", help="WD14: comma-separated tags never written")
     p.add_argument("--keep-underscores", action="store_true", help="WD14: keep long_hair instead of long hair")
-    p.add_argument("--models-dir", type=Path, default=None, help="folder with rembg/ and captioners/ (default: "
-                                                                 "the workspace's models/)")
+    p.add_argument("--condition", default="", metavar="DETECTOR",
+                   help="make a control image for each image (ControlNet/T2I-Adapter training) into DS/conditioning/: "
+                        "canny, lineart_standard, shuffle or invert work offline; hed, softedge, mlsd, depth, normal, "
+                        "openpose, lineart_realistic, lineart_anime need their files in models/annotators. Pairs in "
+                        "the source (x.cond.png, conditioning/, metadata.jsonl) are used without it")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="folder with rembg/, captioners/ and annotators/ (default: the workspace's models/)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (for BLIP)")
     p.set_defaults(func=run_prepare)
 
@@ -110,7 +115,7 @@ def run_prepare(args) -> int:
                         repeats=args.repeats, remove_background=args.remove_background,
                         background_model=args.background_model, background=_colour(args.background),
                         min_side=args.min_side, skip_near_duplicates=args.skip_near_duplicates,
-                        overwrite_captions=args.overwrite_captions,
+                        overwrite_captions=args.overwrite_captions, condition=args.condition,
                         tagger=TaggerConfig(general_threshold=args.general_threshold,
                                             character_threshold=args.character_threshold,
                                             exclude=[t for t in args.exclude_tags.split(",") if t.strip()],

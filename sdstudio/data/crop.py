@@ -115,6 +115,64 @@ def face_box(image, aspect: float = 1.0, margin: float = 0.6) -> tuple[Box, str]
 
 
 # -- the one entry point ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CropPlan:
+    """What a crop does to an image of one size, so that a second image of that size (its control image) can
+    get exactly the same cut: an optional manual box, an optional inner box, then a cover-resize and a trim."""
+
+    manual: Box | None = None
+    inner: Box | None = None
+    resize: tuple[int, int] | None = None  # (w, h) after the boxes; None: no resize (mode "none")
+    trim: Box | None = None  # the final cut, in resized pixels
+
+    def apply(self, image, resample=None):
+        from PIL import Image
+
+        for box in (self.manual, self.inner):
+            if box is not None:
+                image = image.crop(box.tuple())
+        if self.resize is not None:
+            image = image.resize(self.resize, Image.Resampling.LANCZOS if resample is None else resample)
+            image = image.crop(self.trim.tuple())
+        return image
+
+
+def plan_crop(image, mode: str, size: int, box: Box | None = None, margin: float = 0.6,
+              buckets: list[tuple[int, int]] | None = None) -> tuple[CropPlan, list[str]]:
+    """The crop `crop_image` makes, as a plan (see there), plus its notes."""
+    if mode not in CROP_MODES:
+        raise ValueError(f"unknown crop mode {mode!r}; use one of {', '.join(CROP_MODES)}")
+    notes: list[str] = []
+    w, h = image.size
+    manual = inner = None
+    if box is not None:
+        manual = box.clamp(w, h)
+        notes.append(f"manual crop {manual.width}x{manual.height} at ({manual.left}, {manual.top})")
+        mode = "centre" if manual.width == manual.height else "bucket"
+        w, h = manual.width, manual.height
+    if mode == "none":
+        return CropPlan(manual), notes
+    if mode == "bucket":
+        target = nearest_bucket(w, h, buckets or make_buckets(size))
+    else:
+        target = (size, size)
+        if mode == "face":
+            # the face is looked for in what the manual box kept
+            inner, note = face_box(image.crop(manual.tuple()) if manual else image, 1.0, margin=margin)
+        else:
+            inner, note = centre_box(w, h, 1.0), ""
+        if note:
+            notes.append(note)
+        w, h = inner.width, inner.height
+    # Resize to cover the target, then trim the rounding remainder evenly (a few pixels at most in bucket mode).
+    scale = max(target[0] / w, target[1] / h)
+    if scale > 2.0:
+        notes.append(f"upscaled {scale:.1f}x from {w}x{h}: expect a soft image")
+    rw, rh = max(target[0], round(w * scale)), max(target[1], round(h * scale))
+    left, top = (rw - target[0]) // 2, (rh - target[1]) // 2
+    return CropPlan(manual, inner, (rw, rh), Box(left, top, left + target[0], top + target[1])), notes
+
+
 def crop_image(image, mode: str, size: int, box: Box | None = None, margin: float = 0.6,
                buckets: list[tuple[int, int]] | None = None):
     """Crop and resize `image` for training. Returns (image, notes).
@@ -124,38 +182,7 @@ def crop_image(image, mode: str, size: int, box: Box | None = None, margin: floa
     - bucket: no crop; resize to the nearest aspect bucket (only a few edge pixels are trimmed to fit).
     - none:   unchanged.
     A manual `box` (from the UI) overrides the mode: it is cropped, then sized like bucket mode.
+    `plan_crop` gives the same cut as a plan, to apply to an image's control image as well.
     """
-    from PIL import Image
-
-    if mode not in CROP_MODES:
-        raise ValueError(f"unknown crop mode {mode!r}; use one of {', '.join(CROP_MODES)}")
-    notes: list[str] = []
-    w, h = image.size
-    if box is not None:
-        box = box.clamp(w, h)
-        image = image.crop(box.tuple())
-        notes.append(f"manual crop {box.width}x{box.height} at ({box.left}, {box.top})")
-        mode = "centre" if box.width == box.height else "bucket"
-        w, h = image.size
-    if mode == "none":
-        return image, notes
-    if mode == "bucket":
-        target = nearest_bucket(w, h, buckets or make_buckets(size))
-    else:
-        target = (size, size)
-        if mode == "face":
-            b, note = face_box(image, 1.0)
-        else:
-            b, note = centre_box(w, h, 1.0), ""
-        if note:
-            notes.append(note)
-        image = image.crop(b.tuple())
-        w, h = image.size
-    # Resize to cover the target, then trim the rounding remainder evenly (a few pixels at most in bucket mode).
-    scale = max(target[0] / w, target[1] / h)
-    if scale > 2.0:
-        notes.append(f"upscaled {scale:.1f}x from {w}x{h}: expect a soft image")
-    rw, rh = max(target[0], round(w * scale)), max(target[1], round(h * scale))
-    image = image.resize((rw, rh), Image.Resampling.LANCZOS)
-    left, top = (rw - target[0]) // 2, (rh - target[1]) // 2
-    return image.crop((left, top, left + target[0], top + target[1])), notes
+    plan, notes = plan_crop(image, mode, size, box=box, margin=margin, buckets=buckets)
+    return plan.apply(image), notes

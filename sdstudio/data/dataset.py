@@ -1,4 +1,5 @@
-"""The training dataset: aspect buckets, repeats, caption dropout/shuffle with keep-tokens, and the latent and
+"""The training dataset: aspect buckets, repeats, caption dropout/shuffle with keep-tokens, the named
+conditioning each item carries (control images, loss masks: data/conditioning.py), and the latent and
 text-embedding caches.
 
 Every random choice (data order, flips, caption dropout, shuffles) is a pure function of (seed, epoch,
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .folder import DatasetLayout
+from .conditioning import Condition, Cut, get_condition, problems_sentence, upright_size
 from .crop import make_buckets, nearest_bucket  # one bucket list for the preparer and the trainer
+from .folder import DatasetLayout
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Item:
     path: Path
     caption: str
     is_class: bool
-    size: tuple[int, int]  # original (w, h)
+    size: tuple[int, int]  # original (w, h), upright (EXIF rotation applied, as the pixels are read)
     bucket: tuple[int, int]  # training (w, h)
 
 
@@ -65,26 +67,14 @@ def dataset_hash(layout: DatasetLayout) -> str:
     return h.hexdigest()[:16]
 
 
-def _cover_crop(im, bucket: tuple[int, int], resample, flip: bool):
-    """Resize `im` to cover the (w, h) bucket, centre-crop it to the bucket, and flip it if asked: the one cut
-    that images and their masks share."""
-    from PIL import Image
-
-    bw, bh = bucket
-    scale = max(bw / im.width, bh / im.height)
-    nw, nh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
-    im = im.resize((nw, nh), resample)
-    left, top = (nw - bw) // 2, (nh - bh) // 2
-    im = im.crop((left, top, left + bw, top + bh))
-    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
-
-
 class TrainDataset:
-    """The expanded, bucketed dataset. `batch_indices(g)` names the items of global batch g (across epochs)."""
+    """The expanded, bucketed dataset. `batch_indices(g)` names the items of global batch g (across epochs).
 
-    def __init__(self, layout: DatasetLayout, cfg) -> None:
-        from PIL import Image
+    `conditioning` names what the method needs besides the image (its `conditioning` attribute, e.g.
+    ("control",)); a loss mask joins when masked loss is on. Each item's sources are found and checked here,
+    before any model loads, and every bad one is reported at once."""
 
+    def __init__(self, layout: DatasetLayout, cfg, conditioning: tuple[str, ...] = ()) -> None:
         self.layout, self.cfg = layout, cfg
         buckets = make_buckets(cfg.resolution) if cfg.buckets else [(cfg.resolution, cfg.resolution)]
         self.items: list[Item] = []
@@ -94,8 +84,7 @@ class TrainDataset:
             for c in concepts:
                 for p in c.images:
                     try:
-                        with Image.open(p) as im:
-                            size = im.size
+                        size = upright_size(p)
                     except Exception as exc:
                         raise UserError(f"{p.name} in {c.path} is not a readable image ({exc}): remove it.") from None
                     self.items.append(Item(p, layout.captions[p], is_class, size, nearest_bucket(size[0], size[1], buckets)))
@@ -111,6 +100,22 @@ class TrainDataset:
         opts = getattr(cfg, "options", None)
         self.masks_wanted = bool(getattr(cfg, "masked_loss", False)
                                  or getattr(opts, "uses_masks", getattr(opts, "masked_loss", False)))
+        names = list(dict.fromkeys(list(conditioning) + (["mask"] if self.masks_wanted else [])))
+        self.conditions: dict[str, Condition] = {n: get_condition(n) for n in names}
+        self.sources: dict[str, list] = {n: self._locate(c) for n, c in self.conditions.items()}
+
+    def _locate(self, cond: Condition) -> list:
+        """Each item's source for `cond`; raises one UserError naming every missing or bad one."""
+        sizes = {it.path: it.size for it in self.items}  # each image once (a class image may repeat)
+        found = dict(zip(sizes, cond.locate_all(self.layout, list(sizes))))
+        bad = []
+        for path, src in found.items():
+            why = cond.check(src, sizes[path]) if src is not None else (f"has no {cond.label}" if cond.required else None)
+            if why:
+                bad.append((path, why))
+        if bad:
+            raise UserError(problems_sentence(bad, len(found), cond.label))
+        return [found[it.path] for it in self.items]
 
     def _epoch_indices(self, epoch: int) -> list[int]:
         """Instance images with repeats, plus as many class images (cycled) for prior preservation."""
@@ -143,36 +148,31 @@ class TrainDataset:
         return epoch, self._cached_batches[pos]
 
     # -- one sample -----------------------------------------------------------------------------------
+    def cut(self, i: int, flip: bool = False) -> Cut:
+        """How item i becomes a sample: the one cut its pixels and all of its conditioning share."""
+        item = self.items[i]
+        return Cut(item.size, item.bucket, flip)
+
     def pixels(self, i: int, flip: bool = False) -> torch.Tensor:
         """The image resized to cover its bucket, centre-cropped, as (3, H, W) in [-1, 1]."""
         from PIL import Image
 
         from .images import open_rgb
 
-        item = self.items[i]
-        im = _cover_crop(open_rgb(item.path), item.bucket, Image.Resampling.LANCZOS, flip)
+        im = self.cut(i, flip).image(open_rgb(self.items[i].path), Image.Resampling.LANCZOS)
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def cond(self, i: int, name: str, flip: bool = False) -> torch.Tensor:
+        """Item i's conditioning `name`, cut exactly like `pixels(i, flip)`."""
+        return self.conditions[name].read(self.sources[name][i], self.cut(i, flip))
 
     def mask(self, i: int, flip: bool = False) -> torch.Tensor:
         """The loss mask in latent space, (1, H/8, W/8) in [0, 1], cut exactly like `pixels`; all ones when the
         image has no `<name>.mask.png` beside it."""
-        from PIL import Image
-
         from .folder import mask_path
 
-        item = self.items[i]
-        bw, bh = item.bucket
-        p = mask_path(item.path)
-        if p is None:
-            return torch.ones(1, bh // 8, bw // 8)
-        with Image.open(p) as m:
-            m = m.convert("L")
-            if m.size != item.size:  # a mask drawn at another size still covers the whole image
-                m = m.resize(item.size, Image.Resampling.BILINEAR)
-            m = _cover_crop(m, item.bucket, Image.Resampling.BILINEAR, flip)
-            m = m.resize((bw // 8, bh // 8), Image.Resampling.BOX)  # the share of each latent cell inside the mask
-        return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
+        return get_condition("mask").read(mask_path(self.items[i].path), self.cut(i, flip))
 
     def caption(self, i: int, epoch: int, pos: int) -> str:
         cfg = self.cfg
@@ -190,6 +190,10 @@ class TrainDataset:
         return sorted(caps)
 
     def latent_key(self, i: int, base_ref: str) -> str:
+        """The disk-cache name of item i: changes when the image, its bucket, the base or a conditioning
+        source changes."""
         it = self.items[i]
         st = it.path.stat()
-        return hashlib.sha1(f"{it.path}|{st.st_size}|{st.st_mtime_ns}|{it.bucket}|{base_ref}".encode()).hexdigest()
+        conds = "|".join(f"{n}={c.fingerprint(self.sources[n][i])}" for n, c in sorted(self.conditions.items()))
+        key = f"{it.path}|{st.st_size}|{st.st_mtime_ns}|{it.bucket}|{base_ref}" + (f"|{conds}" if conds else "")
+        return hashlib.sha1(key.encode()).hexdigest()

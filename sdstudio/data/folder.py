@@ -48,11 +48,13 @@ def parse_concept_dir(name: str) -> tuple[int, str, str] | None:
 
 
 MASK_TAG = ".mask"  # `0001.mask.png` beside `0001.png`: white = learn here, black = ignore (masked loss)
+COND_TAG = ".cond"  # `0001.cond.png` beside `0001.png`: its control image (data/conditioning.py)
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The training images in `folder`: not hidden, not a mask or a control image that goes with another."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                  and not p.name.startswith(".") and not p.stem.endswith(MASK_TAG))
+                  and not p.name.startswith(".") and not p.stem.endswith((MASK_TAG, COND_TAG)))
 
 
 def mask_path(image: Path) -> Path | None:
@@ -77,6 +79,26 @@ def read_caption(image: Path, metadata: dict[str, str] | None = None) -> str | N
     if metadata is not None:
         return metadata.get(image.name)
     return None
+
+
+def metadata_images(folder: Path) -> list[Path]:
+    """The images a folder's metadata.jsonl lists by `file_name`, in subfolders too (the Hugging Face
+    imagefolder layout: images/0.png, conditioning_images/0.png, metadata.jsonl)."""
+    p = folder / "metadata.jsonl"
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if isinstance(name, str) and name:
+            img = (folder / name)
+            if img.is_file() and img.suffix.lower() in IMAGE_EXTS and folder.resolve() in img.resolve().parents:
+                out.append(img)
+    return sorted(dict.fromkeys(out))
 
 
 def read_metadata_jsonl(folder: Path) -> dict[str, str] | None:
@@ -172,6 +194,8 @@ def read_dataset(root: Path | str, *, default_caption: str = "", need_class: boo
             raise UserError(f"{root} is one concept folder inside a dataset: choose the dataset folder "
                             f"{root.parent.parent} instead (it keeps the repeats and other concepts).")
         concepts, kind, img_root = [Concept(root, 1, "", "", list_images(root))], "plain", root
+    elif metadata_images(root):  # images/ + metadata.jsonl naming them (Hugging Face imagefolder, fill50k)
+        concepts, kind, img_root = [Concept(root, 1, "", "", metadata_images(root))], "plain", root
     else:
         subs = [d for d in sorted(root.iterdir()) if d.is_dir() and _looks_like_dataset(d)]
         if subs:

@@ -7,6 +7,12 @@
     5. caption   existing .txt captions, or a captioner; trigger and class word first
     6. write     DS/img/<repeats>_<trigger> <class>/ (+ .txt), DS/metadata.jsonl, DS/dataset.toml, DS/report.json
 
+Control images (ControlNet / T2I-Adapter datasets) come along in DS/conditioning/<repeats>_<trigger> <class>/,
+cut exactly like their images: the user's own (`x.cond.png` beside `x.png`, a `conditioning/` folder mirroring
+the source, or metadata.jsonl's conditioning_image column), else made by a detector (`condition = "canny"`).
+Once a source brings pairs, an image without its control image, or with one of another size, is skipped and
+reported, never silently dropped.
+
 One bad file never stops the batch: it becomes a report line with its reason. Everything is written inside
 the output folder, atomically (img/ is built in a temporary sibling and swapped in; reg/ is left alone).
 """
@@ -26,7 +32,8 @@ from ..errors import UserError
 from ..events import Progress, Saved, Status
 from ..formats.safe_io import atomic_dir, atomic_write_text
 from .caption import TaggerConfig, make_captioner, split_tags, with_prefix
-from .crop import CROP_MODES, Box, crop_image, make_buckets, nearest_bucket
+from .crop import CROP_MODES, Box, make_buckets, nearest_bucket, plan_crop
+from .conditioning import CONDITIONING_DIR
 from .folder import caption_path, concept_dir_name, list_images, parse_concept_dir, read_caption
 from .images import IMAGE_EXTS, find_near_duplicates, inspect_image, safe_extract_zip, walk_files
 
@@ -54,6 +61,7 @@ class PrepareConfig:
     manual_crops: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # source name -> box
     tagger: TaggerConfig = field(default_factory=TaggerConfig)
     caption_batch: int = 4  # images per captioner call
+    condition: str = ""  # a detector that makes control images (data/detectors.py): canny, lineart_standard, ...
 
     def validate(self) -> None:
         if self.crop not in CROP_MODES:
@@ -66,6 +74,10 @@ class PrepareConfig:
             raise UserError("Give a trigger word or a class word (or both): they name the dataset's folder.")
         if re.search(r"[/\\,]", self.trigger + self.class_word):
             raise UserError("Trigger and class words cannot contain '/', '\\' or ',': use plain words.")
+        if self.condition and self.condition != "none":
+            from .detectors import canonical
+
+            canonical(self.condition)
 
 
 @dataclass
@@ -79,6 +91,7 @@ class Item:
     size: tuple[int, int] = (0, 0)  # source size (upright)
     out_size: tuple[int, int] = (0, 0)
     caption: str = ""
+    condition: str = ""  # its control image, relative to the dataset folder ("" when none)
 
     def warn(self, why: str) -> None:
         self.reasons.append(why)
@@ -107,8 +120,9 @@ class Report:
 
     def lines(self) -> list[str]:
         s = self.summary
+        pairs = sum(bool(i.condition) for i in self.kept)
         out = [f"{len(self.kept)} kept ({sum(i.status == WARNING for i in self.items)} with warnings), "
-               f"{len(self.skipped)} skipped -> {self.dataset}"]
+               f"{len(self.skipped)} skipped -> {self.dataset}" + (f"; {pairs} with a control image" if pairs else "")]
         out += [f"  skipped {i.source}: {'; '.join(i.reasons)}" for i in self.skipped]
         out += [f"  warning {i.source}: {'; '.join(i.reasons)}" for i in self.items if i.status == WARNING]
         if s.get("count"):
@@ -124,9 +138,11 @@ def _top(counts: dict, n: int = 5) -> str:
 
 
 # -- 1. collect ------------------------------------------------------------------------------------------------------
-def collect(sources: Path | list[Path], staging: Path) -> tuple[list[tuple[str, Path]], list[Item], dict[str, str]]:
-    """(name, file) for every candidate image, items for files skipped while collecting, and captions found
-    beside the images ({name: caption})."""
+def collect(sources: Path | list[Path], staging: Path
+            ) -> tuple[list[tuple[str, Path]], list[Item], dict[str, str], dict[str, Path]]:
+    """(name, file) for every candidate image, items for files skipped while collecting, captions found beside
+    the images ({name: caption}), and control images that come with them ({name: file}: `x.cond.png` beside
+    `x.png`, a `conditioning/` folder mirroring the source, or metadata.jsonl's conditioning_image column)."""
     roots: list[tuple[Path, list[Path]]] = []
     skipped: list[Item] = []
     queue = [Path(s) for s in ([sources] if isinstance(sources, (str, Path)) else list(sources))]
@@ -151,11 +167,15 @@ def collect(sources: Path | list[Path], staging: Path) -> tuple[list[tuple[str, 
             raise UserError(f"{src} does not exist: choose a folder, a zip or image files.")
     candidates: list[tuple[str, Path]] = []
     captions: dict[str, str] = {}
+    conditions: dict[str, Path] = {}
     for root, files in roots:
         by_stem = {f.with_suffix(""): f for f in files if f.suffix.lower() not in CAPTION_EXTS}
+        cond_files = _source_conditions(root, files, by_stem, conditions)
         for f in files:
             name = f.relative_to(root).as_posix() if root in f.parents else f.name
             suffix = f.suffix.lower()
+            if f in cond_files:
+                continue  # a control image goes with its image (kept in `conditions`), it is not one to train on
             if suffix in CAPTION_EXTS and f.with_suffix("") in by_stem:
                 img = by_stem[f.with_suffix("")]
                 text = f.read_text(encoding="utf-8", errors="replace").strip()
@@ -172,7 +192,45 @@ def collect(sources: Path | list[Path], staging: Path) -> tuple[list[tuple[str, 
                 candidates.append((name, f))
             else:
                 skipped.append(Item(source=name, status=SKIPPED, reasons=[f"not an image file ({suffix})"]))
-    return candidates, skipped, captions
+    return candidates, skipped, captions, conditions
+
+
+def _source_conditions(root: Path, files: list[Path], by_stem: dict, out: dict[str, Path]) -> set[Path]:
+    """Find the control images among a source's files: fill `out` ({image name: control image}) and return
+    the control files (which are then not candidates)."""
+    from .conditioning import CONDITIONING_DIR, METADATA_COLUMNS
+    from .folder import COND_TAG
+
+    def rel(f: Path) -> str:
+        return f.relative_to(root).as_posix() if root in f.parents else f.name
+
+    found: set[Path] = set()
+    images = {f.with_suffix(""): f for f in by_stem.values() if f.suffix.lower() in IMAGE_EXTS}
+    for f in files:
+        if f.suffix.lower() not in IMAGE_EXTS:
+            continue
+        parts = f.relative_to(root).parts if root in f.parents else (f.name,)
+        if f.stem.endswith(COND_TAG):  # x.cond.png beside x.png
+            img = images.get(f.with_name(f.stem[:-len(COND_TAG)]))
+        elif len(parts) > 1 and parts[0] == CONDITIONING_DIR:  # conditioning/a/x.png for a/x.png
+            img = images.get(root.joinpath(*parts[1:]).with_suffix(""))
+        else:
+            continue
+        found.add(f)
+        if img is not None:
+            out[rel(img)] = f
+    for meta in (f for f in files if f.name == "metadata.jsonl"):
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                col = next(row[c] for c in METADATA_COLUMNS if row.get(c))
+                img, cond = meta.parent / row["file_name"], meta.parent / col
+            except (ValueError, KeyError, TypeError, StopIteration):
+                continue
+            if cond.is_file():
+                found.add(cond)
+                out[rel(img)] = cond
+    return found
 
 
 def _sniff_image(path: Path) -> bool:
@@ -203,8 +261,19 @@ def prepare(sources: Path | list[Path], out: Path, cfg: PrepareConfig, *, models
 
 def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, emit, check, device) -> Report:
     emit(Status("collecting files", stage="collect"))
-    candidates, items, captions = collect(sources, staging)
+    candidates, items, captions, conditions = collect(sources, staging)
     concept = concept_dir_name(cfg.repeats, cfg.trigger, cfg.class_word)
+    detector = cfg.condition if cfg.condition and cfg.condition != "none" else ""
+    annotators = Path(models_dir) / "annotators" if models_dir else None
+    if detector:
+        from .detectors import canonical, missing_weights
+
+        missing = missing_weights(detector, annotators)
+        if missing:  # before any image is touched, not once per image
+            raise UserError(f"The {canonical(detector)} detector needs {' and '.join(missing)} in models/annotators: "
+                            f"download it from lllyasviel/Annotators and put it there, or use canny, "
+                            f"lineart_standard or shuffle (no download).")
+    pairs = Pairing(conditions, detector, annotators)
     remover = None
     if cfg.remove_background:
         from .background import BackgroundRemover
@@ -219,9 +288,10 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
     seen_sha: dict[str, str] = {}
     hashes: dict[str, int] = {}
     kept: list[tuple[Item, Path]] = []
-    with atomic_dir(out / "img") as img_root:
+    with atomic_dir(out / "img") as img_root, atomic_dir(out / CONDITIONING_DIR) as cond_root:
         folder = img_root / concept
         folder.mkdir()
+        pairs.folder = cond_root / concept
         used_names: set[str] = set()
         for n, (name, path) in enumerate(candidates, 1):
             check()  # Stop lands between images
@@ -229,7 +299,7 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
             item = Item(source=name)
             items.append(item)
             try:
-                _one(item, path, cfg, seen_sha, hashes, remover, buckets, folder, used_names, captions)
+                _one(item, path, cfg, seen_sha, hashes, remover, buckets, folder, used_names, captions, pairs)
             except UserError as exc:  # a model that fails on this one image: skip it, keep going
                 item.skip(str(exc))
             except Exception as exc:  # a bug or a codec crash on one file must not end the batch
@@ -243,7 +313,8 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
             if cfg.skip_near_duplicates:
                 item.skip(f"near-duplicate of {other}")
                 (folder / Path(item.output).name).unlink()
-                item.output = ""
+                (pairs.folder / Path(item.output).name).unlink(missing_ok=True)
+                item.output = item.condition = ""
             else:
                 item.warn(f"near-duplicate of {other}")
         kept = [(i, p) for i, p in kept if i.status != SKIPPED]
@@ -256,6 +327,10 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
         for item, img in kept:
             atomic_write_text(caption_path(img), item.caption + "\n")
             item.output = f"img/{concept}/{img.name}"
+            if item.condition:
+                item.condition = f"{CONDITIONING_DIR}/{concept}/{img.name}"
+    if not any(i.condition for i in items):  # no pairs: no empty conditioning/ folder
+        shutil.rmtree(out / CONDITIONING_DIR, ignore_errors=True)
     emit(Status("writing metadata", stage="write"))
     summary = summarize(out)
     report = Report(dataset=out, items=items, summary=summary, config=_plain(cfg))
@@ -286,18 +361,63 @@ def _check(item: Item, path: Path, cfg: PrepareConfig, seen_sha: dict, hashes: d
     return info
 
 
+@dataclass
+class Pairing:
+    """Control images for one prepare: the source's own ({name: file}), else the detector's."""
+
+    given: dict[str, Path]
+    detector: str = ""
+    annotators: Path | None = None
+    folder: Path | None = None  # where they are written: DS/conditioning/<concept>/ (in the atomic temp folder)
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.given or self.detector)
+
+    def make(self, item: Item, source_size: tuple[int, int], plan, image):
+        """This item's control image, cut like `image`; None (and the item skipped with why) when it cannot have
+        one, or when this dataset has no control images at all."""
+        from PIL import Image
+
+        from .images import open_rgb
+
+        src = self.given.get(item.source)
+        if src is None and self.detector:
+            from .detectors import preprocess
+
+            return preprocess(image, self.detector, self.annotators)
+        why = pair_problem(src, source_size)
+        if why:
+            item.skip(why)
+            return None
+        return plan.apply(open_rgb(src), Image.Resampling.BILINEAR)
+
+
+def pair_problem(src: Path | None, image_size: tuple[int, int]) -> str:
+    """What is wrong with an image's own control image ("" when nothing): missing, unreadable, another size."""
+    from .conditioning import CONDITIONS
+
+    if src is None:
+        return "has no condition image (the other images have one: x.cond.png beside x.png, or conditioning/x.png)"
+    return CONDITIONS["control"].check(src, image_size) or ""
+
+
 def _one(item: Item, path: Path, cfg: PrepareConfig, seen_sha, hashes, remover, buckets, folder: Path,
-         used_names: set[str], captions: dict[str, str]) -> None:
+         used_names: set[str], captions: dict[str, str], pairs: Pairing | None = None) -> None:
     info = _check(item, path, cfg, seen_sha, hashes)
     if info is None:
         return
     box = cfg.manual_crops.get(item.source)
-    image, notes = crop_image(info.image, cfg.crop, cfg.size, box=Box(*box) if box else None,
-                              margin=cfg.face_margin, buckets=buckets)
+    plan, notes = plan_crop(info.image, cfg.crop, cfg.size, box=Box(*box) if box else None, margin=cfg.face_margin,
+                            buckets=buckets)
+    image = plan.apply(info.image)
     for note in notes:
         (item.reasons.append if note.startswith("manual") else item.warn)(note)
     if remover is not None:
         image = remover.remove(image, cfg.background)
+    cond = pairs.make(item, info.size, plan, image) if pairs is not None and pairs.wanted else None
+    if item.status == SKIPPED:
+        return
     item.out_size = image.size
     stem = _safe_stem(Path(item.source).with_suffix("").as_posix().replace("/", "_"))
     name, k = f"{stem}.png", 1
@@ -309,6 +429,10 @@ def _one(item: Item, path: Path, cfg: PrepareConfig, seen_sha, hashes, remover, 
     image.save(buf, format="PNG")
     (folder / name).write_bytes(buf.getvalue())  # inside the atomic temp folder: swapped in whole at the end
     item.output = name
+    if cond is not None:
+        pairs.folder.mkdir(parents=True, exist_ok=True)
+        cond.save(pairs.folder / name, format="PNG")
+        item.condition = name
     item.caption = captions.get(item.source, "")
 
 
@@ -375,10 +499,15 @@ def _toml_safe(v):
 
 
 def write_metadata_jsonl(out: Path) -> Path:
+    """One row per image: file_name and text (the Hugging Face imagefolder layout), plus conditioning_image when
+    the image has a control image in DS/conditioning/ (diffusers' train_controlnet.py reads that column)."""
     rows = []
     for img in dataset_images(out):
-        rows.append(json.dumps({"file_name": img.relative_to(out).as_posix(),
-                                "text": read_caption(img) or ""}, ensure_ascii=False))
+        row = {"file_name": img.relative_to(out).as_posix(), "text": read_caption(img) or ""}
+        cond = Path(out) / CONDITIONING_DIR / img.parent.name / img.name
+        if cond.is_file():
+            row["conditioning_image"] = cond.relative_to(out).as_posix()
+        rows.append(json.dumps(row, ensure_ascii=False))
     return atomic_write_text(out / "metadata.jsonl", "\n".join(rows) + ("\n" if rows else ""))
 
 
@@ -489,7 +618,7 @@ def scan(sources: Path | list[Path], out: Path, cfg: PrepareConfig, emit: Callab
     thumbs.mkdir(parents=True)
     staging = out / ".scan"
     shutil.rmtree(staging, ignore_errors=True)
-    candidates, items, _captions = collect(sources, staging)
+    candidates, items, _captions, conditions = collect(sources, staging)
     rows: list[dict] = [{**asdict(i), "path": "", "thumb": ""} for i in items]
     seen_sha: dict = {}
     hashes: dict = {}
@@ -501,6 +630,11 @@ def scan(sources: Path | list[Path], out: Path, cfg: PrepareConfig, emit: Callab
         except Exception as exc:  # one odd file must not end the scan
             info = None
             item.skip(f"could not be processed ({type(exc).__name__})")
+        if info is not None and conditions:  # the source brings pairs: check this one as prepare will
+            src = conditions.get(name)
+            why = pair_problem(src, info.size) if src is not None or not cfg.condition else ""
+            if why:
+                item.skip(why)
         thumb = thumbs / f"{n:05d}.jpg"
         if info is not None:
             im = info.image.copy()

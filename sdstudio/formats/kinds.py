@@ -44,7 +44,8 @@ def detect_kind_from_keys(keys) -> str:
     if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys) and \
             any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
         return "vae"  # A1111's VAE files (vae-ft-mse-840000-ema-pruned) and diffusers AutoencoderKL weights
-    if any(k.startswith("controlnet_cond_embedding.") or k.startswith("control_model.") for k in keys):
+    if any(k.startswith(("controlnet_cond_embedding.", "control_model.", "input_hint_block.", "zero_convs."))
+           for k in keys):  # diffusers, ControlNet 1.0 (prefixed) and 1.1 (bare) layouts
         return "controlnet"
     if any(k.startswith("adapter.") or k.startswith("body.") for k in keys) and not any("conv_in" in k for k in keys):
         return "t2i_adapter"

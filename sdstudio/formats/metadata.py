@@ -25,7 +25,8 @@ ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": 
 ARCH_SD2_V = "stable-diffusion-v2-768-v"
 IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
-ADAPTER_KINDS = {"lora": "lora", "lycoris": "lora", "edlora": "lora", "textual-inversion": "textual-inversion"}
+ADAPTER_KINDS = {"lora": "lora", "lycoris": "lora", "edlora": "lora", "textual-inversion": "textual-inversion",
+                 "controlnet": "controlnet"}  # the model spec's architecture suffix ("stable-diffusion-v1/controlnet")
 
 # The optimizer classes train/optim.py builds, by setting (sd-scripts writes module + "." + class name).
 OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",

@@ -202,3 +202,16 @@ def read_safetensors_keys(path: Path | str) -> list[str]:
 
     with safe_open(str(path), framework="pt") as f:
         return list(f.keys())
+
+
+def save_model_folder(model, folder: Path | str, dtype=None) -> Path:
+    """A diffusers model's folder (config.json + weights), written atomically, with the floating-point weights in
+    `dtype` (the live model keeps its own): what ControlNets and T2I-Adapters are saved as."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if dtype is not None:
+            for f in tmp.glob("*.safetensors"):
+                sd = load_state_dict(f)
+                save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, f,
+                                 {"format": "pt"})
+    return Path(folder)

@@ -34,6 +34,10 @@ class Batch:
 
     Either `pixel_values` or `latents` is set (latents when the latent cache is on); either `input_ids` or
     `encoder_hidden_states` (the latter when the text-encoder cache is on and the text encoder is frozen).
+
+    `cond` holds the named conditioning the method asked for with its `conditioning` attribute, cut like the
+    images (data/conditioning.py): "control" (B, 3, H, W) in [0, 1], "mask" (B, 1, H/8, W/8) in [0, 1], and
+    whatever a new `Condition` adds; a variable-length one (boxes) is a list with one tensor per item.
     """
 
     captions: list[str]
@@ -42,11 +46,24 @@ class Batch:
     input_ids: "torch.Tensor | None" = None  # (B, 77) per text encoder: list for SDXL
     encoder_hidden_states: "torch.Tensor | None" = None
     is_class: "torch.Tensor | None" = None  # (B,) bool: prior-preservation (class) images
-    mask: "torch.Tensor | None" = None  # (B, 1, h, w) loss mask in latent space, optional
+    cond: dict = field(default_factory=dict)  # name -> (B, ...) tensor, or a list of per-item tensors
+    index: list = field(default_factory=list)  # each item's index in the dataset (TrainDataset.items)
     extra: dict = field(default_factory=dict)
     # The only source of randomness a loss may use (noise, timesteps, VAE sampling). The loop seeds it from
     # (seed, step, rank), which is what makes a resumed run repeat the uninterrupted one exactly.
     generator: "torch.Generator | None" = None
+
+    @property
+    def mask(self) -> "torch.Tensor | None":
+        """The loss mask (B, 1, h, w) in latent space, when masked loss is on."""
+        return self.cond.get("mask")
+
+    @mask.setter
+    def mask(self, value) -> None:
+        if value is None:
+            self.cond.pop("mask", None)
+        else:
+            self.cond["mask"] = value
 
 
 class Method(Protocol):
@@ -58,6 +75,18 @@ class Method(Protocol):
     def loss(self, c: "Components", batch: Batch, step: int) -> "torch.Tensor": ...
 
     def save(self, c: "Components", out: Path) -> list[Path]: ...
+
+
+@dataclass
+class Footprint:
+    """What a method puts on the GPU beyond the frozen base, for the VRAM and time estimate (train/estimate.py):
+    parameter counts and multiples of a LoRA step, so the estimate needs no method names."""
+
+    trainable: int  # parameters that train: fp32 weights + grads + optimizer state each
+    text_encoder_trains: bool = False  # the text encoder's activations are kept for its backward pass
+    extra_frozen: int = 0  # parameters loaded besides the base that do not train
+    activations: float = 1.0  # the backward pass's activations, as a multiple of a LoRA step's
+    time: float = 1.0  # seconds per step, as a multiple of a LoRA step's
 
 
 @dataclass
@@ -85,15 +114,23 @@ class MethodBase:
     the loop calls each hook through this class's defaults when a method does not define it.
 
     - `run`: a RunInfo, set by the loop before `prepare`.
+    - `conditioning` (class attribute, tuple of names): what the dataset must give each item besides the image,
+      as `batch.cond[name]` (data/conditioning.py says how each is found, checked and cut), e.g. ("control",).
+      The preflight refuses a dataset where any item lacks one. Default: none.
+    - `trainable_modules(c)`: [(prefix, module)] that train: put in train mode, gradient-checkpointed, checkpointed
+      and put in eval mode for previews. Default: the UNet, and each text encoder with a trainable parameter.
     - `trainable_state_dict(c)` / `load_trainable_state_dict(c, sd)`: what a checkpoint stores and restores.
-      Default: every parameter with requires_grad in the UNet and text encoders, under "unet." / "te{i}.".
+      Default: every parameter with requires_grad in `trainable_modules`, under "<prefix>.".
     - `text_encoder_trainable(c)`: whether the text encoders train; when False (and cache_text is on) the loop
       caches text embeddings and hands them in as `batch.encoder_hidden_states`. Default: any TE parameter
       has requires_grad after `prepare`.
     - `on_step_end(c, step)`: after each optimizer step (e.g. Textual Inversion restores the embedding rows
       it must not change). Default: nothing.
     - `preview_pipeline(c)`: the pipeline previews use, over the weights being trained (no copy). Default:
-      `c.pipeline()` with a fast DPM-Solver scheduler.
+      `c.pipeline()` with a fast DPM-Solver scheduler. A method with "control" conditioning gets each preview's
+      validation control image as `image=` (StableDiffusionControlNetPipeline and the Adapter pipeline take it).
+    - `footprint(cfg, arch, family)`: a `Footprint` for the VRAM/time estimate; `arch` holds the base's parameter
+      counts ("unet", "te", "vae") and a LoRA's on it ("unet_lora", "te_lora"). Default: a LoRA-sized bound.
     - `load_output(pipe, paths)`: load what `save` wrote into a fresh diffusers pipeline of the base model, as
       a user would. The contract test (tests/test_train_contract.py) uses it. Default: by file kind (LoRA ->
       `load_lora_weights`, embedding -> `load_textual_inversion`, diffusers folder -> `from_pretrained`).
@@ -109,10 +146,15 @@ class MethodBase:
     run: RunInfo | None = None
     contract_settings: ClassVar[dict] = {}
     run_defaults: ClassVar[dict] = {}
+    conditioning: ClassVar[tuple[str, ...]] = ()
+
+    def trainable_modules(self, c: "Components") -> list[tuple[str, Any]]:
+        return [("unet", c.unet)] + [(f"te{i}", te) for i, te in enumerate(c.text_encoders)
+                                     if any(p.requires_grad for p in te.parameters())]
 
     def trainable_state_dict(self, c: "Components") -> dict:
         out = {}
-        for prefix, module in _trainable_modules(c):
+        for prefix, module in hook(self, "trainable_modules")(c):
             for name, p in module.named_parameters():
                 if p.requires_grad:
                     out[f"{prefix}.{name}"] = p.detach()
@@ -122,7 +164,7 @@ class MethodBase:
         import torch
 
         with torch.no_grad():
-            for prefix, module in _trainable_modules(c):
+            for prefix, module in hook(self, "trainable_modules")(c):
                 params = dict(module.named_parameters())
                 for key, value in sd.items():
                     if key.startswith(prefix + "."):
@@ -145,9 +187,10 @@ class MethodBase:
     def load_output(self, pipe, paths: list[Path]):
         return default_load_output(pipe, paths)
 
-
-def _trainable_modules(c: "Components") -> list[tuple[str, Any]]:
-    return [("unet", c.unet)] + [(f"te{i}", te) for i, te in enumerate(c.text_encoders)]
+    def footprint(self, cfg, arch: dict, family) -> Footprint:
+        # Embeddings and other small methods: a LoRA-sized upper bound.
+        return Footprint(trainable=arch["unet_lora"],
+                         text_encoder_trains=bool(getattr(cfg.options, "train_text_encoder", False)))
 
 
 def hook(method: Any, name: str):

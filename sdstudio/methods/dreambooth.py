@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..fields import setting
 from .base import MethodBase, ParamGroup, register
-from .full import prepare_full, save_full
+from .full import full_footprint, prepare_full, save_full
 
 
 @dataclass
@@ -36,6 +36,9 @@ class DreamBooth(MethodBase):
         self.cfg = cfg
         o: DreamBoothConfig = cfg.options
         return prepare_full(c, cfg, o.train_text_encoder, o.text_encoder_lr)
+
+    def footprint(self, cfg, arch, family):
+        return full_footprint(arch, cfg.options.train_text_encoder)
 
     def loss(self, c, batch, step):
         from ..train.noise import denoising_loss

@@ -336,7 +336,7 @@ class EDLoRA(MethodBase):
         ensure_processors(c.unet, self.cross[0], self.rec, self.proc_cls)
         subject_mask = batch.mask
         if not self.o.masked_loss and batch.mask is not None:
-            batch = dataclasses.replace(batch, mask=None)
+            batch = dataclasses.replace(batch, cond={k: v for k, v in batch.cond.items() if k != "mask"})
         # The regularisation acts on the background only: without one (no mask files: all ones) it is zero, so
         # the step keeps the fast attention kernel.
         if self.rec is None or subject_mask is None or not bool((subject_mask < 0.5).any()):

@@ -35,6 +35,14 @@ def prepare_full(c, cfg, train_text_encoder: bool, text_encoder_lr: float) -> li
     return groups
 
 
+def full_footprint(arch: dict, train_text_encoder: bool):
+    """Every UNet weight trains (and the text encoder's, when asked)."""
+    from .base import Footprint
+
+    return Footprint(trainable=arch["unet"] + (arch["te"] if train_text_encoder else 0),
+                     text_encoder_trains=train_text_encoder)
+
+
 def save_full(c, cfg, run, out: Path, save_precision: str, single_file: bool, kind: str) -> list[Path]:
     """A diffusers folder <name>/ plus <name>.safetensors (original layout), both written atomically."""
     import torch
@@ -73,6 +81,9 @@ class Full(MethodBase):
         self.cfg = cfg
         o: FullConfig = cfg.options
         return prepare_full(c, cfg, o.train_text_encoder, o.text_encoder_lr)
+
+    def footprint(self, cfg, arch, family):
+        return full_footprint(arch, cfg.options.train_text_encoder)
 
     def loss(self, c, batch, step):
         from ..train.noise import denoising_loss

@@ -134,6 +134,13 @@ class Lora(MethodBase):
                                                       if p.requires_grad], o.text_encoder_lr))
         return groups
 
+    # For the VRAM/time estimate: the LoRA on the UNet, and on the text encoder when it trains.
+    def footprint(self, cfg, arch, family):
+        from .base import Footprint
+
+        te = cfg.options.train_text_encoder
+        return Footprint(trainable=arch["unet_lora"] + (arch["te_lora"] if te else 0), text_encoder_trains=te)
+
     # 2. What is minimised: the standard denoising loss (min-SNR, v-pred, prior preservation all inside).
     def loss(self, c, batch, step):
         from ..train.noise import denoising_loss

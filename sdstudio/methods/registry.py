@@ -8,3 +8,6 @@ from . import full  # noqa: F401,E402
 from . import textual_inversion  # noqa: F401,E402
 from . import edlora  # noqa: F401,E402
 from . import pivotal  # noqa: F401,E402
+# The conditioning issue adds: controlnet, t2i_adapter (they train on batch.cond["control"]).
+from . import controlnet  # noqa: F401,E402
+from . import t2i_adapter  # noqa: F401,E402

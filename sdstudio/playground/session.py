@@ -16,8 +16,9 @@ from .stack import Stack, resolve_prompt_loras
 log = logging.getLogger("sdstudio.playground")
 
 
-def load_control_model(path: Path, kind: str, dtype=None, device: str = "cpu"):
-    """A ControlNet or T2I-Adapter from a diffusers folder (counted as an adapter file read)."""
+def load_control_model(path: Path, kind: str, dtype=None, device: str = "cpu", unet=None):
+    """A ControlNet or T2I-Adapter from a diffusers folder, or a ControlNet from a single file in the original
+    (lllyasviel, A1111, civitai) layout, shaped after the base `unet` (counted as an adapter file read)."""
     import json
 
     from diffusers import ControlNetModel, T2IAdapter
@@ -27,9 +28,15 @@ def load_control_model(path: Path, kind: str, dtype=None, device: str = "cpu"):
     label = "ControlNet" if kind == "controlnet" else "T2I-Adapter"
     if not path.exists():
         raise UserError(f"{path.name} does not exist: check the path of the {label}.")
+    if path.is_file() and kind == "controlnet" and unet is not None and path.suffix == ".safetensors":
+        from ..formats.controlnet import load_original_controlnet
+
+        model = load_original_controlnet(path, unet)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if path.is_file():
         raise UserError(f"{path.name} is a single file; the Playground loads a {label} as a diffusers folder (with "
-                        f"config.json): convert it or point at the folder.")
+                        f"config.json), and a ControlNet also as an original-layout .safetensors: convert it or "
+                        f"point at the folder.")
     try:
         name = json.loads((path / "config.json").read_text()).get("_class_name", "")
     except (OSError, ValueError):
@@ -134,7 +141,7 @@ class Playground:
         path = self.resolve(path_text)
         key = (kind, path)
         if key not in self._controls:
-            model = load_control_model(path, kind, dtype=comps.unet.dtype, device=comps.unet.device)
+            model = load_control_model(path, kind, dtype=comps.unet.dtype, device=comps.unet.device, unet=comps.unet)
             self._check_fits(kind, model, comps, path.name)
             self._controls[key] = model
         return self._controls[key]

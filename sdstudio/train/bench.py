@@ -20,7 +20,10 @@ VARIANTS = ("reference", "ours", "ours-cached")
 
 
 def register_bench(sub) -> None:
-    p = sub.add_parser("train", help="our training loop vs a plain diffusers LoRA loop (steps/s, peak memory)")
+    p = sub.add_parser("train", help="our training loop vs a plain diffusers loop (steps/s, peak memory): LoRA, or "
+                                     "ControlNet with --method controlnet")
+    p.add_argument("--method", default="lora", choices=("lora", "controlnet"),
+                   help="lora (vs train_dreambooth_lora.py) or controlnet (vs train_controlnet.py; bench_controlnet.py)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (default 30)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=2)
@@ -36,34 +39,66 @@ def register_bench(sub) -> None:
 
 
 def run_bench(args) -> int:
+    if getattr(args, "method", "lora") == "controlnet":
+        from .bench_controlnet import run_bench as run_controlnet_bench
+
+        return run_controlnet_bench(args)
     if args.arch:
         from .bench_gpu import run_matrix
 
         return run_matrix(args)
     with tempfile.TemporaryDirectory(prefix="sdstudio-bench-") as tmp:
         ds = _make_dataset(Path(tmp) / "ds", args.images)
-        results: dict = {}
-        for round_ in range(args.repeats):
-            for v in VARIANTS:
-                cmd = [sys.executable, "-m", "sdstudio.train.bench", v, str(ds), str(Path(tmp) / f"{v}-{round_}"),
-                       str(args.steps), str(args.resolution), str(args.batch_size), args.base, args.device]
-                r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-                if r.returncode != 0:
-                    print(r.stderr[-2000:], file=sys.stderr)
-                    return 1
-                got = json.loads(r.stdout.strip().splitlines()[-1])
-                best = results.get(v)
-                if best is None or got["steps_per_s"] > best["steps_per_s"]:
-                    results[v] = dict(got, peak_mb=min(got["peak_mb"], best["peak_mb"]) if best else got["peak_mb"])
-    ref = results["reference"]
-    print(f"sdstudio bench train: {args.steps} steps, batch {args.batch_size}, {args.resolution} px, "
-          f"{args.images} images, base {args.base}, device {args.device}, best of {args.repeats} interleaved rounds")
+        results = run_rounds("sdstudio.train.bench", VARIANTS, ds, Path(tmp), args)
+    if results is None:
+        return 1
+    print_table(f"sdstudio bench train: {args.steps} steps, batch {args.batch_size}, {args.resolution} px, "
+                f"{args.images} images, base {args.base}, device {args.device}, best of {args.repeats} interleaved "
+                f"rounds", VARIANTS, results)
+    return 0
+
+
+def run_rounds(module: str, variants, ds: Path, tmp: Path, args) -> dict | None:
+    """Run each variant of `module` (`python -m module VARIANT DS OUT STEPS RES BS BASE DEVICE`, printing a JSON
+    line) in its own process, `args.repeats` interleaved rounds; the best round of each counts. None on a failure
+    (its stderr is printed)."""
+    results: dict = {}
+    for round_ in range(args.repeats):
+        for v in variants:
+            cmd = [sys.executable, "-m", module, v, str(ds), str(tmp / f"{v}-{round_}"), str(args.steps),
+                   str(args.resolution), str(args.batch_size), args.base, args.device]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            if r.returncode != 0:
+                print(r.stderr[-2000:], file=sys.stderr)
+                return None
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            best = results.get(v)
+            if best is None or got["steps_per_s"] > best["steps_per_s"]:
+                results[v] = dict(got, peak_mb=min(got["peak_mb"], best["peak_mb"]) if best else got["peak_mb"])
+    return results
+
+
+def print_table(title: str, variants, results: dict) -> None:
+    """Steps/s and peak memory per variant, and their ratios to the first (the reference)."""
+    ref = results[variants[0]]
+    print(title)
     print(f"{'variant':<14}{'steps/s':>10}{'peak MB':>10}{'speed (ours/ref)':>18}{'memory (ours/ref)':>19}")
-    for v in VARIANTS:
+    for v in variants:
         r = results[v]
         print(f"{v:<14}{r['steps_per_s']:>10.2f}{r['peak_mb']:>10.0f}{r['steps_per_s'] / ref['steps_per_s']:>17.2f}x"
               f"{r['peak_mb'] / ref['peak_mb']:>18.2f}x")
-    return 0
+
+
+def run_variant(argv: list[str], reference, ours) -> None:
+    """A variant process's main: time `reference(...)` or `ours(..., cached=)` and print the JSON line."""
+    variant, ds, out, steps, res, bs, base, device = argv
+    steps, res, bs = int(steps), int(res), int(bs)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if variant == "reference":
+        secs = reference(Path(ds), Path(out), steps, res, bs, base, device)
+    else:
+        secs = ours(Path(ds), Path(out), steps, res, bs, base, device, cached=variant == "ours-cached")
+    print(json.dumps({"variant": variant, "seconds": secs, "steps_per_s": steps / secs, "peak_mb": _peak_mb(device)}))
 
 
 def _make_dataset(folder: Path, n: int) -> Path:
@@ -179,14 +214,7 @@ def _ours(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, device:
 
 
 def main(argv: list[str]) -> None:
-    variant, ds, out, steps, res, bs, base, device = argv
-    steps, res, bs = int(steps), int(res), int(bs)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    if variant == "reference":
-        secs = _reference(Path(ds), Path(out), steps, res, bs, base, device)
-    else:
-        secs = _ours(Path(ds), Path(out), steps, res, bs, base, device, cached=variant == "ours-cached")
-    print(json.dumps({"variant": variant, "seconds": secs, "steps_per_s": steps / secs, "peak_mb": _peak_mb(device)}))
+    run_variant(argv, _reference, _ours)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def run_train(args) -> int:
             bar.note(ev.message)
         elif isinstance(ev, Preview):
             bar.note(f"preview at step {ev.step}: {', '.join(ev.paths)}")
-        elif isinstance(ev, Saved) and ev.kind == "published":
+        elif isinstance(ev, Saved) and ev.published:
             bar.note(f"published {ev.path}")
         elif isinstance(ev, Saved) and ev.kind != "checkpoint":
             bar.note(f"saved {ev.path}")

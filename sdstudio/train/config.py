@@ -121,6 +121,9 @@ class TrainConfig:
     sample_guidance: float = setting(7.0, "CFG scale for previews.", min=0.0, max=30.0, advanced=True)
     sample_seed: int = setting(1234, "Seed of the first preview (the next prompts use +1, +2...).", min=0,
                                max=2**31 - 1, advanced=True)
+    sample_conditions: list = setting([], "Control images for the previews of ControlNet/T2I-Adapter runs, one per "
+                                      "prompt (the last repeats); empty: the dataset's first control images.",
+                                      advanced=True)
     schema_version: int = setting(SCHEMA_VERSION, "Config format version.", min=1, max=SCHEMA_VERSION,
                                   advanced=True)
 

@@ -3,7 +3,8 @@
 The VRAM model adds what sits on the GPU during a LoRA step:
   1. the frozen base in the compute dtype (UNet + text encoder(s) + VAE; counted from the family's real
      architecture built on the meta device, so no weights load),
-  2. what trains: fp32 weights + fp32 grads + the optimizer's state per trainable parameter,
+  2. what trains: fp32 weights + fp32 grads + the optimizer's state per trainable parameter (the method says how
+     many through its `footprint` hook, with its activations and time as multiples of a LoRA step's),
   3. the largest transient: the UNet's activations for the batch (scaled by pixels, cut ~4x by gradient
      checkpointing), the VAE encoding an image (when latents are not cached) or decoding a preview,
   4. the CUDA context, plus 10% for allocator fragmentation.
@@ -153,37 +154,32 @@ def _architecture(family_name: str, targets: str, rank: int, conv_rank: int, te_
 
 def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images: int | None = None,
              device_is_cuda: bool = True) -> Estimate:
-    """Steps, time and VRAM of a resolved TrainConfig (LoRA-like methods; others get the LoRA figure plus a
-    full-weight term)."""
+    """Steps, time and VRAM of a resolved TrainConfig; the method's `footprint` hook says what it trains."""
+    from ..methods.base import get_method, hook
     from ..models.loading import family_of_ref
 
     gpu = gpu or gpu_class(memory_gb=memory_gb)
     fam = family_of_ref(str(cfg.base_model))
     o = cfg.options
-    method = cfg.method
     targets = getattr(o, "targets", "attention_mlp")
     rank = int(getattr(o, "rank", 16))
-    te_trains = bool(getattr(o, "train_text_encoder", False))
     arch = architecture(fam.name, targets, rank, int(getattr(o, "conv_rank", 8)))
+    fp = hook(get_method(cfg.method)(), "footprint")(cfg, arch, fam)
+    te_trains = fp.text_encoder_trains
 
     # 1. The frozen base in the compute dtype (fp32 on CPU or when asked; bf16/fp16 otherwise).
     half = device_is_cuda and cfg.precision != "fp32"
     wbytes = 2 if half else 4
-    base_gb = (arch["unet"] + arch["te"] + arch["vae"]) * wbytes / GB
+    base_gb = (arch["unet"] + arch["te"] + arch["vae"] + fp.extra_frozen) * wbytes / GB
     # 2. What trains.
-    if method in ("dreambooth", "full"):
-        trainable = arch["unet"] + (arch["te"] if getattr(o, "train_text_encoder", False) else 0)
-    elif method == "lora":
-        trainable = arch["unet_lora"] + (arch["te_lora"] if te_trains else 0)
-    else:  # embeddings and other small methods: a LoRA-sized upper bound
-        trainable = arch["unet_lora"]
+    trainable = fp.trainable
     state = OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)
     train_gb = trainable * (8 + state) / GB + (trainable * 4 / GB if cfg.ema else 0)
     # 3. The largest transient.
     pixels = (cfg.resolution / 512) ** 2 * _family_scale(fam.name)
     per_image = UNET_ACTIVATIONS_CHECKPOINTED_GB if cfg.gradient_checkpointing else UNET_ACTIVATIONS_GB
     images = cfg.batch_size * (2 if cfg.prior_preservation else 1)
-    act = per_image * pixels * images + (TE_ACTIVATIONS_GB * images if te_trains else 0)
+    act = per_image * pixels * images * fp.activations + (TE_ACTIVATIONS_GB * images if te_trains else 0)
     act *= 1 if half else 2
     transients = {"training activations": act, "preview decode": VAE_DECODE_GB * pixels * (1 if half else 2)}
     if cfg.cache_latents == "off":
@@ -194,7 +190,7 @@ def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images
              peak_name: transients[peak_name]}
 
     # Time: per step at batch 1/512 px from the GPU class, then batch, pixels, checkpointing, previews.
-    sec_per_step = (images ** 0.85) * pixels / gpu.it_per_s * (1.3 if cfg.gradient_checkpointing else 1.0)
+    sec_per_step = (images ** 0.85) * pixels / gpu.it_per_s * (1.3 if cfg.gradient_checkpointing else 1.0) * fp.time
     if te_trains:
         sec_per_step *= 1.1
     previews = (cfg.max_steps // cfg.sample_every if cfg.sample_every else 0) + 2

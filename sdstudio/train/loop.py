@@ -26,13 +26,16 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..data.conditioning import to_batch
 from ..events import Event, Progress, Saved, Status, Step
+from ..formats.kinds import detect_kind
 from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetensors
 from ..jobs import Commands, Stopped
 from ..methods.base import Batch, RunInfo, get_method, hook
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .speed import SpeedOptions, check_speed_settings
+from .preview import check_sample_conditions, preview_conditions, render_previews
 
 # Settings that must not change across a resume: they fix the data order and the shapes of what trains.
 RESUME_FIXED = ("method", "base_model", "dataset", "seed", "batch_size", "resolution", "gradient_accumulation",
@@ -135,18 +138,22 @@ class Preflight:
     checkpoint: Path | None
 
 
-def preflight(cfg: TrainConfig, *, resume: bool = False, home: Path | None = None) -> Preflight:
+def preflight(cfg: TrainConfig, *, resume: bool = False, home: Path | None = None, method=None) -> Preflight:
     """Check everything a user can get wrong, in seconds and before any model loads: the dataset's folder
-    level, images and captions, class images, the base model's family, the resume state. Raises UserError."""
+    level, images, captions and conditioning, class images, the base model's family, the resume state.
+    Raises UserError. `method`: the instance that will train (default: the registered `cfg.method`)."""
     from ..data.dataset import TrainDataset
     from ..data.folder import read_dataset
     from ..models.loading import family_of_ref
 
-    hook(get_method(cfg.method)(), "check_settings")(cfg)
+    method = method if method is not None else get_method(cfg.method)()
+    hook(method, "check_settings")(cfg)
     run_dir = cfg.run_dir(home)
     layout = read_dataset(cfg.dataset, default_caption=cfg.instance_prompt, need_class=cfg.prior_preservation,
                           class_root=cfg.class_data or None)
-    data = TrainDataset(layout, cfg)
+    # Conditioning the method needs (control images...) is found and checked here: every bad pair at once.
+    data = TrainDataset(layout, cfg, conditioning=tuple(getattr(method, "conditioning", ())))
+    check_sample_conditions(cfg)
     if family_of_ref(cfg.base_model).is_xl:
         raise UserError("SDXL training is not supported yet: choose an SD 1.x or 2.x base model.")
     ckpt = None
@@ -177,7 +184,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
 
     # 1. Validate everything a user can get wrong, before any model loads (seconds, not minutes).
     emit(Status("checking the dataset", stage="validate"))
-    pre = checked or preflight(cfg, resume=resume, home=home)
+    pre = checked or preflight(cfg, resume=resume, home=home, method=method)
     run_dir, layout = pre.run_dir, pre.layout
     device = pick_device(cfg.device)
     check_speed_settings(cfg, device)
@@ -242,16 +249,17 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
         for p in params:
             torch.distributed.broadcast(p.data, src=0)
     te_trains = hook(method, "text_encoder_trainable")(c)
-    c.unet.train()
-    for te in c.text_encoders:
-        te.train(te_trains)
+    trained = [m for _prefix, m in hook(method, "trainable_modules")(c)]
+    for m in trained:  # what trains runs in train mode; the frozen base stays in eval mode
+        m.train()
+    # The loss always back-propagates through the UNet (into residuals, adapters or embeddings), so
+    # checkpointing and the attention kernel cover it as well as what trains.
+    on_backward_path = list({id(m): m for m in (c.unet, *trained)}.values())
     if cfg.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        if te_trains:
-            for te in c.text_encoders:
-                te.gradient_checkpointing_enable()
+        for m in on_backward_path:
+            _enable_checkpointing(m)
     # The attention kernel, torch.compile, channels_last, cuDNN autotuning (train/speed.py).
-    speed = SpeedOptions(c, cfg, device).apply()
+    speed = SpeedOptions(c, cfg, device, modules=on_backward_path).apply()
 
     # 4. Optimizer, schedule, EMA; the noise scheduler for training (DDPM over the base's betas).
     from diffusers import DDPMScheduler
@@ -289,7 +297,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
     elif main:
         (run_dir / "log.jsonl").unlink(missing_ok=True)
 
-    # 6. Caches: latents (memory or disk) and text embeddings. Stop works here too.
+    # 6. Caches: latents with each item's conditioning (memory or disk), and text embeddings. Stop works here too.
     latents = _cache_latents(c, data, cfg, emit, commands, run_dir, acc) if cfg.cache_latents != "off" else None
     text_cache = None
     if cfg.cache_text and not te_trains:
@@ -301,6 +309,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             emit(Progress(done=min(i + 16, len(caps)), total=len(caps), stage="cache", message="caching captions"))
     if cfg.flip and latents is not None:
         emit(Status("flip is off while latents are cached (cached latents are not flipped)", stage="cache"))
+    sample_conditions = preview_conditions(cfg, data, run_dir) if main else []  # control images for previews
 
     # 7. Training.
     @contextlib.contextmanager
@@ -332,11 +341,9 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
     def preview() -> None:
         if not main:
             return
-        from .preview import render_previews
-
         emit(Status(f"drawing previews at step {step}", stage="sample"))
         with (ema.swapped() if ema else contextlib.nullcontext()):
-            ev = render_previews(method, c, cfg, run_dir, step, autocast)
+            ev = render_previews(method, c, cfg, run_dir, step, autocast, conditions=sample_conditions)
         if ev:
             emit(ev)
         emit(Status(f"training (step {step})", stage="train"))
@@ -409,10 +416,10 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             with (ema.swapped() if ema else contextlib.nullcontext()):
                 outputs = list(method.save(c, run_dir))
             for p in outputs:
-                emit(Saved(path=str(p), kind=cfg.method, step=step))
+                emit(Saved(path=str(p), kind=detect_kind(p), step=step))
             if publish:
                 for p in publish(outputs):
-                    emit(Saved(path=str(p), kind="published", step=step))
+                    emit(Saved(path=str(p), kind=detect_kind(p), step=step, published=True))
         acc.wait_for_everyone()
         # The job that runs us (train tab, CLI) ends with Finished carrying these outputs; a caller that runs the
         # loop as one stage of its own job (the wizard) goes on after it.
@@ -434,20 +441,29 @@ def _make_batch(c, data, cfg, g: int, latents, text_cache, device, dtype, seed: 
     pos = g % data.batches_per_epoch
     captions = [data.caption(i, epoch, pos) for i in idxs]
     gen = torch.Generator(device=device).manual_seed(seed)
-    batch = Batch(captions=captions, generator=gen,
+    batch = Batch(captions=captions, generator=gen, index=list(idxs),
                   is_class=torch.tensor([data.items[i].is_class for i in idxs], device=device))
     flips = [False if latents is not None else data.flip(i, epoch, pos) for i in idxs]  # cached latents: no flips
     if latents is not None:
         batch.latents = torch.stack([latents.get(i) for i in idxs]).to(device)
     else:
         batch.pixel_values = torch.stack([data.pixels(i, f) for i, f in zip(idxs, flips)]).to(device, dtype)
-    if data.masks_wanted:
-        batch.mask = torch.stack([data.mask(i, f) for i, f in zip(idxs, flips)]).to(device)
+    for name, cond in data.conditions.items():  # control images, masks...: cut like the images (or cached)
+        values = [latents.cond[i][name] if latents is not None else data.cond(i, name, f) for i, f in zip(idxs, flips)]
+        batch.cond[name] = to_batch(cond, values, device)
     if text_cache is not None:
         batch.encoder_hidden_states = text_cache.get(captions)
     else:
         batch.input_ids = tokenize(c, captions).to(device)
     return batch
+
+
+def _enable_checkpointing(module) -> None:
+    """Gradient checkpointing on a diffusers model or a transformers text encoder, where it supports it."""
+    if getattr(module, "_supports_gradient_checkpointing", False):  # diffusers ModelMixin
+        module.enable_gradient_checkpointing()
+    elif getattr(module, "supports_gradient_checkpointing", False):  # transformers PreTrainedModel
+        module.gradient_checkpointing_enable()
 
 
 def _average_gradients(params, world: int) -> None:
@@ -467,14 +483,15 @@ def _average_gradients(params, world: int) -> None:
 class _LatentStore:
     def __init__(self) -> None:
         self.mem: dict[int, torch.Tensor] = {}
+        self.cond: dict[int, dict[str, torch.Tensor]] = {}  # item -> its conditioning, cut like its latent
 
     def get(self, i: int) -> torch.Tensor:
         return self.mem[i]
 
 
 def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentStore:
-    """Encode every image once (the VAE then stays idle). `disk` also keeps them in the run folder, so a
-    resume or a second run on the same images skips the work."""
+    """Encode every image once (the VAE then stays idle), and read its conditioning once. `disk` also keeps them
+    in the run folder, so a resume or a second run on the same images skips the work."""
     from .noise import encode_images
 
     store = _LatentStore()
@@ -483,16 +500,21 @@ def _cache_latents(c, data, cfg, emit, commands, run_dir: Path, acc) -> _LatentS
     for i in range(n):
         commands.check()  # Stop works during caching
         path = folder / f"{data.latent_key(i, str(cfg.base_model))}.safetensors" if cfg.cache_latents == "disk" else None
-        if path is not None and path.is_file():
-            store.mem[i] = load_state_dict(path)["latent"].to(acc.device if cfg.cache_on_gpu else "cpu")
+        saved = load_state_dict(path) if path is not None and path.is_file() else {}
+        if "latent" in saved:  # conditioning that is not a tensor (boxes with phrases) is not on disk: read it
+            store.mem[i] = saved["latent"].to(acc.device if cfg.cache_on_gpu else "cpu")
+            store.cond[i] = {name: saved[f"cond.{name}"] if f"cond.{name}" in saved else data.cond(i, name)
+                             for name in data.conditions}
         else:
             gen = torch.Generator(device=acc.device).manual_seed(_seed_for(cfg.seed, "latent", i))
             pix = data.pixels(i)[None].to(acc.device, c.dtype)
             with torch.no_grad(), acc.autocast():
                 latent = encode_images(c.vae, pix, gen, dtype=c.dtype)[0].float()
             store.mem[i] = latent if cfg.cache_on_gpu else latent.cpu()
+            store.cond[i] = {name: data.cond(i, name) for name in data.conditions}
             if path is not None:
-                save_safetensors({"latent": store.mem[i]}, path)
+                save_safetensors({"latent": store.mem[i], **{f"cond.{k}": v for k, v in store.cond[i].items()
+                                                             if isinstance(v, torch.Tensor)}}, path)
         if i % 4 == 0 or i == n - 1:
             emit(Progress(done=i + 1, total=n, stage="cache", message="caching latents"))
     return store

@@ -6,6 +6,9 @@ draws exactly the noise the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +23,28 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, offse
 
 
 def sample_timesteps(n: int, scheduler, generator, device) -> torch.Tensor:
+    """Uniform over the training timesteps (what every diffusers example does by default)."""
     return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device).long()
+
+
+def cubic_timesteps(n: int, scheduler, generator, device) -> torch.Tensor:
+    """Timesteps skewed towards the noisy end, t = (1 - u^3) T: T2I-Adapter's sampling (Mou et al. 2023, 3.4;
+    diffusers' train_t2i_adapter_sdxl.py). The structure of an image is decided early, where the noise is high,
+    and that is what a condition must steer."""
+    steps = scheduler.config.num_train_timesteps
+    u = torch.rand((n,), generator=generator, device=device)
+    return ((1 - u**3) * steps).long().clamp(0, steps - 1)
+
+
+@dataclass
+class Noised:
+    """What the UNet is about to see, for a method whose extra UNet inputs depend on it (a ControlNet runs on
+    the same noisy latents, timesteps and text as the UNet)."""
+
+    latents: torch.Tensor  # noisy latents, in the compute dtype
+    timesteps: torch.Tensor
+    encoder_hidden_states: torch.Tensor  # in the compute dtype
+    dtype: torch.dtype
 
 
 def target_for(scheduler, prediction_type: str, latents, noise, timesteps):
@@ -55,11 +79,18 @@ def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
     return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
 
 
-def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None) -> torch.Tensor:
+def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None,
+                   unet_kwargs: dict | Callable[[Noised], dict] | None = None,
+                   timesteps: Callable | None = None) -> torch.Tensor:
     """The standard noise-prediction loss for one batch, as a scalar.
 
     1. latents (cached, or encoded now), 2. text conditioning (cached, or encoded now), 3. noise + timesteps,
     4. UNet prediction vs. the eps or v target, 5. per-image weights (min-SNR, prior preservation, mask).
+
+    `unet_kwargs`: extra UNet inputs, or a function of the `Noised` inputs that returns them: ControlNet
+    residuals (`down_block_additional_residuals`, `mid_block_additional_residual`), T2I-Adapter features
+    (`down_intrablock_additional_residuals`), GLIGEN's `cross_attention_kwargs`. `timesteps`: a sampler with
+    `sample_timesteps`'s signature (e.g. `cubic_timesteps`); it must draw from the generator it is given.
     """
     gen = batch.generator
     unet = unet or c.unet
@@ -76,14 +107,16 @@ def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None) -> t
         ehs = encode_text(c.text_encoder, batch.input_ids)
     # 3. Noise and timesteps
     noise = sample_noise(latents, gen, cfg.noise_offset)
-    timesteps = sample_timesteps(latents.shape[0], sched, gen, latents.device)
-    noisy = sched.add_noise(latents, noise, timesteps)
+    t = (timesteps or sample_timesteps)(latents.shape[0], sched, gen, latents.device)
+    noisy = sched.add_noise(latents, noise, t)
     # 4. Prediction and target
     pred_type = sched.config.get("prediction_type", "epsilon")
-    target = target_for(sched, pred_type, latents, noise, timesteps)
+    target = target_for(sched, pred_type, latents, noise, t)
     # c.dtype, not unet.dtype: diffusers' .dtype walks every module (milliseconds per call on a LoRA UNet).
     dtype = c.dtype or unet.dtype
-    model_pred = unet(noisy.to(dtype), timesteps, ehs.to(dtype), return_dict=False)[0]
+    noisy, ehs = noisy.to(dtype), ehs.to(dtype)
+    extra = unet_kwargs(Noised(noisy, t, ehs, dtype)) if callable(unet_kwargs) else (unet_kwargs or {})
+    model_pred = unet(noisy, t, ehs, return_dict=False, **extra)[0]
     per_pixel = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     if batch.mask is not None:
         per_pixel = per_pixel * batch.mask
@@ -91,7 +124,7 @@ def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None) -> t
     # 5. Weights
     weights = torch.ones_like(per_image)
     if cfg.min_snr_gamma:
-        weights = weights * min_snr_weights(sched, timesteps, cfg.min_snr_gamma, pred_type)
+        weights = weights * min_snr_weights(sched, t, cfg.min_snr_gamma, pred_type)
     if batch.is_class is not None and cfg.prior_preservation:
         # Prior preservation (DreamBooth): class images keep the model's idea of the class; their loss counts
         # prior_loss_weight times an instance image's.

@@ -32,8 +32,11 @@ class SpeedOptions:
     """Applied once after the method attached what trains; `step()` wraps each forward/backward; `restore()`
     puts the modules and the global flags back (before saving: diffusers writes contiguous tensors)."""
 
-    def __init__(self, c, cfg, device) -> None:
+    def __init__(self, c, cfg, device, modules=None) -> None:
         self.c, self.cfg, self.device = c, cfg, str(device)
+        # The attention kernel covers every module on the backward path (the UNet and what trains beside it:
+        # a ControlNet, an adapter); channels_last and compile stay on the UNet, which they were measured on.
+        self.modules = list(modules) if modules is not None else [c.unet]
         self._cudnn = None
         self._channels_last = False
         self._compiled = False
@@ -49,7 +52,9 @@ class SpeedOptions:
             from ..devices import has_xformers
 
             if has_xformers():
-                c.unet.enable_xformers_memory_efficient_attention()
+                for m in self.modules:
+                    if hasattr(m, "enable_xformers_memory_efficient_attention"):
+                        m.enable_xformers_memory_efficient_attention()
             elif cfg.attention == "xformers":
                 raise UserError("attention = xformers but xformers is not installed: pip install xformers, or use "
                                 "sdpa.")

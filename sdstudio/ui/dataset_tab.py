@@ -7,6 +7,7 @@ so a page reload loses nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..data.background import DEFAULT_MODEL as DEFAULT_REMBG
 from ..data.background import available_models
 from ..data.caption import TaggerConfig, add_tags, find_replace, make_captioner, remove_tags
 from ..data.crop import CROP_MODES, Box, crop_image
+from ..data.detectors import NEEDS_WEIGHTS, OFFLINE
 from ..data.folder import read_caption
 from ..data.images import IMAGE_EXTS, open_rgb, safe_extract_zip
 from ..errors import UserError
@@ -33,11 +35,15 @@ DEFAULTS = {"name": "my-dataset", "source": "", "size": "512", "crop": "centre",
             "caption_model": "", "trigger": "sks", "class_word": "", "repeats": 10, "remove_background": False,
             "background_model": DEFAULT_REMBG, "min_side": 64, "skip_near_duplicates": False,
             "general_threshold": 0.35, "character_threshold": 0.85, "exclude_tags": "", "keep_underscores": False,
-            "reg_count": 100, "reg_steps": 25, "manual_crops": {}}
+            "reg_count": 100, "reg_steps": 25, "manual_crops": {}, "condition": "none"}
 # The settings the Prepare/Caption buttons read, in this order (the inputs list below follows it).
 FORM = ["name", "source", "size", "crop", "caption", "caption_model", "trigger", "class_word", "repeats",
         "remove_background", "background_model", "min_side", "skip_near_duplicates", "general_threshold",
-        "character_threshold", "exclude_tags", "keep_underscores"]
+        "character_threshold", "exclude_tags", "keep_underscores", "condition"]
+# Control images for ControlNet / T2I-Adapter datasets: (label, detector).
+CONDITIONS = [("none", "none"), ("canny", "canny"), ("lineart_standard", "lineart"), ("content shuffle", "shuffle"),
+              ("invert", "invert")] + [(f"{k} (models/annotators)", k) for k in NEEDS_WEIGHTS]
+assert {v for _, v in CONDITIONS} == set(OFFLINE) | set(NEEDS_WEIGHTS)
 
 
 # -- plain helpers (no gradio state) ---------------------------------------------------------------------------------
@@ -68,7 +74,8 @@ def _config(ctx: AppContext, form: dict) -> prep.PrepareConfig:
         tagger=TaggerConfig(general_threshold=float(form["general_threshold"]),
                             character_threshold=float(form["character_threshold"]),
                             exclude=[t for t in (form["exclude_tags"] or "").split(",") if t.strip()],
-                            keep_underscores=bool(form["keep_underscores"])))
+                            keep_underscores=bool(form["keep_underscores"])),
+        condition="" if form.get("condition") in (None, "", "none") else form["condition"])
     return cfg
 
 
@@ -114,6 +121,55 @@ def _selected_row(ctx: AppContext, name: str, index: int | None) -> dict | None:
     if index is None or not 0 <= index < len(rows):
         return None
     return rows[index]
+
+
+def pair_items(ctx: AppContext, name: str, height: int = 160) -> list[tuple[str, str]]:
+    """Each prepared image beside its control image (one picture per pair, cached in DS/.thumbs/pairs), with
+    ✓, or ✗ and what is wrong; [] for a dataset without control images."""
+    from PIL import Image, ImageDraw
+
+    from ..data.conditioning import check_pairs
+    from ..data.folder import read_dataset
+
+    out = dataset_dir(ctx, name)
+    if not (out / "conditioning").is_dir():
+        return []
+    try:
+        pairs = check_pairs(read_dataset(out))
+    except UserError:
+        return []
+    thumbs = out / ".thumbs" / "pairs"
+    thumbs.mkdir(parents=True, exist_ok=True)
+    items = []
+    for k, pair in enumerate(pairs):
+        stamp = "|".join(f"{p}|{p.stat().st_mtime_ns}" for p in (pair.image, pair.condition) if p and p.exists())
+        thumb = thumbs / f"{k:05d}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.jpg"
+        if not thumb.is_file():
+            left = open_rgb(pair.image)
+            left.thumbnail((height * 2, height))
+            right = Image.new("RGB", left.size, (70, 70, 78))
+            if not pair.problem:
+                right = open_rgb(pair.condition).resize(left.size)
+            else:  # a red cross where the control image should be
+                d = ImageDraw.Draw(right)
+                d.line((8, 8, right.width - 8, right.height - 8), fill=(220, 90, 90), width=5)
+                d.line((8, right.height - 8, right.width - 8, 8), fill=(220, 90, 90), width=5)
+            both = Image.new("RGB", (left.width * 2 + 4, left.height), (255, 255, 255))
+            both.paste(left, (0, 0))
+            both.paste(right, (left.width + 4, 0))
+            both.save(thumb, quality=85)
+        label = f"✗ {pair.image.name} {pair.problem}" if pair.problem else f"✓ {pair.image.name}"
+        items.append((str(thumb), label))
+    return items
+
+
+def condition_preview(ctx: AppContext, result, condition: str):
+    """The control image the chosen detector makes of a crop result (None when there is none to show)."""
+    if result is None or not condition or condition == "none":
+        return None
+    from ..data.detectors import preprocess
+
+    return preprocess(result, condition, ctx.workspace / "models" / "annotators")
 
 
 def summary_markdown(ctx: AppContext, name: str) -> str:
@@ -226,6 +282,8 @@ def build(ctx: AppContext) -> None:
                 crop_before = gr.Image(label="Crop on the original", interactive=False, height=260,
                                        elem_id="ds-crop-original")
                 crop_after = gr.Image(label="Result", interactive=False, height=260, elem_id="ds-crop-preview")
+                cond_after = gr.Image(label="Its control image", interactive=False, height=260,
+                                      elem_id="ds-condition-preview", visible=s["condition"] != "none")
             crop_note = gr.Markdown("Select an image to preview its crop.", elem_id="ds-crop-note")
         with gr.Column(scale=2):
             with gr.Group():
@@ -255,6 +313,10 @@ def build(ctx: AppContext) -> None:
                                          info="Existing .txt captions are kept; 'Caption again' overwrites.")
                 ui["remove_background"] = gr.Checkbox(s["remove_background"], label="Remove backgrounds (rembg)",
                                                       elem_id="ds-rembg")
+                ui["condition"] = gr.Dropdown(CONDITIONS, value=s["condition"], label="Control images",
+                                              elem_id="ds-condition",
+                                              info="For ControlNet / T2I-Adapter training: a detector makes one per "
+                                                   "image in conditioning/. Your own pairs (x.cond.png) are kept.")
             with gr.Accordion("Advanced", open=False):
                 ui["caption_model"] = gr.Textbox(s["caption_model"], label="Captioning model",
                                                  elem_id="ds-caption-model",
@@ -290,6 +352,10 @@ def build(ctx: AppContext) -> None:
                 reg_btn = gr.Button("Generate class images", elem_id="ds-reg")
                 reg_import = gr.Textbox(label="…or import a class folder from the workspace", elem_id="ds-reg-src")
                 reg_import_btn = gr.Button("Import class folder", size="sm", elem_id="ds-reg-import")
+    with gr.Group(visible=bool(pair_items(ctx, s["name"]))) as pairs_box:
+        gr.Markdown("### Pairs: each image beside its control image")
+        pairs = gr.Gallery(pair_items(ctx, s["name"]), label="Image | control image (✓ ready · ✗ what is wrong)",
+                           columns=4, height=260, allow_preview=False, elem_id="ds-pairs", object_fit="contain")
     gr.Markdown("### Captions")
     with gr.Row():
         find = gr.Textbox(label="Find", elem_id="ds-find", scale=2)
@@ -520,8 +586,12 @@ def build(ctx: AppContext) -> None:
         return [gr.Timer(active=False), bar, msg, gallery_items(ctx, name), summary_markdown(ctx, name),
                 *show_page(name, 0)]
 
+    def show_pairs(name):
+        items = pair_items(ctx, name)
+        return gr.update(visible=bool(items)), items
+
     tick_outputs = [timer, progress, status, gallery, summary, *page_outputs]
-    timer.tick(on_tick, [ui["name"]], tick_outputs)
+    timer.tick(on_tick, [ui["name"]], tick_outputs).then(show_pairs, [ui["name"]], [pairs_box, pairs])
 
     # 6. Crop preview on the selected image (one image: fast enough to do in the handler).
     def on_select(evt: gr.SelectData):
@@ -530,16 +600,24 @@ def build(ctx: AppContext) -> None:
     crop_inputs = [ui["name"], selected, ui["crop"], ui["size"], use_manual, man_x, man_y, man_side]
 
     def on_preview(*args):
+        *args, condition = args
         try:
-            return preview(ctx, *args)
+            before, after, note = preview(ctx, *args)
         except UserError as exc:
-            return None, None, f"⚠ {exc}"
+            return None, None, f"⚠ {exc}", gr.update(visible=condition != "none", value=None)
+        try:  # the control image beside the result, with the chosen detector
+            cond = condition_preview(ctx, after, condition)
+        except UserError as exc:
+            cond, note = None, f"{note} · ⚠ {exc}"
+        return before, after, note, gr.update(visible=condition != "none", value=cond)
 
-    gallery.select(on_select, None, [selected]).then(on_preview, crop_inputs, [crop_before, crop_after, crop_note])
-    for comp in (ui["crop"], ui["size"], use_manual):
-        comp.change(on_preview, crop_inputs, [crop_before, crop_after, crop_note])
+    crop_inputs.append(ui["condition"])
+    preview_outputs = [crop_before, crop_after, crop_note, cond_after]
+    gallery.select(on_select, None, [selected]).then(on_preview, crop_inputs, preview_outputs)
+    for comp in (ui["crop"], ui["size"], use_manual, ui["condition"]):
+        comp.change(on_preview, crop_inputs, preview_outputs)
     for comp in (man_x, man_y, man_side):
-        comp.release(on_preview, crop_inputs, [crop_before, crop_after, crop_note])
+        comp.release(on_preview, crop_inputs, preview_outputs)
 
     def on_keep_manual(name, index, x, y, side, keep: bool):
         row = _selected_row(ctx, name, index)
@@ -582,10 +660,10 @@ def build(ctx: AppContext) -> None:
         lambda n: summary_markdown(ctx, n), [ui["name"]], [summary])
 
     def on_name(name):
-        return [gallery_items(ctx, name), summary_markdown(ctx, name), *show_page(name, 0)]
+        return [gallery_items(ctx, name), summary_markdown(ctx, name), *show_page(name, 0), *show_pairs(name)]
 
-    ui["name"].submit(on_name, [ui["name"]], [gallery, summary, *page_outputs])
-    ui["name"].blur(on_name, [ui["name"]], [gallery, summary, *page_outputs])
+    ui["name"].submit(on_name, [ui["name"]], [gallery, summary, *page_outputs, pairs_box, pairs])
+    ui["name"].blur(on_name, [ui["name"]], [gallery, summary, *page_outputs, pairs_box, pairs])
 
     # A reload reconnects: the last-used settings (component defaults were fixed when the app started), the
     # gallery, editor and summary from disk, and polling again if a dataset job is still running.
@@ -594,9 +672,9 @@ def build(ctx: AppContext) -> None:
         job = ctx.jobs.latest(JOB_KIND)
         values = [str(cur[k]) if k == "size" else cur[k] for k in FORM]
         return [*values, gr.Timer(active=bool(job and job.running)), gallery_items(ctx, cur["name"]),
-                summary_markdown(ctx, cur["name"]), *show_page(cur["name"], 0)]
+                summary_markdown(ctx, cur["name"]), *show_page(cur["name"], 0), *show_pairs(cur["name"])]
 
-    ui["_load"] = (on_load, None, [*form_inputs, timer, gallery, summary, *page_outputs])
+    ui["_load"] = (on_load, None, [*form_inputs, timer, gallery, summary, *page_outputs, pairs_box, pairs])
 
 
 def wire(ctx: AppContext) -> None:

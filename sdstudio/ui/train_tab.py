@@ -141,8 +141,13 @@ def job_view(job) -> dict:
         progress, stats = _progress(done, total, msg if stage == "download" else f"{msg} {done}/{total}"), ""
     else:
         progress, stats = _progress(0, 1, snap["status"] or "starting"), ""
-    gallery = [(p, f"step {ev.step}: {cap}") for ev in reversed(snap["previews"])
-               for p, cap in zip(ev.paths, ev.captions or [""] * len(ev.paths))]
+    gallery = []
+    for ev in reversed(snap["previews"]):
+        conds = ev.conditions or ("",) * len(ev.paths)
+        for p, cap, cond in zip(ev.paths, ev.captions or [""] * len(ev.paths), conds):
+            if cond:  # a ControlNet / T2I-Adapter preview: its control image comes first, beside it
+                gallery.append((cond, f"control image · {cap}"))
+            gallery.append((p, f"step {ev.step}: {cap}"))
     if isinstance(end, Failed):
         status = f"**Failed:** {end.message}"
     elif isinstance(end, Finished):
@@ -191,6 +196,8 @@ def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = 
                         "workspace/datasets/).")
     values["base_model"] = str(values.get("base_model") or "tiny").strip()
     values["output_dir"] = str(ws.run_dir(values.get("output_name") or "run"))
+    if values.get("sample_conditions"):  # preview control images: files in the workspace
+        values["sample_conditions"] = [str(ws.resolve(p, must_exist=True)) for p in values["sample_conditions"]]
     tables: dict = {}
     flat = {}
     for k, v in values.items():
@@ -382,15 +389,22 @@ def build(ctx: AppContext) -> None:
 
 
 def _run_artefact(ctx: AppContext, name: str) -> str | None:
-    """The workspace path of a run's model file (the published copy when there is one)."""
+    """The workspace path of a run's model (the published copy when there is one): its file (a LoRA, an
+    embedding, a ControlNet's single file), else its ControlNet or T2I-Adapter folder."""
+    from ..formats.kinds import detect_kind
+    from ..workspace import MODEL_DIRS
+
     if not name:
         return None
     run = ctx.workspace.run_dir(name)
-    files = sorted(run.glob("*.safetensors"))
-    if not files:
-        return None
-    published = ctx.workspace.models("lora") / files[0].name
-    return ctx.workspace.relative(published if published.is_file() else files[0])
+    found = sorted(run.glob("*.safetensors")) + sorted(d for d in run.iterdir() if d.is_dir()) if run.is_dir() else []
+    for p in found:
+        kind = detect_kind(p)
+        if p.is_dir() and kind not in ("controlnet", "t2i_adapter"):
+            continue  # checkpoints/, samples/, a full fine-tune's pipeline folder
+        published = ctx.workspace.models(kind) / p.name if kind in MODEL_DIRS else None
+        return ctx.workspace.relative(published if published is not None and published.exists() else p)
+    return None
 
 
 def wire(ctx: AppContext) -> None:
