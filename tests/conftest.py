@@ -19,6 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("SDSTUDIO_CACHE", str(ROOT / ".pytest_cache" / "sdstudio-cache"))
+# One CPU thread for torch, here and in every subprocess a test starts: the tiny model gains nothing from a second
+# thread, OpenMP's spinning threads crawl on a shared 2-core box, and the exact-resume tests compare losses bit
+# for bit, which a thread count that changes between two runs (MKL/OpenMP adapt to load) would break.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)  # in case torch was imported before this file set the variables
 
 
 @pytest.fixture(scope="session")
