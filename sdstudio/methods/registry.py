@@ -11,3 +11,5 @@ from . import pivotal  # noqa: F401,E402
 # The conditioning issue adds: controlnet, t2i_adapter (they train on batch.cond["control"]).
 from . import controlnet  # noqa: F401,E402
 from . import t2i_adapter  # noqa: F401,E402
+# The GLIGEN issue adds: gligen (trains the gated layers on batch.cond["boxes"]).
+from . import gligen  # noqa: F401,E402
