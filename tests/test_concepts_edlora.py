@@ -18,8 +18,9 @@ def ed_cfg(tokens="<anna1> <anna2>", **kw):
 
 
 def test_edlora_layerwise_embeddings_and_file_reproduces(tmp_path):
-    from sdstudio.methods.edlora import EDLoRA, apply_edlora, cross_attention_layers, encode_layerwise
-    from sdstudio.playground.regions import generate
+    from sdstudio.concepts.layerwise import cross_attention_layers, encode_layerwise
+    from sdstudio.methods.edlora import EDLoRA, apply_edlora
+    from sdstudio.concepts.regions import generate
 
     c = load_base("tiny")
     m = EDLoRA()
@@ -116,7 +117,8 @@ def test_edlora_keeps_its_processors_when_attention_is_swapped():
     from diffusers.models.attention_processor import AttnProcessor
     from concepts_util import fake_batch
 
-    from sdstudio.methods.edlora import EDLoRA, LayerwiseAttnProcessor
+    from sdstudio.concepts.layerwise import LayerwiseAttnProcessor
+    from sdstudio.methods.edlora import EDLoRA
 
     c = load_base("tiny")
     m = EDLoRA()

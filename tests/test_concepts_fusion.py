@@ -38,7 +38,7 @@ def two_concepts(tmp_path_factory):
 def test_fusion_beats_naive_average(two_concepts, tmp_path):
     from sdstudio.methods.edlora import apply_edlora, read_edlora
     from sdstudio.methods.fusion import FuseConfig, average_into, fuse, load_concept_table, save_fused
-    from sdstudio.playground.regions import generate
+    from sdstudio.concepts.regions import generate
 
     files = [read_edlora(p) for p in two_concepts]
     fused = load_base("tiny")
