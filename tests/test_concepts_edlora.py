@@ -62,14 +62,15 @@ def test_edlora_layerwise_embeddings_and_file_reproduces(tmp_path):
     assert np.abs(generate(fresh, prompt, **kw) - trained).max() > 1e-4
     with pytest.raises(UserError, match="overlap"):
         other = m.state_dict_to_save(c)
-        from sdstudio.methods.edlora import EDLoRAFile
+        from sdstudio.formats.edlora import EDLoRAFile
         apply_edlora(fresh, EDLoRAFile(tmp_path / "x.safetensors",
                                        {"<anna1>": other[0]["new_concept_embedding.<anna1>"],
                                         "<zed2>": other[0]["new_concept_embedding.<anna2>"]}, {}, {}))
 
 
 def test_edlora_norm_threshold_stops_embeddings_and_bad_input():
-    from sdstudio.methods.edlora import EDLoRA, EDLoRAFile, apply_edlora
+    from sdstudio.formats.edlora import EDLoRAFile
+    from sdstudio.methods.edlora import EDLoRA, apply_edlora
 
     c = load_base("tiny")
     m = EDLoRA()

@@ -36,7 +36,8 @@ def two_concepts(tmp_path_factory):
 
 
 def test_fusion_beats_naive_average(two_concepts, tmp_path):
-    from sdstudio.methods.edlora import apply_edlora, read_edlora
+    from sdstudio.formats.edlora import read_edlora
+    from sdstudio.methods.edlora import apply_edlora
     from sdstudio.methods.fusion import FuseConfig, average_into, fuse, load_concept_table, save_fused
     from sdstudio.concepts.regions import generate
 
@@ -80,7 +81,7 @@ def test_fusion_beats_naive_average(two_concepts, tmp_path):
 
 
 def test_fusion_refuses_overlapping_concepts(two_concepts):
-    from sdstudio.methods.edlora import read_edlora
+    from sdstudio.formats.edlora import read_edlora
     from sdstudio.methods.fusion import FuseConfig, fuse
 
     f = read_edlora(two_concepts[0])
@@ -135,7 +136,7 @@ def test_fusion_panel_runs_a_job(two_concepts, workspace):
 
 def test_fused_folder_as_playground_base(two_concepts, tmp_path):
     """The fused folder is a base the Playground pipeline uses with concept tokens in regions."""
-    from sdstudio.methods.edlora import read_edlora
+    from sdstudio.formats.edlora import read_edlora
     from sdstudio.methods.fusion import FuseConfig, fuse, save_fused
     from sdstudio.playground.pipeline import generate
     from sdstudio.playground.recipe import Recipe, RegionItem

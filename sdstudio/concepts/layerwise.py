@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..formats.edlora import EDLoRAFile, concept_embeddings, without_embeddings
 from . import tokens as tk
 
 
@@ -137,7 +138,7 @@ def concept_table(c) -> dict[str, list[str]]:
 
 # -- concept tokens on loaded components ------------------------------------------------------------
 
-def check_base(c, f) -> None:
+def check_base(c, f: EDLoRAFile) -> None:
     """The file must fit this base: same text width and the same number of cross-attention layers."""
     dim = c.text_encoder.get_input_embeddings().embedding_dim
     layers = len(cross_attention_layers(c.unet))
@@ -149,7 +150,7 @@ def check_base(c, f) -> None:
                         "use it with the base model it was trained on.")
 
 
-def add_concept_tokens(c, f) -> None:
+def add_concept_tokens(c, f: EDLoRAFile) -> None:
     """Give `c` the file's layer-wise tokens once (a plain, resized embedding table, as other loaders expect)."""
     table = concept_table(c)
     new = [t for t in f.tokens if t not in table]
@@ -166,3 +167,12 @@ def add_concept_tokens(c, f) -> None:
     tk.bake(c.text_encoder)
     for t in f.tokens:
         table[t] = layer_token_names(t, f.layers)
+
+
+def load_concept_tokens(c, sd: dict, meta: dict, path: Path) -> dict:
+    """The Playground's door for an EDLoRA file added as a LoRA item: its tokens go into `c` (checked against
+    the base), and the rest of the state dict (a kohya LoRA) is returned for the LoRA loader."""
+    f = EDLoRAFile(Path(path), concept_embeddings(sd), {}, meta)
+    check_base(c, f)
+    add_concept_tokens(c, f)
+    return without_embeddings(sd)

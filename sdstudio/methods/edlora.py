@@ -26,13 +26,13 @@ from ..concepts.layerwise import (AttnContext, add_concept_tokens, check_base, c
                                   cross_attention_layers, encode_layerwise, ensure_processors, install_processors,
                                   layer_token_names)
 from ..fields import setting
+from ..formats.edlora import EDLoRAFile, edlora_state_dict, read_edlora
 from .base import MethodBase, ParamGroup, register
 from .textual_inversion import options, output_stem
 
 TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_TRANSFORMER = UNET_ATTN + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
-EMB_PREFIX = "new_concept_embedding."
 
 
 # -- LoRA as forward hooks (module structure and state-dict names stay the base model's) ------------------
@@ -221,15 +221,14 @@ class EDLoRA(MethodBase):
         return LayerwisePipeline(c)
 
     def state_dict_to_save(self, c) -> tuple[dict, dict]:
-        tensors = {}
+        lora = {}
         rows = self.rows().detach().float().cpu()
-        for i, t in enumerate(self.tokens):
-            tensors[EMB_PREFIX + t] = rows[i * self.layers:(i + 1) * self.layers].clone()
+        embeddings = {t: rows[i * self.layers:(i + 1) * self.layers].clone() for i, t in enumerate(self.tokens)}
         for loras in (self.te_lora, self.unet_lora):
             for name, h in loras.items():
-                tensors[f"{name}.lora_down.weight"] = h.down.weight.detach().float().cpu()
-                tensors[f"{name}.lora_up.weight"] = h.up.weight.detach().float().cpu()
-                tensors[f"{name}.alpha"] = torch.tensor(float(h.scale * h.rank))
+                lora[f"{name}.lora_down.weight"] = h.down.weight.detach().float().cpu()
+                lora[f"{name}.lora_up.weight"] = h.up.weight.detach().float().cpu()
+                lora[f"{name}.alpha"] = torch.tensor(float(h.scale * h.rank))
         meta = {}
         if self.run is not None:
             from ..formats.metadata import training_metadata
@@ -240,7 +239,7 @@ class EDLoRA(MethodBase):
                 "sdstudio.concept_tokens": " ".join(self.tokens), "sdstudio.class_word": self.o.class_word,
                 "sdstudio.layers": str(self.layers), "sdstudio.clip_skip": str(self.o.clip_skip),
                 "sdstudio.embedding_stopped_at": str(self.stopped_at)}
-        return tensors, meta
+        return edlora_state_dict(embeddings, lora), meta
 
     def save(self, c, out: Path) -> list[Path]:
         from ..formats.safe_io import save_safetensors
@@ -271,52 +270,7 @@ class LayerwisePipeline:
         return SimpleNamespace(images=[img])
 
 
-# -- loading an EDLoRA file (Playground, fusion) ----------------------------------------------------------
-
-@dataclass
-class EDLoRAFile:
-    path: Path
-    embeddings: dict  # {token: (layers, dim)}
-    lora: dict  # {kohya module name: {"lora_down.weight", "lora_up.weight", "alpha"}}
-    meta: dict
-
-    @property
-    def tokens(self) -> list[str]:
-        return list(self.embeddings)
-
-    @property
-    def layers(self) -> int:
-        return next(iter(self.embeddings.values())).shape[0]
-
-    def deltas(self, model, kind: str, weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """{module path: weight change} for `model` ("te" or "unet"), alpha/rank applied per module."""
-        from ..formats.kinds import kohya_names_for
-
-        names = kohya_names_for(model, kind)
-        out = {}
-        for name, g in self.lora.items():
-            if name not in names:
-                continue
-            down, up = g["lora_down.weight"].float(), g["lora_up.weight"].float()
-            rank = down.shape[0]
-            scale = float(g["alpha"]) / rank if "alpha" in g else 1.0
-            d = (up.flatten(1) @ down.flatten(1)) * scale * weight
-            out[names[name]] = d.reshape(up.shape[0], down.shape[1], *up.shape[2:])
-        return out
-
-
-def read_edlora(path: Path | str) -> EDLoRAFile:
-    from ..formats.kinds import group_kohya
-    from ..formats.safe_io import load_state_dict, read_safetensors_metadata
-
-    path = Path(path)
-    sd = load_state_dict(path)
-    emb = {k[len(EMB_PREFIX):]: v for k, v in sd.items() if k.startswith(EMB_PREFIX)}
-    if not emb:
-        raise UserError(f"{path.name} is not an EDLoRA file (it has no new_concept_embedding.* tensors): "
-                        "train one with method = 'edlora'.")
-    return EDLoRAFile(path, emb, group_kohya(sd), read_safetensors_metadata(path))
-
+# -- applying an EDLoRA file to loaded components (fusion, tests) --------------------------------------
 
 class AppliedEDLoRA:
     """An EDLoRA concept live on Components: its tokens, LoRA hooks (removable) and layer-wise processors."""
@@ -365,13 +319,3 @@ def apply_edlora(c, path: Path | str | EDLoRAFile, weight: float = 1.0, ctx: Att
             h.to(mod.weight.device, mod.weight.dtype)
             hooks.append(h)
     return AppliedEDLoRA(f, hooks)
-
-
-def load_concept_tokens(c, sd: dict, meta: dict, path: Path) -> dict:
-    """The Playground's door for an EDLoRA file added as a LoRA item: its tokens go into `c` (checked against
-    the base), and the rest of the state dict (a kohya LoRA) is returned for the LoRA loader."""
-    emb = {k[len(EMB_PREFIX):]: v for k, v in sd.items() if k.startswith(EMB_PREFIX)}
-    f = EDLoRAFile(Path(path), emb, {}, meta)
-    check_base(c, f)
-    add_concept_tokens(c, f)
-    return {k: v for k, v in sd.items() if not k.startswith(EMB_PREFIX)}

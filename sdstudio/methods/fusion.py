@@ -29,7 +29,7 @@ from ..fields import build_dataclass, setting
 from ..concepts import tokens as tk
 from ..concepts.layerwise import (check_base, concept_table, cross_attention_layers, encode_layerwise,
                                   install_processors, layer_prompts, layer_token_names)
-from .edlora import EMB_PREFIX, EDLoRAFile, read_edlora
+from ..formats.edlora import EMB_PREFIX, EDLoRAFile, read_edlora
 
 TEMPLATE = "photo of a {}"
 

@@ -120,14 +120,16 @@ class Pivotal(MethodBase):
 
     def load_output(self, pipe, paths: list[Path]):
         """diffusers: the LoRA's kohya keys with load_lora_weights, the embedding with load_textual_inversion."""
+        from ..formats.embeddings import without_bundle
         from ..formats.safe_io import load_state_dict, read_safetensors_metadata
 
         lora, emb = paths[0], paths[1]
-        pipe.load_lora_weights({k: v for k, v in load_state_dict(lora).items() if not k.startswith("bundle_emb.")})
+        pipe.load_lora_weights(without_bundle(load_state_dict(lora)))
         pipe.load_textual_inversion(str(emb), token=read_safetensors_metadata(emb).get("sdstudio.token"))
         return pipe
 
     def save(self, c, out: Path) -> list[Path]:
+        from ..formats.embeddings import bundle_state_dict
         from ..formats.lora import peft_to_kohya
         from ..formats.safe_io import save_safetensors
 
@@ -138,7 +140,7 @@ class Pivotal(MethodBase):
         if self.o.train_text_encoder:
             sd.update(peft_to_kohya(c.text_encoder, "te", dtype=torch.float16))
         # kohya/A1111 bundle: the embedding rides inside the LoRA file under its prompt word.
-        sd[f"bundle_emb.{token}.string_to_param.*"] = rows
+        sd.update(bundle_state_dict({token: rows}))
         meta = self.ti.metadata(c)
         if self.run is not None:
             from ..formats.metadata import training_metadata
@@ -150,15 +152,3 @@ class Pivotal(MethodBase):
         lora = save_safetensors(sd, stem.with_name(stem.name + ".safetensors"), meta)
         emb = save_embedding(rows, stem.with_name(stem.name + ".embedding"), token, "a1111", meta)
         return [lora, *emb]
-
-
-def bundled_embeddings(sd: dict) -> dict[str, torch.Tensor]:
-    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (kohya/A1111 layout; SDXL: clip_l)."""
-    out = {}
-    for k, v in sd.items():
-        if not k.startswith("bundle_emb."):
-            continue
-        name, _, rest = k[len("bundle_emb."):].partition(".")
-        if rest.startswith("string_to_param") or rest in ("emb_params", "clip_l"):
-            out[name] = v.reshape(-1, v.shape[-1]).float()
-    return out

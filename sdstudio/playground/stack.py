@@ -268,15 +268,15 @@ class Stack:
         kind = detect_kind_from_keys(sd.keys())
         family = self.comps.family.label
         if kind == "edlora":  # a Mix-of-Show concept: its layer-wise tokens go in, its LoRA part loads as a LoRA
-            from ..methods.edlora import load_concept_tokens
+            from ..concepts.layerwise import load_concept_tokens
 
             sd, kind = load_concept_tokens(self.comps, sd, meta, path), "lora"
         bundle = {}
         if kind == "lora":  # embeddings bundled in the LoRA (kohya/A1111 bundle_emb.*) come along with it
-            from ..methods.pivotal import bundled_embeddings
+            from ..formats.embeddings import bundled_embeddings, without_bundle
 
             bundle = bundled_embeddings(sd)
-            sd = {k: v for k, v in sd.items() if not k.startswith("bundle_emb.")}
+            sd = without_bundle(sd)
         if kind == "lora":
             weights = read_lora(sd, self.models, metadata=meta, file_name=path.name, family_label=family)
         elif kind == "lycoris":
