@@ -10,6 +10,7 @@ import torch
 from sdstudio.errors import UserError
 from sdstudio.formats.kinds import kohya_names_for
 from sdstudio.formats.safe_io import save_safetensors
+from sdstudio.playground import files as files_mod
 from sdstudio.playground import stack as stack_mod
 from sdstudio.playground.recipe import EmbeddingItem, LoraItem, Recipe
 from sdstudio.playground.session import Playground
@@ -343,7 +344,7 @@ def test_embedding_formats_round_trip(tmp_path):
 
 
 def test_prompt_lora_tags_resolve_against_models_lora(pg, files, tmp_path):
-    from sdstudio.playground.stack import extract_prompt_loras, resolve_prompt_loras
+    from sdstudio.playground.prompt_tags import extract_prompt_loras, resolve_prompt_loras
 
     clean, tags = extract_prompt_loras("a dog, <lora:style:0.6>, sunny <lora:b:0.5:0.2>")
     assert clean == "a dog, sunny" and tags == [("style", 0.6, 0.6), ("b", 0.2, 0.5)]
@@ -390,12 +391,12 @@ def test_several_unfused_loras_run_as_one_mix_that_sums_them(pg, files):
 
 def test_set_adapters_by_file_name_equals_applying_the_new_weight(pg, files):
     pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.9), LoraItem(str(files["b"]), 0.3)))
-    reads = stack_mod.FILE_READS["count"]
+    reads = files_mod.FILE_READS["count"]
     pg.stack.set_adapters({"a.safetensors": 0.2})
     from sdstudio.playground.pipeline import generate
 
     via_set = np.asarray(generate(pg.comps, BASE, stack=pg.stack)[0]).astype(np.int16)
-    assert stack_mod.FILE_READS["count"] == reads
+    assert files_mod.FILE_READS["count"] == reads
     assert np.array_equal(via_set, img(pg, with_loras(LoraItem(str(files["a"]), 0.2), LoraItem(str(files["b"]), 0.3))))
 
 

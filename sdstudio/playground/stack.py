@@ -15,141 +15,18 @@
 from __future__ import annotations
 
 import logging
-import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
 from ..formats.kinds import detect_kind_from_keys
-from .recipe import EmbeddingItem, LoraItem, Recipe
+from .blocks import block_of, block_table
+from .embeddings import PromptEmbeddings
+from .files import read_adapter_file
+from .recipe import LoraItem, Recipe
 
 log = logging.getLogger("sdstudio.playground")
-
-# Every adapter file read increments this (tests and `sdstudio bench generate` count reads with it).
-FILE_READS = {"count": 0}
-_READ_LOCK = threading.Lock()
-
-
-def read_adapter_file(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
-    """(state dict, safetensors metadata) of an adapter or embedding file: the one function that reads them."""
-    from ..formats.safe_io import load_state_dict, read_safetensors_metadata
-
-    with _READ_LOCK:
-        FILE_READS["count"] += 1
-    sd = load_state_dict(path, allow_pickle=allow_pickle)
-    meta = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-    return sd, meta
-
-
-# -- LoRA-Block-Weight ---------------------------------------------------------------------------------
-
-def block_ids(unet) -> list[str]:
-    """A1111 LoRA-Block-Weight ids in full form: BASE, IN00.., M00, OUT00.. (26 for SD1.x, 20 for SDXL)."""
-    per_block = unet.config.layers_per_block
-    per_block = per_block if isinstance(per_block, int) else per_block[0]
-    n_down = len(unet.config.down_block_types)
-    n_in = n_down * (per_block + 1)
-    n_out = len(unet.config.up_block_types) * (per_block + 1)
-    return ["BASE"] + [f"IN{i:02d}" for i in range(n_in)] + ["M00"] + [f"OUT{i:02d}" for i in range(n_out)]
-
-
-# The short forms list only the blocks that hold attention (what most LoRAs train).
-SHORT_FORMS = {
-    17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07",
-         "OUT08", "OUT09", "OUT10", "OUT11"],
-    12: ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"],
-}
-
-
-def block_of(model_key: str, path: str, unet) -> str:
-    """The LoRA-Block-Weight block a module belongs to; resnets, convs, samplers included (not only attention)."""
-    if model_key != "unet":
-        return "BASE"
-    per_block = unet.config.layers_per_block
-    per_block = per_block if isinstance(per_block, int) else per_block[0]
-    n_up = len(unet.config.up_block_types) * (per_block + 1)
-    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)", path)
-    if m:
-        b, part, j = int(m[1]), m[2], int(m[3])
-        idx = b * (per_block + 1) + (per_block + 1 if part == "downsamplers" else j + 1)
-        return f"IN{idx:02d}"
-    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)", path)
-    if m:
-        b, part, j = int(m[1]), m[2], int(m[3])
-        idx = b * (per_block + 1) + (per_block if part == "upsamplers" else j)
-        return f"OUT{idx:02d}"
-    if path.startswith("mid_block"):
-        return "M00"
-    if path.startswith(("conv_out", "conv_norm_out")):
-        return f"OUT{n_up - 1:02d}"
-    return "IN00"  # conv_in, time_embedding, add_embedding: the entry of the network
-
-
-def block_table(blocks: list[float], unet, where: str = "blocks") -> dict[str, float]:
-    """Block weights by id. Accepts the full form (26 SD1.x / 20 SDXL) or the short form (17 / 12); blocks a
-    short form leaves out keep weight 1."""
-    ids = block_ids(unet)
-    if not blocks:
-        return {}
-    if len(blocks) == len(ids):
-        return dict(zip(ids, blocks))
-    short = SHORT_FORMS.get(len(blocks))
-    if short and all(b in ids for b in short):
-        table = {i: 1.0 for i in ids}
-        table.update(zip(short, blocks))
-        return table
-    forms = [str(len(ids))] + [str(n) for n, s in SHORT_FORMS.items() if all(b in ids for b in s)]
-    raise UserError(f"{where} has {len(blocks)} block weights; this base takes {' or '.join(forms)} "
-                    f"(LoRA-Block-Weight order: {', '.join(ids[:4])}, ...).")
-
-
-# -- A1111 <lora:name:weight> in the prompt -------------------------------------------------------------
-
-_PROMPT_LORA = re.compile(r"<(lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
-
-
-def extract_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
-    """Remove A1111 `<lora:name>`, `<lora:name:w>`, `<lora:name:te_w:unet_w>` tags from a prompt.
-
-    Returns the clean prompt and [(name, unet weight, text-encoder weight)]."""
-    found = []
-
-    def take(m: re.Match) -> str:
-        args = [a for a in m[3].split(":")[1:] if a.strip()]
-        try:
-            nums = [float(a) for a in args]
-        except ValueError:
-            raise UserError(f"The prompt tag {m[0]} has a weight that is not a number: write <lora:name:0.8>.") from None
-        te = nums[0] if nums else 1.0
-        unet = nums[1] if len(nums) > 1 else te
-        found.append((m[2].strip(), unet, te))
-        return ""
-
-    clean = _PROMPT_LORA.sub(take, prompt)
-    clean = re.sub(r"\s*,\s*(,\s*)+", ", ", clean).strip().strip(",").strip()
-    return clean, found
-
-
-def resolve_prompt_loras(recipe: Recipe, lora_dir: Path | None) -> Recipe:
-    """The recipe with its prompt's <lora:...> tags turned into [[lora]] items found in `lora_dir`."""
-    clean, tags = extract_prompt_loras(recipe.prompt)
-    if not tags:
-        return recipe
-    items = list(recipe.lora)
-    for name, unet_w, te_w in tags:
-        path = None
-        if lora_dir is not None:
-            for cand in sorted(lora_dir.rglob("*")):
-                if cand.is_file() and cand.suffix in (".safetensors", ".pt") and cand.stem == name:
-                    path = cand
-                    break
-        if path is None:
-            raise UserError(f"<lora:{name}> in the prompt names no file in {lora_dir or 'models/lora'}: "
-                            f"put {name}.safetensors there or fix the name.")
-        items.append(LoraItem(path=str(path), weight=unet_w, text_encoder_weight=te_w))
-    return recipe.replace(prompt=clean, lora=items)
 
 
 # -- the stack ------------------------------------------------------------------------------------------
@@ -160,14 +37,7 @@ class _Adapter:
     path: Path
     kind: str  # "lora" | "lycoris"
     layers: list = field(default_factory=list)  # [(model key, module path, peft layer)]
-    bundle: list = field(default_factory=list)  # _LoadedEmbedding for each bundle_emb.* in the file
-
-
-@dataclass
-class _LoadedEmbedding:
-    path: Path
-    token: str
-    internal: list[list[str]]  # per text encoder: the internal tokens that carry its vectors
+    bundle: list = field(default_factory=list)  # LoadedEmbedding for each bundle_emb.* in the file
 
 
 class Stack:
@@ -181,7 +51,7 @@ class Stack:
         self.max_unused = max_unused  # loaded-but-unused adapters kept in memory before the oldest is dropped
         self.models = {"unet": comps.unet, **{f"te{i}": te for i, te in enumerate(comps.text_encoders)}}
         self.adapters: dict[Path, _Adapter] = {}
-        self.embeddings: dict[Path, _LoadedEmbedding] = {}
+        self.words = PromptEmbeddings(comps, self.resolve, allow_pickle)  # embeddings and bundled words
         self._counter = 0
         self._items: list[tuple[_Adapter, LoraItem]] = []  # what the current recipe asks for, in order
         self._blocks: dict[str, dict[str, float]] = {}  # adapter name -> block table
@@ -190,7 +60,6 @@ class Stack:
         self._fused: set[str] = set()
         self._fused_sig = None
         self._backup: dict[int, tuple] = {}  # id(base module) -> (module, original weight on CPU)
-        self._active_embeddings: list[_LoadedEmbedding] = []
         self._wanted: dict[int, tuple] = {}  # id(layer) -> (layer, adapter names wanted there, in order)
         # W + sum s B@A kept per layer between generations, within a memory budget (None: from free memory)
         self.merged = MergedWeights(merge_cache_bytes)
@@ -213,8 +82,7 @@ class Stack:
                         for a, it in self._items}
         self._range_on = {a.name: True for a, _ in self._items}
         self._drop_unused({p for p, it in wanted})
-        self._apply_embeddings(recipe.embedding)
-        self._active_embeddings += [e for a, _ in self._items for e in a.bundle]
+        self.words.apply(recipe.embedding, bundled=[e for a, _ in self._items for e in a.bundle])
 
         signature = tuple((a.name, it.weight, it.text_encoder_weight, tuple(it.blocks))
                           for a, it in self._items if self._full_range(it))
@@ -287,7 +155,7 @@ class Stack:
         adapter = _Adapter(name=f"sds{self._counter}", path=path, kind=kind)
         from ..formats.embeddings import Embedding
 
-        adapter.bundle = [self._install_embedding(path, Embedding([v], t), f"b{self._counter}-{i}")
+        adapter.bundle = [self.words.install(path, Embedding([v], t), f"b{self._counter}-{i}")
                           for i, (t, v) in enumerate(bundle.items())]
         if self._fused:
             self.unfuse()  # injecting wraps modules; keep the base weights plain while we do it
@@ -418,72 +286,14 @@ class Stack:
         self._fused_sig = None
         self._refresh()
 
-    # 6. Embeddings ---------------------------------------------------------------------------------------
-    def _apply_embeddings(self, items: list[EmbeddingItem]) -> None:
-        active = []
-        tokens = set()
-        for item in items:
-            if not item.enabled:
-                continue
-            path = self.resolve(item.path)
-            loaded = self.embeddings.get(path)
-            if loaded is None:
-                loaded = self._load_embedding(path, item.token)
-            if item.token:
-                loaded.token = item.token
-            if loaded.token in tokens:
-                raise UserError(f"Two embeddings use the token {loaded.token}: give one another token.")
-            tokens.add(loaded.token)
-            active.append(loaded)
-        self._active_embeddings = active
-
-    def _load_embedding(self, path: Path, token: str) -> _LoadedEmbedding:
-        import torch
-
-        from ..formats.embeddings import embedding_from_state
-
-        if not path.is_file():
-            raise UserError(f"{path.name} does not exist: check the path of the embedding.")
-        sd, _meta = read_adapter_file(path, self.allow_pickle)
-        emb = embedding_from_state(sd, path.name, token)
-        emb.token = token or emb.token or f"<{path.stem}>"
-        loaded = self._install_embedding(path, emb, str(len(self.embeddings) + 1))
-        self.embeddings[path] = loaded
-        return loaded
-
-    def _install_embedding(self, path: Path, emb, k: str) -> _LoadedEmbedding:
-        """Add an embedding's vectors to the tokenizers/text encoders under internal tokens <sdstudio-emb{k}-j>."""
-        import torch
-
-        tes, toks = self.comps.text_encoders, self.comps.tokenizers
-        if len(emb.vectors) != len(tes):
-            need = "clip_l and clip_g" if len(tes) == 2 else "one vector set"
-            raise UserError(f"{path.name} is an embedding for another model family (this base needs {need}): "
-                            f"pick a matching embedding.")
-        internal = []
-        for i, (te, tok, vec) in enumerate(zip(tes, toks, emb.vectors)):
-            table = te.get_input_embeddings()
-            if vec.shape[1] != table.weight.shape[1]:
-                raise UserError(f"{path.name} has {vec.shape[1]}-wide vectors but this {self.comps.family.label} "
-                                f"text encoder uses {table.weight.shape[1]}: it is for another model family.")
-            names = [f"<sdstudio-emb{k}-{j}>" for j in range(vec.shape[0])]
-            tok.add_tokens(names)
-            te.resize_token_embeddings(len(tok))
-            table = te.get_input_embeddings()
-            ids = tok.convert_tokens_to_ids(names)
-            with torch.no_grad():
-                table.weight[ids] = vec.to(table.weight.dtype).to(table.weight.device)
-            table.weight.requires_grad_(False)
-            internal.append(names)
-        return _LoadedEmbedding(path=path, token=emb.token, internal=internal)
+    # 6. Embeddings (playground/embeddings.py) -------------------------------------------------------------
+    @property
+    def embeddings(self) -> dict:
+        return self.words.loaded
 
     def expand_prompt(self, text: str, encoder: int = 0) -> str:
-        """Replace each active embedding's token with the internal tokens that carry its vectors. Disabled or
-        removed embeddings are not replaced, so their token reads as plain text, as if never loaded."""
-        for emb in self._active_embeddings:
-            pattern = rf"(?<![\w<]){re.escape(emb.token)}(?![\w>])"
-            text = re.sub(pattern, " ".join(emb.internal[encoder]), text)
-        return text
+        """The prompt with each active embedding's token replaced by the internal tokens carrying its vectors."""
+        return self.words.expand_prompt(text, encoder)
 
     def describe(self) -> list[str]:
         return [f"{a.path.name} ({a.kind}) weight {it.weight:g}" for a, it in self._items]
