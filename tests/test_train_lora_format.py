@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sdstudio.formats.safe_io import read_safetensors_keys, read_safetensors_metadata
-from sdstudio.methods.base import RunInfo, get_method
+from sdstudio.methods.base import RunInfo
+from sdstudio.methods.registry import get_method
 from sdstudio.models.loading import load_base
 from sdstudio.train.config import load_config
 

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..errors import UserError
-
 if TYPE_CHECKING:
     import torch
 
@@ -171,22 +169,3 @@ def register(cls: type) -> type:
         raise RuntimeError(f"two methods are named {cls.name!r}")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def get_method(name: str) -> type:
-    from . import registry  # noqa: F401  (imports every method module explicitly)
-
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        import difflib
-
-        near = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise UserError(f"Unknown method {name!r}: use one of {', '.join(sorted(REGISTRY))}.{hint}") from None
-
-
-def all_methods() -> dict[str, type]:
-    from . import registry  # noqa: F401
-
-    return dict(REGISTRY)

@@ -29,7 +29,8 @@ from ..errors import UserError
 from ..events import Event, Progress, Saved, Status, Step
 from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetensors
 from ..jobs import Commands, Stopped
-from ..methods.base import Batch, RunInfo, get_method, hook
+from ..methods.base import Batch, RunInfo, hook
+from ..methods.registry import get_method
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..events import Failed, Finished
-from ..methods.base import all_methods
+from ..methods.registry import all_methods
 from ..train.config import TrainConfig, list_presets, load_config, preset_header, read_toml, user_fields
 from .context import AppContext
 from .widgets import fmt_eta as _fmt_eta
