@@ -127,7 +127,7 @@ class AdapterLayer(nn.Module):
         if cache is not None:
             cache.release(self)
         if not names:  # nothing active here (fused, or every weight 0): the base op alone
-            self._run = base
+            self._run = base.forward  # (a bound method: a module here would register as a child)
             return
         out_f = w.shape[0]
         in_k = w[0].numel()  # in features x kernel area

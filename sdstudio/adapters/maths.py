@@ -89,6 +89,14 @@ def svd_weight(a: torch.Tensor, e: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return b @ (a * e)
 
 
+def svd_as_lora(a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaLoRA's scale x B (A * E) as a plain low-rank pair (down, up) at the kept rank: down = (A * E)[keep],
+    up = scale x B[:, keep]. Its lora_weight equals svd_weight with the cut singular values at zero."""
+    keep = (e.reshape(-1) != 0) if keep is None else keep.reshape(-1).bool()
+    return (a * e)[keep], b[:, keep] * scale
+
+
 def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """DoRA: (W + dW) rescaled so each output channel's norm is `magnitude` (or each input channel's, when the
     magnitude is shaped (1, in, ...), as LyCORIS wrote it before 3.0). Computed in float32."""

@@ -175,18 +175,22 @@ def _kaiming(*shape) -> torch.Tensor:
 
 
 def new_lora(base: nn.Module, rank: int, alpha: float, *, tucker: bool = False, dora: bool = False,
-             dropout: float = 0.0) -> LoRA:
-    """A LoRA to train: down ~ N(0, 1/rank), up = 0 (peft's "gaussian" start), so it starts as no change.
-    Convolutions get a LoCon (down with the base's kernel, 1x1 up), or with `tucker` a 1x1 down, kxk mid and
-    1x1 up. `dora` adds the magnitude (DoRA)."""
+             dropout: float = 0.0, init: str = "gaussian") -> LoRA:
+    """A LoRA to train: down ~ N(0, 1/rank) (peft's "gaussian"; `init="kaiming"`: nn.Linear's own init, as
+    LyCORIS and Mix-of-Show start), up = 0, so it starts as no change. Convolutions get a LoCon (down with the
+    base's kernel, 1x1 up), or with `tucker` a 1x1 down, kxk mid and 1x1 up. `dora` adds the magnitude."""
     out_dim, in_dim, k = _dims(base)
     spatial = bool(k) and any(s != 1 for s in k)
+
+    def down_init(*shape):
+        return _kaiming(*shape) if init == "kaiming" else torch.randn(*shape) / rank
+
     if tucker and spatial:
-        down = torch.randn(rank, in_dim, 1, 1) / rank
+        down = down_init(rank, in_dim, 1, 1)
         mid = _kaiming(rank, rank, *k)
         up = torch.zeros(out_dim, rank, 1, 1)
     else:
-        down = torch.randn(rank, in_dim, *k) / rank
+        down = down_init(rank, in_dim, *k)
         mid = None
         up = torch.zeros(out_dim, rank, *([1] * len(k)))
     a = LoRA(down, up, mid, alpha=alpha, trainable=True, dropout=dropout)

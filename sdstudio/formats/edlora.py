@@ -31,6 +31,7 @@ class EDLoRAFile:
 
     def deltas(self, model, kind: str, weight: float = 1.0) -> dict:
         """{module path: weight change} for `model` ("te" or "unet"), alpha/rank applied per module."""
+        from ..adapters import from_state
         from .kinds import kohya_names_for
 
         names = kohya_names_for(model, kind)
@@ -38,11 +39,10 @@ class EDLoRAFile:
         for name, g in self.lora.items():
             if name not in names:
                 continue
-            down, up = g["lora_down.weight"].float(), g["lora_up.weight"].float()
-            rank = down.shape[0]
-            scale = float(g["alpha"]) / rank if "alpha" in g else 1.0
-            d = (up.flatten(1) @ down.flatten(1)) * scale * weight
-            out[names[name]] = d.reshape(up.shape[0], down.shape[1], *up.shape[2:])
+            w = model.get_submodule(names[name]).weight
+            lora = from_state("lora", {"lora_down": g["lora_down.weight"].float(), "lora_up": g["lora_up.weight"].float()},
+                              tuple(w.shape), float(g["alpha"]) if "alpha" in g else None)
+            out[names[name]] = lora.delta(w) * weight
         return out
 
 

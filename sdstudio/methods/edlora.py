@@ -12,7 +12,7 @@ File (.safetensors): `new_concept_embedding.<token>` (layers, dim) per token + k
 """
 from __future__ import annotations
 
-import math
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,36 +35,7 @@ UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_TRANSFORMER = UNET_ATTN + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
-# -- LoRA as forward hooks (module structure and state-dict names stay the base model's) ------------------
-
-class LoRAHook(nn.Module):
-    """y = W x + scale * up(down(x)) on a Linear or 1x1 Conv2d, added by a forward hook."""
-
-    def __init__(self, base: nn.Module, rank: int, scale: float):
-        super().__init__()
-        conv = isinstance(base, nn.Conv2d)
-        fin, fout = (base.in_channels, base.out_channels) if conv else (base.in_features, base.out_features)
-        self.down = nn.Conv2d(fin, rank, 1, bias=False) if conv else nn.Linear(fin, rank, bias=False)
-        self.up = nn.Conv2d(rank, fout, 1, bias=False) if conv else nn.Linear(rank, fout, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-        self.to(base.weight.device)
-        self.rank, self.scale = rank, scale
-        self.handle = base.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        x = inputs[0]
-        return output + self.scale * self.up(self.down(x.to(self.down.weight.dtype))).to(output.dtype)
-
-    def delta(self) -> torch.Tensor:
-        """The weight change this LoRA makes, shaped like the base weight."""
-        d = self.up.weight.flatten(1) @ self.down.weight.flatten(1)
-        return (self.scale * d).reshape(self.up.weight.shape[0], self.down.weight.shape[1],
-                                        *self.up.weight.shape[2:])
-
-    def remove(self):
-        self.handle.remove()
-
+# -- LoRA on the text encoder and UNet, through the adapter runtime (sdstudio/adapters) --------------------
 
 def lora_targets(model, suffixes: tuple[str, ...], scope: str = "") -> list[str]:
     """Linear / 1x1-conv modules whose path ends with one of `suffixes` (inside `scope` when given)."""
@@ -79,7 +50,12 @@ def lora_targets(model, suffixes: tuple[str, ...], scope: str = "") -> list[str]
 
 
 def attach_loras(model, paths: list[str], rank: int, scale: float, namer) -> nn.ModuleDict:
-    return nn.ModuleDict({namer(p): LoRAHook(model.get_submodule(p), rank, scale) for p in paths})
+    """A trainable LoRA (output times `scale`, Mix-of-Show's alpha) on each of `paths`; {kohya name: LoRA}."""
+    from ..adapters import add_adapter, new_lora
+
+    adapters = {p: new_lora(model.get_submodule(p), rank, scale * rank, init="kaiming") for p in paths}
+    add_adapter(model, "edlora", adapters)
+    return nn.ModuleDict({namer(p): a for p, a in adapters.items()})
 
 
 def parse_tokens(text: str) -> list[str]:
@@ -193,7 +169,7 @@ class EDLoRA(MethodBase):
             batch = dataclasses.replace(batch, mask=None)
         return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
 
-    # Checkpoints: the LoRA hooks live beside the models (not inside them), so list them explicitly.
+    # Checkpoints: the embedding rows and the LoRAs, listed by their kohya names.
     def trainable_state_dict(self, c) -> dict:
         out = {"embeddings": self.emb.new.detach()}
         out.update({f"te_lora.{k}": v.detach() for k, v in self.te_lora.state_dict().items()})
@@ -225,10 +201,8 @@ class EDLoRA(MethodBase):
         rows = self.rows().detach().float().cpu()
         embeddings = {t: rows[i * self.layers:(i + 1) * self.layers].clone() for i, t in enumerate(self.tokens)}
         for loras in (self.te_lora, self.unet_lora):
-            for name, h in loras.items():
-                lora[f"{name}.lora_down.weight"] = h.down.weight.detach().float().cpu()
-                lora[f"{name}.lora_up.weight"] = h.up.weight.detach().float().cpu()
-                lora[f"{name}.alpha"] = torch.tensor(float(h.scale * h.rank))
+            for name, a in loras.items():
+                lora.update({f"{name}.{k}": v.float().cpu() for k, v in a.state().items()})
         meta = {}
         if self.run is not None:
             from ..formats.metadata import training_metadata
@@ -272,50 +246,48 @@ class LayerwisePipeline:
 
 # -- applying an EDLoRA file to loaded components (fusion, tests) --------------------------------------
 
-class AppliedEDLoRA:
-    """An EDLoRA concept live on Components: its tokens, LoRA hooks (removable) and layer-wise processors."""
+_APPLIED = itertools.count(1)  # each applied concept's adapter name on the layers
 
-    def __init__(self, f: EDLoRAFile, hooks: list):
-        self.file, self.hooks = f, hooks
+
+class AppliedEDLoRA:
+    """An EDLoRA concept live on Components: its tokens, its LoRA (adapter `name` on the models' layers, which
+    `remove()` takes off) and the layer-wise processors."""
+
+    def __init__(self, f: EDLoRAFile, name: str, layers: list):
+        self.file, self.name, self.layers = f, name, layers
 
     def set_weight(self, weight: float) -> None:
-        for h in self.hooks:
-            h.scale = h.base_scale * weight
+        for layer in self.layers:
+            layer.scales[self.name] = float(weight)
+            layer.plan()
 
     def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
+        for layer in self.layers:
+            layer.remove(self.name)
+        self.layers = []
 
 
 def apply_edlora(c, path: Path | str | EDLoRAFile, weight: float = 1.0, ctx: AttnContext | None = None
                  ) -> AppliedEDLoRA:
-    """Load an EDLoRA concept into `c` so prompts can use its tokens: adds the tokens (once), hooks the LoRA at
-    `weight` and installs the layer-wise processors. `remove()` takes the LoRA off again."""
+    """Load an EDLoRA concept into `c` so prompts can use its tokens: adds the tokens (once), puts the LoRA on
+    at `weight` and installs the layer-wise processors. `remove()` takes the LoRA off again."""
+    from ..adapters import add_adapter
+    from ..formats.lora import read_adapters
+
     f = path if isinstance(path, EDLoRAFile) else read_edlora(path)
     check_base(c, f)
-    table = concept_table(c)
-    new = [t for t in f.tokens if t not in table]
-    if new and len(new) != len(f.tokens):
-        raise UserError(f"{f.path.name} shares some of its tokens {f.tokens} with a concept already loaded: "
-                        "concept names must not overlap.")
     add_concept_tokens(c, f)
     install_processors(c.unet, ctx)
-    hooks = []
-    for model, kind in ((c.text_encoder, "te"), (c.unet, "unet")):
-        from ..formats.kinds import kohya_names_for
+    flat = {f"{name}.{k}": v for name, g in f.lora.items() for k, v in g.items()}
+    name = f"edlora{next(_APPLIED)}"
+    layers = []
+    if flat:
+        weights = read_adapters(flat, {"unet": c.unet, "te0": c.text_encoder}, file_name=f.path.name)
+        for mk, adapters in weights.targets.items():
+            model = c.unet if mk == "unet" else c.text_encoder
+            dtype = next(model.parameters()).dtype
+            for a in adapters.values():
+                a.to(dtype=dtype).requires_grad_(False)
+            layers += add_adapter(model, name, adapters, scale=weight).values()
+    return AppliedEDLoRA(f, name, layers)
 
-        names = kohya_names_for(model, kind)
-        for name, g in f.lora.items():
-            if name not in names:
-                continue
-            down, up = g["lora_down.weight"], g["lora_up.weight"]
-            mod = model.get_submodule(names[name])
-            h = LoRAHook(mod, down.shape[0], 1.0)
-            h.down.weight.data.copy_(down.reshape(h.down.weight.shape))
-            h.up.weight.data.copy_(up.reshape(h.up.weight.shape))
-            h.base_scale = float(g["alpha"]) / down.shape[0] if "alpha" in g else 1.0
-            h.scale = h.base_scale * weight
-            h.to(mod.weight.device, mod.weight.dtype)
-            hooks.append(h)
-    return AppliedEDLoRA(f, hooks)

@@ -130,15 +130,15 @@ class Pivotal(MethodBase):
 
     def save(self, c, out: Path) -> list[Path]:
         from ..formats.embeddings import bundle_state_dict
-        from ..formats.lora import peft_to_kohya
+        from ..formats.lora import kohya_state_dict
         from ..formats.safe_io import save_safetensors
 
         stem = output_stem(self.cfg, out)
         rows = self.ti.rows().detach().float().cpu()
         token = self.ti.o.token  # lowercased, as the tokenizer holds it
-        sd = peft_to_kohya(c.unet, "unet", dtype=torch.float16)
+        sd = kohya_state_dict(c.unet, "unet", dtype=torch.float16)
         if self.o.train_text_encoder:
-            sd.update(peft_to_kohya(c.text_encoder, "te", dtype=torch.float16))
+            sd.update(kohya_state_dict(c.text_encoder, "te", dtype=torch.float16))
         # kohya/A1111 bundle: the embedding rides inside the LoRA file under its prompt word.
         sd.update(bundle_state_dict({token: rows}))
         meta = self.ti.metadata(c)
