@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats.kinds import detect_kind
+from .formats.kinds import ModelInfo, identify
 from .workspace import Workspace
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
@@ -67,17 +67,19 @@ def scan_models(ws: Workspace) -> list[ModelEntry]:
         if rel_parts and rel_parts[0] in ("annotators", "rembg", "captioners"):
             continue  # helper models, not something to mix or train from
         if p.is_dir():
-            kind = detect_kind(p)
-            if kind == "unknown":
+            info: ModelInfo = identify(p)
+            if info.kind == "unknown":
                 continue
             seen_dirs.add(p)
         elif p.suffix in MODEL_SUFFIXES and not p.name.startswith("."):
-            kind = detect_kind(p)
+            info = identify(p)
         else:
             continue
+        kind = info.kind
         meta = _metadata(p)
         out.append(ModelEntry(name=p.stem if p.is_file() else p.name, kind=kind, path=ws.relative(p),
-                              size_mb=round(_size_mb(p), 2), family=_family(kind, p, meta), metadata=meta))
+                              size_mb=round(_size_mb(p), 2), family=_family(kind, p, meta) or info.family,
+                              metadata=meta))
     return out
 
 

@@ -144,3 +144,17 @@ def read_safetensors_keys(path: Path | str) -> list[str]:
 
     with safe_open(str(path), framework="pt") as f:
         return list(f.keys())
+
+
+def read_safetensors_header(path: Path | str) -> tuple[dict[str, tuple], dict[str, str]]:
+    """({tensor name: shape}, metadata) from a .safetensors header alone: no tensor is read."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 << 20:
+            raise ValueError(f"{Path(path).name}: a {n}-byte safetensors header is not plausible")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    return {k: tuple(v.get("shape", ())) for k, v in header.items()}, meta
