@@ -5,13 +5,15 @@ from .base import REGISTRY
 
 # isort: off
 # The training-engine issue adds: lora, dreambooth, full.
-# The concepts issue adds: textual_inversion, pivotal, edlora (and lycoris / adalora when they land).
+# The concepts issue adds: textual_inversion, pivotal, edlora; the LyCORIS issue: lycoris (loha, lokr, dora), adalora.
 from . import lora  # noqa: F401,E402
 from . import dreambooth  # noqa: F401,E402
 from . import full  # noqa: F401,E402
 from . import textual_inversion  # noqa: F401,E402
 from . import edlora  # noqa: F401,E402
 from . import pivotal  # noqa: F401,E402
+from . import lycoris  # noqa: F401,E402
+from . import adalora  # noqa: F401,E402
 
 
 def get_method(name: str) -> type:

@@ -162,7 +162,7 @@ def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images
     o = cfg.options
     method = cfg.method
     targets = getattr(o, "targets", "attention_mlp")
-    rank = int(getattr(o, "rank", 16))
+    rank = int(getattr(o, "rank", getattr(o, "initial_rank", 16)))  # AdaLoRA trains at its initial rank
     te_trains = bool(getattr(o, "train_text_encoder", False))
     arch = architecture(fam.name, targets, rank, int(getattr(o, "conv_rank", 8)))
 
@@ -173,8 +173,10 @@ def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images
     # 2. What trains.
     if method in ("dreambooth", "full"):
         trainable = arch["unet"] + (arch["te"] if getattr(o, "train_text_encoder", False) else 0)
-    elif method == "lora":
+    elif method in ("lora", "dora", "lokr", "adalora"):  # LoKr: at most a LoRA's size (less with factors)
         trainable = arch["unet_lora"] + (arch["te_lora"] if te_trains else 0)
+    elif method == "loha":  # two low-rank pairs per layer
+        trainable = 2 * (arch["unet_lora"] + (arch["te_lora"] if te_trains else 0))
     else:  # embeddings and other small methods: a LoRA-sized upper bound
         trainable = arch["unet_lora"]
     state = OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)

@@ -364,6 +364,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                 acc.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            report = hook(method, "after_optimizer_step")(c, step) or {}  # gradients still there (AdaLoRA)
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update()
@@ -378,7 +379,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                 log_f.write(json.dumps({"step": step, "loss": loss_f, "lr": lr, "time": round(elapsed(), 3)}) + "\n")
                 log_f.flush()
             emit(Step(step=step, total=cfg.max_steps, loss=loss_f, lr=lr, it_per_s=rate,
-                      eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed()))
+                      eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed(), extra=report))
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 checkpoint()
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
