@@ -11,6 +11,7 @@ import importlib
 BENCH_MODULES: list[str] = [
     "sdstudio.playground.bench",  # generate
     "sdstudio.train.bench",  # train
+    "sdstudio.train.bench_adapters",  # adapters
 ]
 
 
