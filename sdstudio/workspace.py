@@ -20,6 +20,7 @@ SUBDIRS = (
     "models/t2i_adapter",
     "models/checkpoints",
     "models/edlora",
+    "models/gligen",
     "models/annotators",
     "models/rembg",
     "models/captioners",
@@ -39,6 +40,7 @@ MODEL_DIRS = {
     "t2i_adapter": "models/t2i_adapter",
     "checkpoint": "models/checkpoints",
     "edlora": "models/edlora",
+    "gligen": "models/gligen",
 }
 
 

@@ -74,7 +74,7 @@ def test_written_file_loads_in_the_playground_and_gives_the_trained_output(metho
     meta = read_safetensors_metadata(path)
     args = json.loads(meta["ss_network_args"])
     assert meta["ss_network_module"] == "lycoris.kohya"
-    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lycoris"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"  # sd-scripts' id for every network
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
     if method == "loha":
         assert args["algo"] == "loha" and args["use_tucker"] == "True"

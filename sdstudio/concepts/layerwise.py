@@ -86,10 +86,11 @@ def install_processors(unet, ctx: AttnContext | None = None, cls=LayerwiseAttnPr
     return before
 
 
-def ensure_processors(unet, first_layer: str) -> None:
+def ensure_processors(unet, first_layer: str, ctx: AttnContext | None = None, cls=LayerwiseAttnProcessor) -> None:
     """Put ours back if something replaced them (the loop enables xformers after `prepare`, for example)."""
-    if not isinstance(unet.get_submodule(first_layer).processor, LayerwiseAttnProcessor):
-        install_processors(unet)
+    proc = unet.get_submodule(first_layer).processor
+    if not isinstance(proc, cls) or proc.ctx is not ctx:
+        install_processors(unet, ctx, cls)
 
 
 # -- prompts -------------------------------------------------------------------------------------------

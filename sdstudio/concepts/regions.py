@@ -8,8 +8,8 @@ maps inside each box. EDLoRA tokens work in every prompt (layer-wise conditionin
 
 EDLoRA previews (methods/) and the Playground (playground/regions.py) both sample through here.
 
-Boxes are fractions of the image: (left, top, right, bottom), each in [0, 1]. Box strings are parsed as plain
-numbers, never evaluated.
+Boxes here are fractions of the image: (left, top, right, bottom), each in [0, 1] (the Playground converts a
+recipe's other box formats first, playground/regions.py). Box strings are parsed as plain numbers, never evaluated.
 """
 from __future__ import annotations
 
@@ -185,13 +185,3 @@ def generate(c, prompt: str, negative_prompt: str = "", regions: list[Region] | 
     pipe = c.pipeline(scheduler)
     with attention_context(c, ctx):
         return pipe(**kw).images[0]
-
-
-def regions_from_items(items) -> list[Region]:
-    """Regions from recipe items (dicts or objects with prompt, box, negative_prompt, t2i_weight)."""
-    out = []
-    for it in items or []:
-        get = (lambda k, d=None: it.get(k, d)) if isinstance(it, dict) else (lambda k, d=None: getattr(it, k, d))
-        out.append(Region(prompt=get("prompt", ""), box=get("box"), negative_prompt=get("negative_prompt"),
-                          t2i_weight=get("t2i_weight")))
-    return out

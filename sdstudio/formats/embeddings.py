@@ -101,13 +101,13 @@ def save_embedding(path: Path | str, vectors, token: str, *, fmt: str | None = N
     return save_safetensors(tensors, path, {"name": name, "step": str(step), **(metadata or {})})
 
 
-# -- embeddings bundled in a LoRA file (kohya / A1111: `bundle_emb.<token>.string_to_param.*`) -------------
+# -- embeddings bundled in a LoRA file (A1111: `bundle_emb.<token>.string_to_param.*`) ----------------------
 
 BUNDLE_PREFIX = "bundle_emb."
 
 
 def bundle_state_dict(embeddings: dict) -> dict:
-    """{token: rows (n, dim)} -> the keys A1111 and kohya read from a LoRA file that carries its word."""
+    """{token: rows (n, dim)} -> the keys A1111 reads from a LoRA file that carries its word."""
     return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": rows for token, rows in embeddings.items()}
 
 
@@ -117,7 +117,8 @@ def without_bundle(sd: dict) -> dict:
 
 
 def bundled_embeddings(sd: dict) -> dict:
-    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (kohya/A1111 layout; SDXL: clip_l)."""
+    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (A1111's layout, which its network loader
+    reads; sd-scripts neither writes nor reads it; SDXL: clip_l)."""
     out = {}
     for k, v in sd.items():
         if not k.startswith(BUNDLE_PREFIX):

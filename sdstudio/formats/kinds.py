@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-KINDS = ("lora", "lycoris", "embedding", "edlora", "controlnet", "t2i_adapter", "checkpoint", "unknown")
+KINDS = ("lora", "lycoris", "embedding", "edlora", "gligen", "controlnet", "t2i_adapter", "checkpoint", "unknown")
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LYCORIS_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a")
@@ -48,6 +48,12 @@ def _any(keys, pred) -> bool:
     return any(pred(k) for k in keys)
 
 
+def _is_gligen(keys) -> bool:
+    from .gligen import is_gligen_keys
+
+    return is_gligen_keys(keys)
+
+
 _LYCORIS = lambda k: k.endswith(LYCORIS_SUFFIXES)  # noqa: E731
 _KOHYA = lambda k: k.startswith(KOHYA_PREFIXES)  # noqa: E731
 _LORA = lambda k: ".lora_down." in k or ".lora_up." in k  # noqa: E731
@@ -56,6 +62,9 @@ _PEFT_LORA = lambda k: ".lora_A." in k or ".lora_B." in k  # noqa: E731
 FORMATS = (
     FileFormat("edlora", "sdstudio-edlora", lambda ks: _any(ks, lambda k: k.startswith("new_concept_embedding."))),
     FileFormat("edlora", "edlora", lambda ks: _any(ks, lambda k: k.startswith("edlora."))),
+    # A GLIGEN module alone, in the layout ComfyUI loads (a full GLIGEN checkpoint is a checkpoint).
+    FileFormat("gligen", "module", lambda ks: not _any(ks, lambda k: k.startswith(
+        ("model.diffusion_model.", "first_stage_model."))) and _is_gligen(ks)),
     FileFormat("lycoris", "kohya", lambda ks: _any(ks, lambda k: _LYCORIS(k) and _KOHYA(k))),
     FileFormat("lycoris", "peft", lambda ks: _any(ks, _LYCORIS)),
     # A LoRA with DoRA's magnitude is LyCORIS' dora_wd (kohya names) or peft's use_dora.

@@ -28,7 +28,7 @@ def unet_to_ldm(sd: dict, config: dict) -> dict:
     up_types = list(config["up_block_types"])
     out = {}
     for key, value in sd.items():
-        new = None
+        new = key if key.startswith("position_net.") else None  # GLIGEN's position net keeps its name
         for a, b in _UNET_TOP:
             if key.startswith(a):
                 new = b + key[len(a):]

@@ -226,12 +226,13 @@ class AdaLoRA(MethodBase):
         o: AdaLoRAConfig = self.cfg.options
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[o.save_precision]
         ranks = self.ranks(c)
+        # A plain networks.lora file to every reader; how AdaLoRA spread its ranks is ours to note.
         meta = training_metadata(self.run, c.family, network_dim=o.target_rank, network_alpha=o.target_rank,
-                                 network_module="networks.lora",
-                                 network_args={"algo": "adalora", "initial_rank": str(o.initial_rank),
-                                               "target_rank": str(o.target_rank),
-                                               "total_rank": str(sum(ranks.values()))},
-                                 kind="lora")
+                                 network_module="networks.lora", kind="lora", unet_lr=self.cfg.learning_rate,
+                                 network_dropout=o.dropout)
+        meta["sdstudio.targets"] = o.targets
+        meta["sdstudio.adalora"] = json.dumps({"initial_rank": o.initial_rank, "target_rank": o.target_rank,
+                                               "total_rank": sum(ranks.values())})
         meta["sdstudio.adalora_ranks"] = json.dumps(ranks, sort_keys=True)
         sd = kohya_tensors(self.export(c), "unet", dtype=dtype)
         if not sd:

@@ -131,7 +131,11 @@ class AdapterMethod(MethodBase):
         o = self.cfg.options
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[o.save_precision]
         meta = training_metadata(self.run, c.family, network_dim=o.rank, network_alpha=o.alpha,
-                                 network_module="lycoris.kohya", network_args=self.network_args(), kind="lycoris")
+                                 network_module="lycoris.kohya", network_args=self.network_args(), kind="lycoris",
+                                 unet_lr=self.cfg.learning_rate,
+                                 text_encoder_lr=o.text_encoder_lr if o.train_text_encoder else None,
+                                 network_dropout=getattr(o, "dropout", None))
+        meta["sdstudio.targets"] = o.targets
         tes = c.text_encoders if o.train_text_encoder else []
         path = Path(out) / f"{self.cfg.output_name}.safetensors"
         return [save_kohya_lora(path, c.unet, tes, meta, dtype, xl=c.family.is_xl)]

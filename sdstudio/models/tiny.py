@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 SEED = 1234
+GLIGEN_SEED = SEED + 3  # the gated layers and the position net of the tiny GLIGEN model
 TINY_LABEL = "tiny (offline demo, random weights)"
 
 # SD 1.5's block layout, only narrower (see DESIGN.md, "The built-in tiny model").
@@ -131,20 +132,56 @@ def build_components() -> dict:
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), scheduler=scheduler)
 
 
-def write_tiny_model(out: Path | str) -> Path:
-    """Write the tiny model as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads offline."""
+def add_gligen(unet):
+    """The tiny GLIGEN UNet: `unet` with diffusers' `attention_type="gated"` layers (a fuser in every transformer
+    block and a text-box position net), made from GLIGEN_SEED.
+
+    Every other weight is `unet`'s own, bit for bit: with no boxes it is the plain model. diffusers starts the
+    gates at zero (a no-op until trained); here they start open (tanh(1) = 0.76), so boxes change the picture."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    # Built on the meta device (no random draw for the base weights), then given the base's tensors.
+    with torch.device("meta"):
+        config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+        gated = UNet2DConditionModel(**dict(config, attention_type="gated"))
+    base = unet.state_dict()
+    gated.load_state_dict(base, strict=False, assign=True)
+    torch.manual_seed(GLIGEN_SEED)
+    new = [name for name, _ in gated.named_modules() if name.endswith(".fuser") or name == "position_net"]
+    for name in new:
+        module = gated.get_submodule(name)
+        module.to_empty(device="cpu")
+        for sub in module.modules():  # each Linear / LayerNorm draws its own default init, in module order
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        with torch.no_grad():
+            for pname, p in module.named_parameters(recurse=False):
+                if pname.startswith("alpha_"):
+                    p.fill_(1.0)
+                elif pname.startswith("null_"):
+                    p.normal_(0.0, 0.02)
+    return gated.eval()
+
+
+def write_tiny_model(out: Path | str, gligen: bool = False) -> Path:
+    """Write the tiny model as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads offline;
+    `gligen=True` writes the tiny GLIGEN model (its UNet with gated layers, see `add_gligen`)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     out = Path(out)
     parts = build_components()
+    if gligen:
+        parts["unet"] = add_gligen(parts["unet"])
     tok_dir = out / "tokenizer"
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False, **parts)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / "sdstudio_tiny.json").write_text(json.dumps({"seed": SEED, "label": TINY_LABEL}), encoding="utf-8")
+    info = {"seed": SEED, "label": TINY_LABEL} | ({"gligen_seed": GLIGEN_SEED} if gligen else {})
+    (out / "sdstudio_tiny.json").write_text(json.dumps(info), encoding="utf-8")
     return out
 
 

@@ -16,6 +16,7 @@ AXES = {
     "seed": "seed",
     "steps": "steps",
     "sampler": "sampler",
+    "grounding_fraction": "GLIGEN steps",  # how much of the steps the [[grounding]] boxes steer
 }
 
 
@@ -40,7 +41,7 @@ def parse_axis(text: str) -> Axis:
     param, item = m[1], int(m[2] or 0)
     raw = [v.strip() for v in m[3].split(",") if v.strip()]
     try:
-        if param in ("cfg", "lora_weight"):
+        if param in ("cfg", "lora_weight", "grounding_fraction"):
             values = [float(v) for v in raw]
         elif param in ("seed", "steps"):
             values = [int(v) for v in raw]

@@ -1,6 +1,6 @@
-"""Our SD pipeline: one denoising pass with any number of ControlNets and T2I-Adapters together, per-item
-step ranges, LoRA step ranges, txt2img / img2img / inpaint, CFG, clip skip, A1111 prompt weighting, and a seed
-per image so a batch is reproducible image by image.
+"""Our SD pipeline: one denoising pass with any number of ControlNets and T2I-Adapters together, GLIGEN boxes,
+regions, per-item step ranges, LoRA step ranges, txt2img / img2img / inpaint, CFG, clip skip, A1111 prompt
+weighting, and a seed per image so a batch is reproducible image by image.
 
 diffusers has no SD1.x pipeline that runs ControlNet and T2I-Adapter in one pass, and its multi-ControlNet
 silently drops extra nets when list lengths differ; here lengths and scales are checked first.
@@ -183,6 +183,10 @@ def generate(comps, recipe: Recipe, *, stack=None,
                                 emb, B, use_cfg, ad_w)
         emb = attn.emb
         rows = emb.shape[0]
+        # 2c. [[grounding]] phrases in boxes: the GLIGEN objects for the gated layers (playground/gligen.py)
+        from .gligen import recipe_grounding
+
+        grounding = recipe_grounding(comps, recipe, expand, B, use_cfg)
         extra = {"added_cond_kwargs": added} if added is not None else {}
 
         # 3. Scheduler and timesteps
@@ -271,13 +275,15 @@ def generate(comps, recipe: Recipe, *, stack=None,
                     intrablock = scaled if intrablock is None else [a + b for a, b in zip(intrablock, scaled)]
                 if intrablock is not None:
                     kwargs["down_intrablock_additional_residuals"] = [r.clone() for r in intrablock]
+                # 6c. GLIGEN: the objects while grounding is on (scheduled sampling), then the plain base
+                kwargs.update(grounding.unet_kwargs(i, total))
                 noise_pred = unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs, **extra)[0]
-                # 6c. Classifier-free guidance and the scheduler step
+                # 6d. Classifier-free guidance and the scheduler step
                 if use_cfg:
                     nu, nc = noise_pred.chunk(2)
                     noise_pred = nu + recipe.cfg * (nc - nu)
                 latents = sched.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
-                # 6d. Inpainting on a regular model: keep the unmasked area on the original's noise trajectory
+                # 6e. Inpainting on a regular model: keep the unmasked area on the original's noise trajectory
                 if mask_lat is not None and masked_lat is None:
                     if i < total - 1:
                         orig = sched.add_noise(init_latents, noise, timesteps[i + 1:i + 2].repeat(B))

@@ -1,6 +1,10 @@
-"""The Playground's hook for regions (`[[region]]`) and EDLoRA tokens in its own denoising loop: the layer-wise
-conditioning, per-region T2I-Adapter weights and the attention processors for one generation. Region sampling
-itself (boxes, masks, the processors) is concepts/regions.py, which EDLoRA previews use too."""
+"""The Playground's hook for regions (`[[region]]`) and EDLoRA tokens in its own denoising loop: the recipe's region
+items as Regions, the layer-wise conditioning, per-region T2I-Adapter weights and the attention processors for
+one generation. Region sampling itself (boxes, masks, the processors) is concepts/regions.py, which EDLoRA
+previews use too.
+
+A recipe's [[region]] may give Mix-of-Show's [top, left, bottom, right] pixel boxes (box_format = "mixofshow",
+playground/recipe.py); `regions_from_items` converts them to the fractions concepts/regions.py works in."""
 from __future__ import annotations
 
 import math
@@ -8,8 +12,29 @@ import math
 import torch
 
 from ..concepts.layerwise import AttnContext, concept_table, cross_attention_layers, install_processors, layer_prompts
-from ..concepts.regions import RegionAttnProcessor, regions_from_items
+from ..concepts.regions import Region, RegionAttnProcessor
 from ..concepts.tokens import replace_word
+from ..errors import UserError
+
+
+def regions_from_items(items, width: int | None = None, height: int | None = None) -> list[Region]:
+    """Regions from recipe items (dicts or objects with prompt, box, box_format, negative_prompt, t2i_weight).
+    Boxes in another format than fractions (Mix-of-Show's pixels) need the image's `width` and `height`."""
+    from .recipe import box_to_fractions, split_box_format
+    from .recipe import parse_box as parse_numbers
+
+    out = []
+    for it in items or []:
+        get = (lambda k, d=None: it.get(k, d)) if isinstance(it, dict) else (lambda k, d=None: getattr(it, k, d))
+        prefix, box = split_box_format(get("box"))
+        fmt = prefix or get("box_format") or "fractions"
+        if fmt != "fractions":
+            if width is None or height is None:
+                raise UserError(f"A region box in the {fmt} format needs the image size to convert it.")
+            box = box_to_fractions(parse_numbers(box, allow_empty=True), fmt, width, height)
+        out.append(Region(prompt=get("prompt", ""), box=box, negative_prompt=get("negative_prompt"),
+                          t2i_weight=get("t2i_weight")))
+    return out
 
 
 # -- the Playground pipeline's hook ---------------------------------------------------------------------
@@ -57,7 +82,8 @@ def recipe_attention(comps, recipe, encode, chunks, emb, batch: int, use_cfg: bo
     `encode(text, n_chunks)` is the Playground's prompt encoder (A1111 weighting, embeddings, clip skip) and
     `chunks(text)` its chunk count; `emb` is what it made for the global prompts, ordered
     [negative x batch, positive x batch] when CFG is on."""
-    regions = regions_from_items([r for r in getattr(recipe, "region", []) if getattr(r, "enabled", True)])
+    regions = regions_from_items([r for r in getattr(recipe, "region", []) if getattr(r, "enabled", True)],
+                                 recipe.width, recipe.height)
     for r in regions:
         if r.negative_prompt == "":
             r.negative_prompt = None  # an empty region negative means: the global one

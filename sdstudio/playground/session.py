@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..errors import UserError
 from .files import count_read
+from .gligen import ModuleSlot, base_module
 from .pipeline import generate
 from .recipe import Recipe
 from .prompt_tags import resolve_prompt_loras
@@ -57,6 +58,7 @@ class Playground:
         self._ref = None
         self._controls: dict[tuple, object] = {}
         self._images: dict[tuple, object] = {}
+        self.gligen = ModuleSlot()  # a GLIGEN module file attached to the base (playground/gligen.py)
         self.live_preview = None  # the latest step's cheap preview (PIL), for the UI to poll
         self.live_step = (0, 0)
 
@@ -96,6 +98,8 @@ class Playground:
         comps = self.base(recipe.base_model)
         recipe = resolve_prompt_loras(recipe, self.lora_dir)
         self.stack.apply(recipe, fuse=fuse and not any(not (i.start <= 0 and i.end >= 1) for i in recipe.lora))
+        self.gligen.apply(comps.unet, self.resolve(recipe.gligen) if recipe.gligen.strip() else base_module(comps),
+                          self.allow_pickle)
         out = {"recipe": recipe, "controlnets": [], "control_images": [], "control_weights": [], "control_ranges": [],
                "adapters": [], "adapter_images": [], "adapter_weights": [], "adapter_ranges": []}
         for kind, items, prefix in (("controlnet", recipe.controlnet, "control"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import dataset_tab, fusion_panel, library_tab, playground_tab, quick_tab, train_tab
+from . import dataset_boxes_panel, dataset_tab, fusion_panel, library_tab, playground_tab, quick_tab, train_tab
 from .context import AppContext
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
@@ -15,7 +15,7 @@ CSS_FILE = Path(__file__).resolve().parent / "style.css"
 # is built so that a tab can drive another tab's components. A tab may stack several modules (sections).
 TABS = [
     ("Quick", "tab-quick", quick_tab),
-    ("Dataset", "tab-dataset", dataset_tab),
+    ("Dataset", "tab-dataset", (dataset_tab, dataset_boxes_panel)),
     ("Train", "tab-train", (train_tab, fusion_panel)),
     ("Playground", "tab-playground", playground_tab),
     ("Library", "tab-library", library_tab),

@@ -12,7 +12,7 @@ from ..models.loading import TINY, model_choices
 from .context import AppContext
 
 KIND_LABELS = {"lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding", "edlora": "EDLoRA",
-               "controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "checkpoint": "Checkpoint",
+               "gligen": "GLIGEN", "controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "checkpoint": "Checkpoint",
                "unknown": "Unknown"}
 MODEL_COLUMNS = ["name", "type", "family", "size (MB)", "path"]
 

@@ -24,6 +24,7 @@ from ..playground.pipeline import SAMPLERS
 from ..playground.preprocess import PREPROCESSORS
 from ..playground.recipe import ControlNetItem, EmbeddingItem, LoraItem, Recipe, T2IAdapterItem, parse_blocks
 from ..playground.session import Playground, generation_work
+from . import grounding_panel
 from .context import AppContext
 from .library_tab import base_model_choices, current_base
 
@@ -183,6 +184,7 @@ def build(ctx: AppContext) -> None:
                                   start=start, end=end,
                                   blocks=blocks, token=token, control_row=control_row, image=image, preprocessor=pre,
                                   preview=preview, up=up, down=down, remove=remove))
+            boxes = grounding_panel.build(ctx, width, height, lambda: session_for(ctx).live_preview)
 
         # 3. Right: run, preview, gallery, grid, recipes
         with gr.Column(scale=4, min_width=320):
@@ -212,6 +214,7 @@ def build(ctx: AppContext) -> None:
 
     form = [base, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip, init_image,
             mask_image, strength]
+    form_in = form + boxes.inputs  # the recipe's fields: the form, then the Boxes panel (grounding_panel.py)
     card_inputs = [cards[i][f] for i in range(MAX_ITEMS) for f in CARD_FIELDS]
     card_outputs = [cards[i][f] for i in range(MAX_ITEMS) for f in
                     ("group", "title", "enabled", "weight", "te_weight", "start", "end", "blocks", "token",
@@ -365,11 +368,11 @@ def build(ctx: AppContext) -> None:
 
     # -- generate / grid as Jobs -------------------------------------------------------------------------
     def start(items, fuse_on, gx, gy, grid_mode, *vals):
-        n = len(form)
-        form_vals, card_vals = vals[:n], vals[n:]
+        n, m = len(form), len(boxes.inputs)
+        form_vals, box_vals, card_vals = vals[:n], vals[n:n + m], vals[n + m:]
         items = read_items(items, card_vals)
         try:
-            recipe = items_to_recipe(form_values(*form_vals), items)
+            recipe = boxes.apply(items_to_recipe(form_values(*form_vals), items), *box_vals)
             x = parse_axis(gx) if grid_mode else None
             y = parse_axis(gy) if grid_mode and (gy or "").strip() else None
             if grid_mode and not (gx or "").strip():
@@ -384,9 +387,9 @@ def build(ctx: AppContext) -> None:
         return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml()
 
     run_inputs = [items_state, fuse, grid_x, grid_y]
-    go.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, False, *v), run_inputs + form + card_inputs,
+    go.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, False, *v), run_inputs + form_in + card_inputs,
              [items_state, status, timer, recipe_text])
-    grid_btn.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, True, *v), run_inputs + form + card_inputs,
+    grid_btn.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, True, *v), run_inputs + form_in + card_inputs,
                    [items_state, status, timer, recipe_text])
 
     def tick(shown):
@@ -430,12 +433,13 @@ def build(ctx: AppContext) -> None:
     def show_recipe(recipe: Recipe) -> list:
         vals = [recipe.base_model if recipe.base_model == "tiny" else ws.relative(recipe.base_model)]
         vals += [getattr(recipe, f) for f in FORM_FIELDS[1:]]
-        return vals + [recipe.to_toml()] + draw(recipe_to_items(recipe, ws))
+        return vals + boxes.show(recipe, ws) + [recipe.to_toml()] + draw(recipe_to_items(recipe, ws))
 
     def save_recipe(name, items, *vals):
-        n = len(form)
+        n, m = len(form), len(boxes.inputs)
         try:
-            recipe = items_to_recipe(form_values(*vals[:n]), read_items(items, vals[n:]))
+            recipe = boxes.apply(items_to_recipe(form_values(*vals[:n]), read_items(items, vals[n + m:])),
+                                 *vals[n:n + m])
             from ..workspace import safe_name
 
             path = recipe.save(ws.root / "recipes" / f"{safe_name(name)}.toml")
@@ -445,30 +449,30 @@ def build(ctx: AppContext) -> None:
         gr.Info(f"Saved {ws.relative(path)}")
         return gr.update(choices=_recipe_files(ctx), value=ws.relative(path)), recipe.to_toml()
 
-    save_btn.click(save_recipe, [recipe_name, items_state] + form + card_inputs, [recipe_pick, recipe_text])
+    save_btn.click(save_recipe, [recipe_name, items_state] + form_in + card_inputs, [recipe_pick, recipe_text])
 
     def load_recipe(path):
         try:
             recipe = Recipe.load(ws.resolve(path, must_exist=True))
         except UserError as exc:
             gr.Warning(str(exc))
-            return [gr.update()] * (len(form) + 1 + len(redraw))
+            return [gr.update()] * (len(form_in) + 1 + len(redraw))
         return show_recipe(recipe)
 
-    load_btn.click(load_recipe, [recipe_pick], form + [recipe_text] + redraw)
+    load_btn.click(load_recipe, [recipe_pick], form_in + [recipe_text] + redraw)
 
     def drop_png(file):
         if not file:
-            return [gr.update()] * (len(form) + 1 + len(redraw))
+            return [gr.update()] * (len(form_in) + 1 + len(redraw))
         try:
             recipe = read_recipe(file)
         except UserError as exc:
             gr.Warning(str(exc))
-            return [gr.update()] * (len(form) + 1 + len(redraw))
+            return [gr.update()] * (len(form_in) + 1 + len(redraw))
         gr.Info("Recipe restored from the PNG.")
         return show_recipe(recipe)
 
-    png_drop.upload(drop_png, [png_drop], form + [recipe_text] + redraw)
+    png_drop.upload(drop_png, [png_drop], form_in + [recipe_text] + redraw)
 
     # On page load, draw the last-used stack (a reload loses nothing).
     def on_load():
