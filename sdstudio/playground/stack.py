@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from .files import read_adapter_file
 from .recipe import LoraItem, Recipe
 
 log = logging.getLogger("sdstudio.playground")
+_ADAPTER_NUMBERS = itertools.count(1)
 
 
 # -- the stack ------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class Stack:
         bundle = bundled_embeddings(sd)
         weights = read_adapters(without_bundle(sd), self.models, metadata=meta, file_name=path.name,
                                 family_label=self.comps.family.label)
-        self._counter += 1
+        self._counter = next(_ADAPTER_NUMBERS)  # unique per process: two stacks may share one base's layers
         adapter = _Adapter(name=f"sds{self._counter}", path=path, kind=kind)
         adapter.bundle = [self.words.install(path, Embedding([v], t), f"b{self._counter}-{i}")
                           for i, (t, v) in enumerate(bundle.items())]
