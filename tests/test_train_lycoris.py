@@ -18,7 +18,7 @@ from sdstudio.methods.base import RunInfo
 from sdstudio.methods.registry import get_method
 from sdstudio.models.loading import load_base
 from sdstudio.train.config import load_config
-from train_helpers import fast_sets, make_images, make_kohya_dataset
+from train_helpers import fast_sets, make_images, make_kohya_dataset, train_until_stopped
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,7 +100,6 @@ def test_written_file_loads_in_the_playground_and_gives_the_trained_output(metho
                  "adalora.delta_t": 1, "adalora.targets": "attention"}),
 ])
 def test_stop_and_resume_repeats_the_uninterrupted_run(method, extra, tmp_path):
-    from sdstudio.jobs import Commands, Stopped
     from sdstudio.train.loop import train
 
     ds = make_kohya_dataset(tmp_path / "ds", n=2)
@@ -110,14 +109,7 @@ def test_stop_and_resume_repeats_the_uninterrupted_run(method, extra, tmp_path):
     [a_file, *_] = train(straight, straight_events.append)
 
     resumed = load_config(None, fast_sets(ds, tmp_path / "b", **opts))
-    commands = Commands()
-
-    def stop_at_3(ev):
-        if isinstance(ev, Step) and ev.step == 3:
-            commands.stop()
-
-    with pytest.raises(Stopped):
-        train(resumed, stop_at_3, commands)
+    train_until_stopped(resumed, 3)
     resumed_events = []
     [b_file, *_] = train(resumed, resumed_events.append, resume=True)
 
@@ -180,6 +172,13 @@ def test_adalora_ends_at_its_budget_and_its_mixed_rank_export_loads_in_plain_dif
     got = _outputs_of(pipe.unet, c.text_encoder)
     assert (want - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # ... and in our Playground, the same.
+    from sdstudio.playground.recipe import LoraItem, Recipe
+    from sdstudio.playground.stack import Stack
+
+    fresh = load_base("tiny")
+    Stack(fresh).apply(Recipe(lora=[LoraItem(str(lora), 1.0)]))
+    torch.testing.assert_close(_outputs_of(fresh.unet, c.text_encoder), want, rtol=1e-4, atol=1e-4)
 
 
 def _outputs_of(unet, te):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import adapters
 from ..fields import setting
 from .base import MethodBase, ParamGroup, register
 from .lora import TARGETS, attach_adapters, te_target_names, unet_target_names
@@ -151,39 +152,28 @@ class AdapterMethod(MethodBase):
 
 @register
 class LoHa(AdapterMethod):
-    name = "loha"
-    algo = "loha"
+    name = algo = "loha"
     Config = LoHaConfig
 
     def new_adapter(self, module, rank, alpha):
-        from ..adapters import new_loha
-
         o: LoHaConfig = self.cfg.options
-        return new_loha(module, rank, alpha, tucker=o.use_tucker, dora=o.dora)
+        return adapters.new_loha(module, rank, alpha, tucker=o.use_tucker, dora=o.dora)
 
 
 @register
 class LoKr(AdapterMethod):
-    name = "lokr"
-    algo = "lokr"
+    name = algo = "lokr"
     Config = LoKrConfig
 
     def new_adapter(self, module, rank, alpha):
-        from ..adapters import new_lokr
-
         o: LoKrConfig = self.cfg.options
-        return new_lokr(module, rank, alpha, factor=o.factor, decompose_both=o.decompose_both,
-                        full_matrix=o.full_matrix, tucker=o.use_tucker, dora=o.dora)
+        return adapters.new_lokr(module, rank, alpha, factor=o.factor, decompose_both=o.decompose_both,
+                                 full_matrix=o.full_matrix, tucker=o.use_tucker, dora=o.dora)
 
     def network_args(self) -> dict:
         o: LoKrConfig = self.cfg.options
-        args = super().network_args()
-        args["factor"] = str(o.factor)
-        if o.decompose_both:
-            args["decompose_both"] = "True"
-        if o.full_matrix:
-            args["full_matrix"] = "True"
-        return args
+        flags = {"decompose_both": o.decompose_both, "full_matrix": o.full_matrix}
+        return {**super().network_args(), "factor": str(o.factor), **{k: "True" for k, on in flags.items() if on}}
 
 
 @register
@@ -193,10 +183,7 @@ class DoRA(AdapterMethod):
     Config = DoRAConfig
 
     def new_adapter(self, module, rank, alpha):
-        from ..adapters import new_lora
-
-        o: DoRAConfig = self.cfg.options
-        return new_lora(module, rank, alpha, dora=True, dropout=o.dropout)
+        return adapters.new_lora(module, rank, alpha, dora=True, dropout=self.cfg.options.dropout)
 
     def network_args(self) -> dict:
         return {**super().network_args(), "dora_wd": "True"}
