@@ -280,7 +280,7 @@ def test_import_a_file_as_mixofshow_writes_it(tmp_path):
         for path, w in theirs.items():
             torch.testing.assert_close(mine[path], w - model.get_submodule(path).weight, atol=1e-6, rtol=1e-5)
     applied = apply_edlora(c, f)  # and it goes live like any EDLoRA file
-    assert len(applied.hooks) == 136
+    assert len(applied.layers) == 136  # one adapter layer per LoRA module
 
 
 class _NotATensor:

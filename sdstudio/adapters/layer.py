@@ -142,7 +142,15 @@ class AdapterLayer(nn.Module):
         # the add (with other adapters present the weight is merged anyway).
         min_tokens = 0 if others or not rank else out_f * in_k * (rank + 1) / (rank * (in_k + out_f))
         in_features = w.shape[1]
-        trainable = any(p.requires_grad for n in names for p in self.adapters[n].parameters())
+        tensors: list = []  # the adapters' parameters, listed at the first call with autograd on
+
+        def training() -> bool:
+            """Autograd on and an adapter here trains (asked per call: pivotal tuning freezes its LoRA by phase)."""
+            if not torch.is_grad_enabled():
+                return False
+            if not tensors:
+                tensors.extend(p for n in names for p in self.adapters[n].parameters())
+            return any(p.requires_grad for p in tensors)
 
         def merged_weight(cast: bool = True) -> torch.Tensor:
             w = base.weight
@@ -170,7 +178,7 @@ class AdapterLayer(nn.Module):
             return got
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            if trainable and torch.is_grad_enabled():
+            if training():
                 # Training: LoRAs as branches (dropout included), everything else merged, all differentiable.
                 y = self._op(x, merged_weight(cast=False) if others else base.weight)
                 for n in plain:
