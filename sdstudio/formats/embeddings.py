@@ -99,3 +99,31 @@ def save_embedding(path: Path | str, vectors, token: str, *, fmt: str | None = N
         raise UserError(f"Unknown embedding format {fmt!r}: use a1111, pt or diffusers.")
     tensors = {"emb_params": vecs[0]} if len(vecs) == 1 else {"clip_l": vecs[0], "clip_g": vecs[1]}
     return save_safetensors(tensors, path, {"name": name, "step": str(step), **(metadata or {})})
+
+
+# -- embeddings bundled in a LoRA file (A1111: `bundle_emb.<token>.string_to_param.*`) ----------------------
+
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def bundle_state_dict(embeddings: dict) -> dict:
+    """{token: rows (n, dim)} -> the keys A1111 reads from a LoRA file that carries its word."""
+    return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": rows for token, rows in embeddings.items()}
+
+
+def without_bundle(sd: dict) -> dict:
+    """A LoRA state dict without its bundled embeddings."""
+    return {k: v for k, v in sd.items() if not k.startswith(BUNDLE_PREFIX)}
+
+
+def bundled_embeddings(sd: dict) -> dict:
+    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (A1111's layout, which its network loader
+    reads; sd-scripts neither writes nor reads it; SDXL: clip_l)."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(BUNDLE_PREFIX):
+            continue
+        name, _, rest = k[len(BUNDLE_PREFIX):].partition(".")
+        if rest.startswith("string_to_param") or rest in ("emb_params", "clip_l"):
+            out[name] = v.reshape(-1, v.shape[-1]).float()
+    return out

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from . import stack as stack_mod
+from .files import count_read
 from .gligen import ModuleSlot, base_module
 from .pipeline import generate
 from .recipe import Recipe
-from .stack import Stack, resolve_prompt_loras
+from .prompt_tags import resolve_prompt_loras
+from .stack import Stack
 
 log = logging.getLogger("sdstudio.playground")
 
@@ -23,8 +24,7 @@ def load_control_model(path: Path, kind: str, dtype=None, device: str = "cpu", u
 
     from diffusers import ControlNetModel, T2IAdapter
 
-    with stack_mod._READ_LOCK:
-        stack_mod.FILE_READS["count"] += 1
+    count_read()
     label = "ControlNet" if kind == "controlnet" else "T2I-Adapter"
     if not path.exists():
         raise UserError(f"{path.name} does not exist: check the path of the {label}.")

@@ -155,7 +155,7 @@ class TrainConfig:
 
 def resolve(values: dict) -> TrainConfig:
     """A validated TrainConfig (with its method table) from plain data (a merged preset + --set)."""
-    from ..methods.base import all_methods, get_method
+    from ..methods.registry import all_methods, get_method
 
     values = dict(values)
     version = values.get("schema_version", SCHEMA_VERSION)

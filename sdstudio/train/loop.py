@@ -31,7 +31,8 @@ from ..events import Event, Progress, Saved, Status, Step
 from ..formats.kinds import detect_kind
 from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetensors
 from ..jobs import Commands, Stopped
-from ..methods.base import Batch, RunInfo, get_method, hook
+from ..methods.base import Batch, RunInfo, hook
+from ..methods.registry import get_method
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .speed import SpeedOptions, check_speed_settings
@@ -385,6 +386,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                 acc.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            report = hook(method, "after_optimizer_step")(c, step) or {}  # gradients still there (AdaLoRA)
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update()
@@ -399,7 +401,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                 log_f.write(json.dumps({"step": step, "loss": loss_f, "lr": lr, "time": round(elapsed(), 3)}) + "\n")
                 log_f.flush()
             emit(Step(step=step, total=cfg.max_steps, loss=loss_f, lr=lr, it_per_s=rate,
-                      eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed()))
+                      eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed(), extra=report))
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 checkpoint()
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:

@@ -33,7 +33,7 @@ def edlora_files(ctx: AppContext) -> list[str]:
 def start_fuse(ctx: AppContext, base: str, files: list[str], name: str, te_iters: int, unet_iters: int):
     """Validate in the click (cheap), then run the fusion as a Job."""
     from ..methods.fusion import FuseConcept, FuseConfig, check_concepts, run_fuse
-    from ..methods.edlora import read_edlora
+    from ..formats.edlora import read_edlora
 
     if len(files or []) < 2:
         raise UserError("Pick at least two EDLoRA files to fuse.")
