@@ -192,13 +192,10 @@ class Job:
             self.emit(Finished(message="stopped", stopped=True))
         except UserError as exc:
             self.emit(Failed(message=str(exc)))
-        except MemoryError as exc:
-            self.emit(Failed(message="Out of memory: lower the batch size or resolution, or turn on gradient "
-                             "checkpointing and the caches.", details=repr(exc)))
         except Exception as exc:  # a bug or an environment fault: one sentence on screen, details in the log
             details = traceback.format_exc()
             log.error("job %s failed:\n%s", self.name, details)
-            self.emit(Failed(message=_explain(exc), details=details))
+            self.emit(Failed(message=_explain(exc, self.kind), details=details))
         finally:
             self.ended_at = time.time()
             _free_memory()
@@ -225,12 +222,26 @@ def _paths(result: object) -> tuple[str, ...]:
     return ()
 
 
-def _explain(exc: BaseException) -> str:
+# What to do when a job of this kind runs out of memory (GPU, or RAM on the CPU). Training's own loop says it
+# better when it can (it knows the step it kept, see train.loop.OutOfMemory); this is the fallback.
+OOM_ADVICE = {
+    "train": ("Out of memory while training: turn on gradient checkpointing and the latent/text caches and Resume, "
+              "or lower the batch size or resolution, or pick a smaller preset (the -6gb/-8gb ones), for a new run."),
+    "generate": ("Out of memory while generating: lower the width/height or the batch, use fewer ControlNets and "
+                 "T2I-Adapters at once, or wait until the training that shares the GPU ends."),
+}
+OOM_ADVICE["quick"] = OOM_ADVICE["train"]
+
+
+def _explain(exc: BaseException, kind: str = "") -> str:
+    from .devices import is_out_of_memory
+
     text = str(exc)
-    if "out of memory" in text.lower():
-        return ("The GPU ran out of memory: lower the batch size or resolution, or turn on gradient checkpointing "
-                "and the caches.")
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+    if is_out_of_memory(exc):
+        return OOM_ADVICE.get(kind, "Out of memory: close other work on the GPU, or lower the size of the job.")
+    from .formats.safe_io import is_disk_full
+
+    if is_disk_full(exc):
         return "The disk is full: free some space, then resume."
     first = text.splitlines()[0] if text else type(exc).__name__
     return f"{type(exc).__name__}: {first[:300]}"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,9 +30,18 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _disk_full(path: Path, exc: OSError) -> UserError:
-    return UserError(f"The disk is full while writing {path.name}: free some space and try again "
+def _disk_full(path: Path, exc: BaseException) -> UserError:
+    return UserError(f"The disk is full while writing {path.name}: free some space, then resume or try again "
                      f"(nothing was overwritten).")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or a full quota) however a library reports it: an OSError from Python's own writes, or the text
+    of a Rust/C++ error (safetensors writes "No space left on device (os error 28)")."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
@@ -48,7 +59,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):
             raise _disk_full(path, exc) from exc
         raise
     _fsync_dir(path.parent)
@@ -98,9 +109,43 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         _fsync_dir(final.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if not isinstance(exc, UserError) and is_disk_full(exc):
             raise _disk_full(final, exc) from exc
         raise
+
+
+# What a killed atomic write leaves behind: `.<name>.<8 random>.tmp` (a file from atomic_write_bytes, a folder
+# from atomic_dir, both named by tempfile) and `.<name>.old-<pid>` (atomic_dir's previous folder, mid-swap).
+_TEMPORARY_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\..+\.old-\d+$")
+
+
+def stale_temporaries(folder: Path | str, name: str | None = None) -> list[Path]:
+    """The leftovers of killed atomic writes under `folder` (recursively, links not followed); with `name`,
+    only those of that one file or folder, directly in `folder`. Deleting them never loses data: a
+    temporary only becomes data by its final rename."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if name is not None:
+        return sorted(p for p in folder.glob(f".{glob.escape(name)}.*") if _TEMPORARY_RE.match(p.name)
+                      and p.name[len(name) + 2:].count(".") <= 1)
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for d in list(dirs):
+            if _TEMPORARY_RE.match(d):
+                found.append(Path(root) / d)
+                dirs.remove(d)  # its insides go with it
+        found += [Path(root) / f for f in files if _TEMPORARY_RE.match(f)]
+    return sorted(found)
+
+
+def remove_paths(paths: list[Path]) -> None:
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def load_state_dict(path: Path | str, allow_pickle: bool = False, device: str = "cpu") -> dict:

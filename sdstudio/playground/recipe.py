@@ -161,6 +161,7 @@ class Recipe:
     # -- checks --------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Bounds a user can get wrong, each with one sentence saying how to fix it."""
+        _check_finite(self)
         if self.steps < 1 or self.steps > 1000:
             raise UserError(f"steps = {self.steps} is out of range: use 1 to 1000.")
         if self.batch < 1 or self.batch > 64:
@@ -223,6 +224,26 @@ def parse_blocks(value) -> list[float]:
         raise UserError(f"The block weights {value!r} are not numbers: write them as \"1,0,0,1,...\".") from None
 
 
+def _check_finite(recipe: "Recipe") -> None:
+    """No NaN or infinity anywhere: top-level numbers, every item's numbers, block weights and boxes. A recipe
+    built from UI values (sliders) never went through `_coerce`, so this sweep is what guards it."""
+    def bad(v) -> bool:
+        return isinstance(v, float) and not math.isfinite(v)
+
+    for f in fields(recipe):
+        v = getattr(recipe, f.name)
+        if bad(v):
+            raise UserError(f"{f.name} = {v} is not a finite number: use a plain number.")
+    for table in ITEM_TABLES:
+        for i, item in enumerate(getattr(recipe, table)):
+            for f in fields(item):
+                v = getattr(item, f.name)
+                values = v if isinstance(v, (list, tuple)) else [v]
+                if any(bad(x) for x in values):
+                    raise UserError(f"[[{table}]] #{i + 1} has {f.name} = {v}, which is not a finite number: use plain "
+                                    f"numbers.")
+
+
 def _drop_none(obj):
     if isinstance(obj, dict):
         return {k: _drop_none(v) for k, v in obj.items() if v is not None}
@@ -255,7 +276,10 @@ def _coerce(name, value, f, where):
         if t.startswith("float") and value is not None:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"In {where}, {name} = {value!r} is not a finite number: use a plain number.")
+            return number
         if t == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

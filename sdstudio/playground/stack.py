@@ -32,13 +32,15 @@ FILE_READS = {"count": 0}
 _READ_LOCK = threading.Lock()
 
 
-def read_adapter_file(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
-    """(state dict, safetensors metadata) of an adapter or embedding file: the one function that reads them."""
+def read_adapter_file(path: Path, allow_pickle: bool = False, embedding: bool = False) -> tuple[dict, dict]:
+    """(state dict, safetensors metadata) of an adapter or embedding file: the one function that reads them.
+    An embedding's .pt is read with weights_only=True by default (formats.embeddings.read_embedding_state)."""
+    from ..formats.embeddings import read_embedding_state
     from ..formats.safe_io import load_state_dict, read_safetensors_metadata
 
     with _READ_LOCK:
         FILE_READS["count"] += 1
-    sd = load_state_dict(path, allow_pickle=allow_pickle)
+    sd = read_embedding_state(path, allow_pickle) if embedding else load_state_dict(path, allow_pickle=allow_pickle)
     meta = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     return sd, meta
 
@@ -444,7 +446,7 @@ class Stack:
 
         if not path.is_file():
             raise UserError(f"{path.name} does not exist: check the path of the embedding.")
-        sd, _meta = read_adapter_file(path, self.allow_pickle)
+        sd, _meta = read_adapter_file(path, self.allow_pickle, embedding=True)
         emb = embedding_from_state(sd, path.name, token)
         emb.token = token or emb.token or f"<{path.stem}>"
         loaded = self._install_embedding(path, emb, str(len(self.embeddings) + 1))

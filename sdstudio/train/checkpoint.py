@@ -78,7 +78,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict, optimi
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
-        torch.save(extra, tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk is an OSError, not a RuntimeError
+            torch.save(extra, f)
         # state.json last: its presence marks a complete checkpoint.
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "elapsed": state.elapsed}))
     for _step, old in checkpoint_dirs(run_dir)[:-keep]:
@@ -98,3 +99,14 @@ def load_checkpoint(folder: Path) -> tuple[TrainState, dict, dict | None, dict]:
         raise UserError(f"The checkpoint {folder.name} is damaged ({type(exc).__name__}): delete that folder to "
                         f"resume from the one before it.") from exc
     return TrainState(int(meta["step"]), float(meta.get("elapsed", 0.0))), trainable, ema, extra
+
+
+def clear_leftovers(run_dir: Path) -> list[Path]:
+    """Delete what kills left in this run's folder: half-built checkpoints (`checkpoints/.step-5.<random>.tmp`),
+    a checkpoint caught mid-swap (`.step-5.old-<pid>`), and the temporaries of interrupted file writes (LoRA,
+    log, latents, previews). A resume and a finished run call it, so they never pile up. Returns what went."""
+    from ..formats.safe_io import remove_paths, stale_temporaries
+
+    found = stale_temporaries(run_dir)
+    remove_paths(found)
+    return found

@@ -158,6 +158,10 @@ def resolve(values: dict) -> TrainConfig:
                         f"{max(64, round(cfg.resolution / 64) * 64)}.")
     if not cfg.output_name.strip():
         raise UserError("output_name is empty: give the run a name.")
+    from ..workspace import check_name
+
+    # It names the run folder and the files the method writes inside it: a name, never a path.
+    cfg.output_name = check_name(cfg.output_name, "output_name")
     return cfg
 
 

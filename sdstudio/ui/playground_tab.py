@@ -327,7 +327,8 @@ def build(ctx: AppContext) -> None:
             if not file or i >= len(items):
                 return items, gr.update()
             src = Path(file)
-            dest = ws.root / "inputs" / f"{src.stem[:40]}-{uuid.uuid4().hex[:6]}{src.suffix.lower() or '.png'}"
+            suffix = src.suffix.lower() if src.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") else ".png"
+            dest = ws.named_file("inputs", f"{src.stem[:40]}-{uuid.uuid4().hex[:6]}", suffix)  # confined
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
             items = [dict(it) for it in items]
@@ -436,9 +437,7 @@ def build(ctx: AppContext) -> None:
         n = len(form)
         try:
             recipe = items_to_recipe(form_values(*vals[:n]), read_items(items, vals[n:]))
-            from ..workspace import safe_name
-
-            path = recipe.save(ws.root / "recipes" / f"{safe_name(name)}.toml")
+            path = recipe.save(ws.named_file("recipes", name, ".toml"))
         except UserError as exc:
             gr.Warning(str(exc))
             return gr.update(), gr.update()

@@ -184,7 +184,7 @@ def _resolve_base(ctx: AppContext, base: str) -> str:
     if base == TINY:
         return base
     inside = ctx.workspace.root / base
-    if inside.exists() or base.startswith(("/", ".", "~")) or base.count("/") != 1:
+    if inside.exists() or base.startswith(("/", ".", "~")) or base.count("/") != 1 or ".." in base.split("/"):
         return str(ctx.workspace.resolve(base, must_exist=True))
     return base  # org/name: a hub id
 
@@ -201,6 +201,8 @@ def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = 
     values["dataset"] = str(ws.resolve(values["dataset"], must_exist=True))
     values["base_model"] = _resolve_base(ctx, str(values.get("base_model") or "tiny").strip())
     values["output_dir"] = str(ws.run_dir(values.get("output_name") or "run"))
+    if str(values.get("class_data") or "").strip():  # the form's other folder: confined like the dataset
+        values["class_data"] = str(ws.resolve(values["class_data"], must_exist=True))
     tables: dict = {}
     flat = {}
     for k, v in values.items():
