@@ -194,7 +194,9 @@ class Job:
             self.emit(Failed(message=str(exc)))
         except Exception as exc:  # a bug or an environment fault: one sentence on screen, details in the log
             details = traceback.format_exc()
-            log.error("job %s failed:\n%s", self.name, details)
+            # A full disk or exhausted memory is the machine's state, not a bug: its sentence says what to do, and
+            # the traceback goes to the log only at debug level (a CLI user sees one line, -v shows it).
+            log.log(logging.DEBUG if _known_fault(exc) else logging.ERROR, "job %s failed:\n%s", self.name, details)
             self.emit(Failed(message=_explain(exc, self.kind), details=details))
         finally:
             self.ended_at = time.time()
@@ -231,6 +233,13 @@ OOM_ADVICE = {
                  "T2I-Adapters at once, or wait until the training that shares the GPU ends."),
 }
 OOM_ADVICE["quick"] = OOM_ADVICE["train"]
+
+
+def _known_fault(exc: BaseException) -> bool:
+    from .devices import is_out_of_memory
+    from .formats.safe_io import is_disk_full
+
+    return is_disk_full(exc) or is_out_of_memory(exc)
 
 
 def _explain(exc: BaseException, kind: str = "") -> str:

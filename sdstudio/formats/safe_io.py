@@ -86,6 +86,47 @@ def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] |
     return atomic_write_bytes(path, save(clean, metadata=meta))
 
 
+class _WholeWrites:
+    """A file for torch.save that writes every byte it is given or raises, and remembers the OSError. torch's
+    zip writer, when a write fails, finishes the archive anyway and raises its own "unexpected pos" RuntimeError
+    over the real cause (a full disk nobody could then act on)."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = self.raw.write(view)
+                if not n:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                view = view[n:]
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def torch_save(obj, path: Path | str) -> Path:
+    """torch.save to `path` (a file inside an atomic_dir or a temporary), where a full disk is an OSError."""
+    import torch
+
+    path = Path(path)
+    with open(path, "wb", buffering=0) as raw:
+        writer = _WholeWrites(raw)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Build a folder in a temporary sibling, then swap it into place; on error, the old folder stays."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..formats.safe_io import atomic_dir, load_state_dict, save_safetensors
+from ..formats.safe_io import atomic_dir, load_state_dict, save_safetensors, torch_save
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -78,8 +78,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict, optimi
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
-        with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk is an OSError, not a RuntimeError
-            torch.save(extra, f)
+        torch_save(extra, tmp / "optimizer.pt")  # a full disk is an OSError (ENOSPC), not torch's RuntimeError
         # state.json last: its presence marks a complete checkpoint.
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "elapsed": state.elapsed}))
     for _step, old in checkpoint_dirs(run_dir)[:-keep]:
