@@ -37,9 +37,9 @@ def embedding_from_state(sd: dict, file_name: str = "embedding", default_token: 
 
     token = default_token
     if "clip_l" in sd and "clip_g" in sd:
-        return Embedding([_as_2d(sd["clip_l"]).float(), _as_2d(sd["clip_g"]).float()], token)
+        return _checked(Embedding([_as_2d(sd["clip_l"]).float(), _as_2d(sd["clip_g"]).float()], token), file_name)
     if "emb_params" in sd:
-        return Embedding([_as_2d(sd["emb_params"]).float()], token)
+        return _checked(Embedding([_as_2d(sd["emb_params"]).float()], token), file_name)
     if "string_to_param" in sd:
         params = sd["string_to_param"]
         if isinstance(params, torch.nn.ParameterDict):  # the original textual-inversion code's .pt files
@@ -50,11 +50,11 @@ def embedding_from_state(sd: dict, file_name: str = "embedding", default_token: 
         name = sd.get("name")
         if isinstance(name, str) and name and not token:
             token = f"<{name}>"
-        return Embedding([_as_2d(tensor).float()], token)
+        return _checked(Embedding([_as_2d(tensor).float()], token), file_name)
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if len(tensors) == 1:  # diffusers learned_embeds: {"<token>": tensor}
         key, tensor = next(iter(tensors.items()))
-        return Embedding([_as_2d(tensor).float()], token or key)
+        return _checked(Embedding([_as_2d(tensor).float()], token or key), file_name)
     raise UserError(f"{file_name} is not a textual-inversion embedding (no emb_params, string_to_param, "
                     f"clip_l/clip_g or single token): check the file.")
 
@@ -122,6 +122,14 @@ def _unsupported_global(message: str) -> str:
 
     m = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported global: ([\w.]+)", message)
     return m[1] if m else ""
+
+
+def _checked(emb: Embedding, file_name: str) -> Embedding:
+    """Vectors with values, all finite: an empty or NaN embedding would silently break every prompt using it."""
+    from .safe_io import check_tensors
+
+    check_tensors({f"vectors[{i}]": v for i, v in enumerate(emb.vectors)}, file_name)
+    return emb
 
 
 def load_embedding(path: Path | str, allow_pickle: bool = False, token: str = "") -> Embedding:

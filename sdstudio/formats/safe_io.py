@@ -218,6 +218,25 @@ def load_state_dict(path: Path | str, allow_pickle: bool = False, device: str = 
     raise UserError(f"{path.name}: unsupported file type {path.suffix!r}; use a .safetensors file.")
 
 
+def check_tensors(sd: dict, name: str) -> dict:
+    """`sd` when every tensor holds usable values; otherwise one sentence. NaN or infinity (a training that
+    diverged and was saved anyway, or a damaged download) would turn every image black, and a tensor with no
+    values (rank 0) cannot be applied: both are refused by name rather than discovered as a black picture or a
+    division by zero."""
+    import torch
+
+    tensors = [(k, v) for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    empty = [k for k, v in tensors if v.numel() == 0]
+    if empty:
+        raise UserError(f"{name} has {len(empty)} empty tensor(s) (e.g. {empty[0]}): the file is damaged; "
+                        f"re-download or re-save it.")
+    bad = [k for k, v in tensors if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{name} has NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[0]}): it is damaged or "
+                        f"was saved from a training that diverged; use another file.")
+    return sd
+
+
 def read_safetensors_metadata(path: Path | str) -> dict[str, str]:
     from safetensors import safe_open
 

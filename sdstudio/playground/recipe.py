@@ -145,7 +145,11 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"The recipe {path} does not exist: check the path.")
-        return cls.from_toml(path.read_text(encoding="utf-8"), path.name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path.name} is not a text file (it is not UTF-8): give a recipe .toml.") from None
+        return cls.from_toml(text, path.name)
 
     def save(self, path: Path | str) -> Path:
         from ..formats.safe_io import atomic_write_text

@@ -36,11 +36,12 @@ def read_adapter_file(path: Path, allow_pickle: bool = False, embedding: bool = 
     """(state dict, safetensors metadata) of an adapter or embedding file: the one function that reads them.
     An embedding's .pt is read with weights_only=True by default (formats.embeddings.read_embedding_state)."""
     from ..formats.embeddings import read_embedding_state
-    from ..formats.safe_io import load_state_dict, read_safetensors_metadata
+    from ..formats.safe_io import check_tensors, load_state_dict, read_safetensors_metadata
 
     with _READ_LOCK:
         FILE_READS["count"] += 1
     sd = read_embedding_state(path, allow_pickle) if embedding else load_state_dict(path, allow_pickle=allow_pickle)
+    check_tensors(sd, path.name)
     meta = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     return sd, meta
 
@@ -283,6 +284,9 @@ class Stack:
             weights = read_lora(sd, self.models, metadata=meta, file_name=path.name, family_label=family)
         elif kind == "lycoris":
             weights = read_lycoris(sd, self.models, metadata=meta, file_name=path.name, family_label=family)
+        elif kind == "unknown":
+            raise UserError(f"{path.name} is not a LoRA or LyCORIS file (none of its tensor names is one a LoRA has): "
+                            f"check that you picked the right file.")
         else:
             raise UserError(f"{path.name} is a {kind} file, not a LoRA or LyCORIS file: add it as a {kind} item.")
         self._counter += 1

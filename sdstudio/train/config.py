@@ -180,6 +180,8 @@ def read_toml(path: Path | str) -> dict:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{p.name} is not valid TOML ({exc}): fix that line.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p.name} is not a text file (it is not UTF-8): give a config .toml.") from None
 
 
 def load_config(path: Path | str | None = None, sets: list[str] | None = None, extra: dict | None = None
