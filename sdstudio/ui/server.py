@@ -28,6 +28,9 @@ MAX_CHECKED_BODY = 8 * 1024 * 1024  # JSON bodies up to this size are checked fo
 PUBLIC_PATHS = {"/", "/login", "/login/", "/logout", "/config", "/config/", "/favicon.ico", "/theme.css",
                 "/robots.txt", "/manifest.json", "/gradio_api/login_check", "/gradio_api/login_check/"}
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+# Gradio's launch calls this itself, without a login, to run the app's start-up events once: only from this
+# machine.
+LOOPBACK_ONLY = {"/gradio_api/startup-events"}
 
 
 def patient_url_ok(url: str, wait_s: float | None = None) -> bool:
@@ -67,7 +70,8 @@ class AuthGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         gradio_app = scope.get("app")
-        if getattr(gradio_app, "auth", None) and not _public(scope["path"]) and not _logged_in(scope, gradio_app):
+        if (getattr(gradio_app, "auth", None) and not _public(scope["path"]) and not _logged_in(scope, gradio_app)
+                and not (scope["path"] in LOOPBACK_ONLY and _from_loopback(scope))):
             return await _answer(send, 401, "Not authenticated: log in first.")
         if scope["method"] in ("POST", "PUT", "PATCH") and _is_json(scope):
             body, more = b"", True
@@ -96,6 +100,11 @@ class AuthGuard:
 
 def _public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def _from_loopback(scope) -> bool:
+    client = scope.get("client") or ("", 0)
+    return client[0] in ("127.0.0.1", "::1")
 
 
 def _logged_in(scope, gradio_app) -> bool:
