@@ -377,21 +377,23 @@ def build(ctx: AppContext) -> None:
                 raise UserError("Set the X axis of the grid first, e.g. cfg=5,7,9.")
             session = session_for(ctx)
             work = generation_work(session, recipe, ws.root / "outputs", fuse=fuse_on, x=x, y=y)
-            job = ctx.jobs.start("playground", "generate", work)
+            # Queued, not refused, while the GPU is busy (a training, another tab's generation): served in order.
+            job = ctx.jobs.start("playground", "generate", work, queue=True)
         except UserError as exc:
             gr.Warning(str(exc))
-            return items, gr.update(), gr.update(active=False), gr.update()
+            return items, gr.update(), gr.update(active=False), gr.update(), gr.update()
         ctx.settings.save("playground", {"form": form_values(*form_vals), "items": items})
-        return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml()
+        return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml(), job.id
 
     run_inputs = [items_state, fuse, grid_x, grid_y]
+    job_id = gr.State("")  # this browser tab's generation (other tabs queue their own)
     go.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, False, *v), run_inputs + form + card_inputs,
-             [items_state, status, timer, recipe_text])
+             [items_state, status, timer, recipe_text, job_id], api_name="generate")
     grid_btn.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, True, *v), run_inputs + form + card_inputs,
-                   [items_state, status, timer, recipe_text])
+                   [items_state, status, timer, recipe_text, job_id], api_name="generate_grid")
 
-    def tick(shown):
-        job = ctx.jobs.latest("generate")
+    def tick(shown, mine):
+        job = (ctx.jobs.get(mine) if mine else None) or ctx.jobs.latest("generate")
         if job is None:
             return gr.update(active=False), gr.update(), gr.update(), gr.update(), shown
         snap = job.log.snapshot()
@@ -416,16 +418,16 @@ def build(ctx: AppContext) -> None:
         return gr.update(active=True), text, session.live_preview, gallery_update, shown
 
     shown_state = gr.State({})
-    timer.tick(tick, [shown_state], [timer, status, live, gallery, shown_state])
+    timer.tick(tick, [shown_state, job_id], [timer, status, live, gallery, shown_state])
 
-    def on_stop():
-        job = ctx.jobs.latest("generate")
+    def on_stop(mine):
+        job = (ctx.jobs.get(mine) if mine else None) or ctx.jobs.latest("generate")
         if job is not None and job.running:
             job.stop()
             return "stopping..."
         return gr.update()
 
-    stop.click(on_stop, None, [status])
+    stop.click(on_stop, [job_id], [status])
 
     # -- recipes and PNGs ---------------------------------------------------------------------------------
     def show_recipe(recipe: Recipe) -> list:

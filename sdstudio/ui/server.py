@@ -160,9 +160,16 @@ def launch(demo, *, host: str, port: int, auth: tuple[str, str] | None, workspac
            prevent_thread_lock: bool = False, **kwargs):
     """`demo.launch` as the app needs it: loopback by default, no sharing, the workspace as the only folder
     served, the patient probe, and the guard. Returns what Gradio's launch returns."""
+    import gc
+
     from starlette.middleware import Middleware
 
     install_patient_probe()
+    # Everything built so far (gradio, torch, the UI) lives as long as the app: moved out of the collector's
+    # reach, so the full collection each job ends with costs milliseconds instead of half a second per
+    # generation (measured: 0.63 -> 0.12 s of CPU per tiny-model generation job).
+    gc.collect()
+    gc.freeze()
     return demo.launch(server_name=host, server_port=port, share=False, auth=auth,
                        allowed_paths=[workspace_root], inbrowser=inbrowser, show_error=False,
                        prevent_thread_lock=prevent_thread_lock, app_kwargs={"middleware": [Middleware(AuthGuard)]},
