@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "sdstudio.data.commands",  # prepare, regularize
     "sdstudio.train.commands",  # train
     "sdstudio.methods.fusion_cli",  # fuse
+    "sdstudio.formats.mixofshow_cli",  # mixofshow-import, mixofshow-export
     "sdstudio.playground.commands",  # generate
     "sdstudio.wizard_cli",  # quick
     "sdstudio.bench",  # bench

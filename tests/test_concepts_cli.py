@@ -15,7 +15,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
     ("object-ti-sd15", ["textual_inversion.token=<sks-obj>", "textual_inversion.save_format=both"],
      {"run.safetensors": "embedding", "run.learned_embeds.safetensors": "embedding"}),
     ("pivotal-character-sd15", ["pivotal.token=<sks-char>", "pivotal.rank=4"],
-     {"run.safetensors": "lora", "run.embedding.safetensors": "embedding"}),
+     {"run.safetensors": "lora", "run.lora-only.safetensors": "lora", "run.embedding.safetensors": "embedding"}),
     ("edlora-character-sd15", ["edlora.concept_tokens=<sk1> <sk2>", "edlora.caption_trigger=sks"],
      {"run.safetensors": "edlora"}),
 ])

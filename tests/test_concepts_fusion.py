@@ -1,5 +1,7 @@
 """Gradient fusion of two EDLoRA concepts on the tiny model: beats naive weight averaging on the fusion
-objective, and answers each concept's prompt closer to that concept's own model than the average does."""
+objective, and answers each concept's prompt closer to that concept's own model than the average does.
+
+Compared with TencentARC/Mix-of-Show's gradient_fusion.py at commit 51270fd5f9907cada8f416a4eff191a74f842660."""
 from __future__ import annotations
 
 import os
@@ -8,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from concepts_util import fake_batch, train_steps
 
 from sdstudio.errors import UserError
@@ -52,18 +55,23 @@ def test_fusion_beats_naive_average(two_concepts, tmp_path):
         assert report.fused[stage] <= report.average[stage] * 1.0001, stage
     assert any(getattr(e, "stage", "") == "fuse" and getattr(e, "total", 0) > 0 for e in events)
 
+    # Each concept's prompt, answered by the fused model, is closer to that concept's own model (base + its
+    # EDLoRA) than the naive average's answer. Measured where the models differ: the UNet's noise prediction
+    # (text encoder, k/v and spatial layers all in the path) over 16 fixed (noise, timestep) pairs. A decoded
+    # 4-step image is one trajectory through a random VAE, and its L1 differences (about 0.002) flip with the
+    # machine's float rounding; this RMS keeps a margin of 15-30% (figures printed below).
     average = load_base("tiny")
     average_into(average, files)
     for f in files:
         prompt = f"photo of a {' '.join(f.tokens)}"  # the prompt the fusion recorded
         own = load_base("tiny")
         apply_edlora(own, f)
-        ref = generate(own, prompt, **KW)
-        d_fused = float(np.abs(generate(fused, prompt, **KW) - ref).mean())
-        d_avg = float(np.abs(generate(average, prompt, **KW) - ref).mean())
-        print(f"CONCEPT {f.tokens[0]}: distance to its own EDLoRA model: fused {d_fused:.5f} vs naive average "
-              f"{d_avg:.5f}")
-        assert d_fused < d_avg
+        ref = _noise_predictions(own, prompt)
+        d_fused = float((_noise_predictions(fused, prompt) - ref).pow(2).mean().sqrt())
+        d_avg = float((_noise_predictions(average, prompt) - ref).pow(2).mean().sqrt())
+        print(f"CONCEPT {f.tokens[0]}: RMS distance of the noise prediction to its own EDLoRA model: fused "
+              f"{d_fused:.5f} vs naive average {d_avg:.5f} (ratio {d_fused / d_avg:.3f})")
+        assert d_fused < 0.95 * d_avg
 
     # Saved: a diffusers folder that loads as a base (concept table restored) and gives the same picture.
     prompt = f"a photo of {' '.join(files[0].tokens)}"
@@ -77,6 +85,37 @@ def test_fusion_beats_naive_average(two_concepts, tmp_path):
     single = load_base(str(out[1]))  # the single file loads as an ordinary SD1.x checkpoint
     apply_edlora(single, out[2])  # ... and takes the concept tokens from the .concepts file
     np.testing.assert_allclose(generate(single, prompt, **KW), before, atol=1e-4)
+
+
+def _noise_predictions(c, prompt: str, n: int = 16):
+    from sdstudio.methods.edlora import concept_table, cross_attention_layers, encode_layerwise
+
+    states = encode_layerwise(c, [prompt], concept_table(c), len(cross_attention_layers(c.unet)))
+    g = torch.Generator().manual_seed(5)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            lat = torch.randn(1, 4, 8, 8, generator=g)
+            t = torch.randint(0, 1000, (1,), generator=g)
+            out.append(c.unet(lat, t, states).sample)
+    return torch.cat(out)
+
+
+def test_kv_fusion_records_concept_tokens_and_end_token():
+    """Mix-of-Show's get_text_feature('category_embedding') keeps the ids >= EOS of an unpadded prompt: the
+    concept tokens and the end token, not the start token or the template words."""
+    from sdstudio.methods.edlora import layer_token_names
+    from sdstudio.methods.fusion import kv_positions
+    from sdstudio.methods.tokens import add_new_tokens
+
+    c = load_base("tiny")
+    table = {t: layer_token_names(t, 16) for t in ("<ann1>", "<ann2>", "<bob1>", "<bob2>")}
+    add_new_tokens(c.tokenizer, c.text_encoder, [n for v in table.values() for n in v], torch.zeros(64, 32))
+    ids = c.tokenizer("photo of a <ann1>#00 <ann2>#00").input_ids  # BOS photo of a t1 t2 EOS
+    assert len(ids) == 7
+    assert kv_positions(c.tokenizer, "photo of a <ann1> <ann2>", table, 16, "concept_tokens") == [4, 5, 6]
+    assert kv_positions(c.tokenizer, "<bob1> <bob2>", table, 16, "concept_tokens") == [1, 2, 3]
+    assert kv_positions(c.tokenizer, "photo of a <ann1> <ann2>", table, 16, "prompt") == list(range(7))
 
 
 def test_fusion_refuses_overlapping_concepts(two_concepts):

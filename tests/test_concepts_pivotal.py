@@ -47,20 +47,28 @@ def test_pivotal_orders(order, phases, tmp_path):
     if order != "joint":
         return
     files = m.save(c, tmp_path)
-    assert [f.name for f in files] == ["piv.safetensors", "piv.embedding.safetensors"]
+    # A1111's bundle, the LoRA alone, the word alone (methods/pivotal.py says who loads which).
+    assert [f.name for f in files] == ["piv.safetensors", "piv.lora-only.safetensors", "piv.embedding.safetensors"]
     from sdstudio.formats.kinds import detect_kind
     from sdstudio.formats.safe_io import load_state_dict
 
-    assert detect_kind(files[0]) == "lora" and detect_kind(files[1]) == "embedding"
+    assert [detect_kind(f) for f in files] == ["lora", "lora", "embedding"]
     bundle = bundled_embeddings(load_state_dict(files[0]))
     assert list(bundle) == ["<piv-cat>"] and torch.allclose(bundle["<piv-cat>"], m.ti.rows().detach())
-    # In diffusers: the LoRA (kohya keys) plus the separate embedding give the trained picture.
+    plain = load_state_dict(files[1])
+    from sdstudio.formats.safe_io import read_safetensors_metadata
+
+    assert read_safetensors_metadata(files[1])["ss_output_name"] == "piv.lora-only"  # A1111's alias: its own
+    assert set(plain) == {k for k in load_state_dict(files[0]) if not k.startswith("bundle_emb.")}
+    # In plain diffusers, as its users load files, with no filtering: the LoRA-only file plus the separate
+    # embedding give the trained picture; the A1111 bundle is what diffusers refuses.
     trained = sample_np(c.pipeline(), "a photo of <piv-cat>")
     pipe = load_base("tiny").pipeline()
-    sd = {k: v for k, v in load_state_dict(files[0]).items() if not k.startswith("bundle_emb.")}
-    pipe.load_lora_weights(sd)
-    pipe.load_textual_inversion(str(files[1]), token="<piv-cat>")
+    pipe.load_lora_weights(str(tmp_path), weight_name=files[1].name)
+    pipe.load_textual_inversion(str(files[2]), token="<piv-cat>")
     np.testing.assert_allclose(sample_np(pipe, "a photo of <piv-cat>"), trained, atol=2e-3)  # fp16 LoRA file
+    with pytest.raises(ValueError):
+        load_base("tiny").pipeline().load_lora_weights(str(tmp_path), weight_name=files[0].name)
 
 
 def test_pivotal_resume_with_more_steps_keeps_the_phase_split(tmp_path):

@@ -108,3 +108,60 @@ def test_regions_on_an_sdxl_shaped_model(tiny_dir):
     two = pg_generate(c, Recipe(**base, region=[RegionItem("a robot", box=(0, 0, 0.5, 1)),
                                                 RegionItem("a dog", box=(0.5, 0, 1, 1))]))[0]
     assert two.size == (64, 64)
+
+
+# -- Mix-of-Show's box format ------------------------------------------------------------------------------
+# TencentARC/Mix-of-Show (commit 51270fd5f9907cada8f416a4eff191a74f842660) writes region boxes as
+# [top, left, bottom, right] in pixels (regionally_sample.sh: region1='[12, 36, 1024, 600]'); its
+# regionally_controlable_sampling.py divides by height/width and its attention processor keeps the feature
+# cells ceil(start * size) .. floor(end * size).
+
+def _mixofshow_cells(box, height, width, fh, fw):
+    top, left, bottom, right = box
+    t, l_, b, r = top / height, left / width, bottom / height, right / width
+    m = torch.zeros(fh, fw, dtype=torch.bool)
+    m[int(np.ceil(t * fh)):int(np.floor(b * fh)), int(np.ceil(l_ * fw)):int(np.floor(r * fw))] = True
+    return m
+
+
+@pytest.mark.parametrize("box", [[12, 36, 1024, 600], [18, 696, 1024, 1180], [0, 0, 512, 1536], []])
+def test_mixofshow_pixel_boxes_cover_the_cells_mixofshow_covers(box):
+    from sdstudio.playground.recipe import Recipe
+    from sdstudio.playground.regions import regions_from_items
+
+    text = f'width = 1536\nheight = 1024\n[[region]]\nprompt = "x"\nbox = {box}\nbox_format = "mixofshow"\n'
+    recipe = Recipe.from_toml(text)
+    (region,) = regions_from_items(recipe.region, recipe.width, recipe.height)
+    for fh, fw in ((128, 192), (64, 96), (32, 48), (16, 24)):  # the UNet levels of a 1024x1536 image
+        want = _mixofshow_cells(box or [0, 0, 1024, 1536], 1024, 1536, fh, fw)
+        assert torch.equal(region.mask(fh, fw), want), (box, fh)
+    # Kept as written (not transposed into fractions), so the file round-trips as the user wrote it.
+    again = Recipe.from_toml(recipe.to_toml())
+    assert again.region[0].box == tuple(float(v) for v in box) and again.region[0].box_format == "mixofshow"
+
+
+def test_mixofshow_box_prefix_and_errors():
+    from sdstudio.playground.recipe import Recipe
+
+    r = Recipe.from_toml('width = 512\nheight = 256\n[[region]]\nprompt = "x"\nbox = "mixofshow: [0, 128, 256, 512]"\n')
+    assert r.region[0].box == (0.0, 128.0, 256.0, 512.0) and r.region[0].box_format == "mixofshow"
+    assert r.region[0].fractions(512, 256) == (0.25, 0.0, 1.0, 1.0)  # (left, top, right, bottom)
+    cases = [('box = [0, 0, 300, 512]\nbox_format = "mixofshow"', "not inside the 512x256 image"),
+             ('box = "mixofshow: [0, 0, 1, 1]"\nbox_format = "fractions"', "keep one of them"),
+             ('box = [12, 36, 256, 300]', "box_format = \"mixofshow\""),  # pixels given as fractions: a hint
+             ('box = [0, 0, 1, 1]\nbox_format = "pixels"', "box_format = 'pixels' is not known"),
+             ('box = "mixofshow: __import__(\'os\')"', "four numbers")]
+    for body, msg in cases:
+        with pytest.raises(UserError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+            Recipe.from_toml(f'width = 512\nheight = 256\n[[region]]\nprompt = "x"\n{body}\n')
+
+
+def test_mixofshow_box_draws_the_same_image_as_its_fractions(tiny_components):
+    from sdstudio.playground.pipeline import generate as pg_generate
+    from sdstudio.playground.recipe import Recipe, RegionItem
+
+    base = dict(prompt="a park", steps=2, cfg=5.0, seed=3, width=64, height=128, sampler="euler")
+    frac = pg_generate(tiny_components, Recipe(**base, region=[RegionItem("a robot", box=(0.25, 0, 1, 0.5))]))[0]
+    pix = pg_generate(tiny_components, Recipe(**base, region=[RegionItem("a robot", box=(0, 16, 64, 64),
+                                                                         box_format="mixofshow")]))[0]
+    np.testing.assert_array_equal(np.asarray(frac), np.asarray(pix))

@@ -88,7 +88,7 @@ def test_kohya_file_names_alpha_and_metadata(tmp_path):
     assert meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_steps"] == "7"
     assert json.loads(meta["ss_tag_frequency"]) == {"x": {"sks": 2}}
-    assert meta["ss_dataset_hash"] == "abc"
+    assert meta["sdstudio.dataset_hash"] == "abc"  # ours: sd-scripts has no such key
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert json.loads(meta["sdstudio.run_card"])["lora"]["rank"] == 4
     from sdstudio.formats.kinds import detect_kind

@@ -58,7 +58,9 @@ def test_black_masks_zero_the_loss_white_masks_change_nothing(tmp_path):
 def test_edlora_masked_loss_option_asks_the_loader_for_masks(tmp_path):
     ds = make_kohya_dataset(tmp_path / "ds", n=1)
     sets = [s for s in fast_sets(ds, tmp_path / "run") if not s.startswith("sample_prompts")]
-    on = load_config("edlora-character-sd15", sets + ["edlora.masked_loss=true"])
-    off = load_config("edlora-character-sd15", sets)
+    on = load_config("edlora-character-sd15", sets + ["edlora.masked_loss=true", "edlora.attn_reg_weight=0"])
+    reg = load_config("edlora-character-sd15", sets)  # the attention regularisation (on by default) reads them too
+    off = load_config("edlora-character-sd15", sets + ["edlora.attn_reg_weight=0"])
     layout = read_dataset(on.dataset, default_caption=on.instance_prompt)
-    assert TrainDataset(layout, on).masks_wanted and not TrainDataset(layout, off).masks_wanted
+    assert TrainDataset(layout, on).masks_wanted and TrainDataset(layout, reg).masks_wanted
+    assert not TrainDataset(layout, off).masks_wanted

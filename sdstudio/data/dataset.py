@@ -106,9 +106,11 @@ class TrainDataset:
         for i in self._epoch_indices(0):
             self._groups.setdefault(self.items[i].bucket, []).append(i)
         self.batches_per_epoch = sum(math.ceil(len(v) / cfg.batch_size) for v in self._groups.values())
-        # Masked loss: asked for at the top level or by the method's own table (EDLoRA's masked_loss).
+        # Subject masks: asked for at the top level (masked_loss) or by the method's own table, which says so with
+        # a `uses_masks` property (EDLoRA: its masked loss or its attention regularisation).
+        opts = getattr(cfg, "options", None)
         self.masks_wanted = bool(getattr(cfg, "masked_loss", False)
-                                 or getattr(getattr(cfg, "options", None), "masked_loss", False))
+                                 or getattr(opts, "uses_masks", getattr(opts, "masked_loss", False)))
 
     def _epoch_indices(self, epoch: int) -> list[int]:
         """Instance images with repeats, plus as many class images (cycled) for prior preservation."""

@@ -83,6 +83,10 @@ def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] |
         seen.add(t.untyped_storage().data_ptr())
         clean[k] = t
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if "ss_network_module" in meta:  # a network (LoRA, LyCORIS, EDLoRA): the hashes A1111 shows, as sd-scripts does
+        from .metadata import network_hashes
+
+        meta.update(network_hashes(clean, meta))
     return atomic_write_bytes(path, save(clean, metadata=meta))
 
 

@@ -72,6 +72,12 @@ class RunInfo:
     dataset_hash: str = ""
     tag_frequency: dict = field(default_factory=dict)
     started: float = 0.0
+    # What the files' ss_* metadata reports, as the loop ran it:
+    mixed_precision: str = "no"  # accelerate's: "no", "fp16" or "bf16"
+    optimizer: str = ""  # the optimizer's class, "module.Class" (set once it is built)
+    world: int = 1  # processes
+    batches_per_epoch: int = 0
+    bucket_info: dict | None = None  # formats.metadata.bucket_info
 
 
 class MethodBase:
@@ -95,10 +101,14 @@ class MethodBase:
       a known word), run in the preflight so a mistake is refused in seconds. Raise UserError. Default: none.
     - `contract_settings` (class attribute, dict of `--set` keys to values): what the contract test adds to
       its fast tiny-model settings for this method, e.g. {"textual_inversion.token": "<sks>"}. Default: none.
+    - `run_defaults` (class attribute, dict of top-level setting names to values): this method's own defaults
+      for shared settings, e.g. EDLoRA's {"max_grad_norm": 0.0} (Mix-of-Show never clips). A value the config,
+      the preset or `--set` gives still wins. Default: none.
     """
 
     run: RunInfo | None = None
     contract_settings: ClassVar[dict] = {}
+    run_defaults: ClassVar[dict] = {}
 
     def trainable_state_dict(self, c: "Components") -> dict:
         out = {}

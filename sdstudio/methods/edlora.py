@@ -3,8 +3,14 @@
 Each concept token has one embedding per UNet cross-attention layer (16 for SD1.x, in down -> mid -> up order).
 A prompt is encoded once per layer with that layer's embedding in place of the token, giving conditioning of
 shape (B, layers, 77, C); an attention processor feeds slice i to cross-attention layer i. The first token
-starts random, the second from the class word; embeddings stop learning once their mean norm reaches a
-threshold (0.55 in the paper), so the LoRA, not an ever-growing embedding, carries the identity.
+starts from one random vector copied to every layer, the second from the class word; embeddings stop learning
+once their mean norm reaches a threshold (0.55 in the paper), so the LoRA, not an ever-growing embedding,
+carries the identity.
+
+Defaults follow TencentARC/Mix-of-Show's shipped configs (options/train/EDLoRA/*, commit 51270fd): LoRA rank 4,
+alpha 1 on the text encoder's and the UNet's attention q/k/v/out (128 UNet modules on SD1.5), lrs 1e-3 / 1e-5 /
+1e-4, AdamW weight decay 0.01 on every group (the embeddings too), no gradient clipping, and the attention
+regularisation at 0.01 (methods/attention_reg.py), which needs subject masks.
 
 File (.safetensors): `new_concept_embedding.<token>` (layers, dim) per token + kohya-named LoRA tensors
 (`lora_te_*`, `lora_unet_*` with .alpha) + metadata (tokens, class word, base model, layer count).
@@ -100,10 +106,11 @@ def install_processors(unet, ctx: AttnContext | None = None, cls=LayerwiseAttnPr
     return before
 
 
-def ensure_processors(unet, first_layer: str) -> None:
+def ensure_processors(unet, first_layer: str, ctx: AttnContext | None = None, cls=LayerwiseAttnProcessor) -> None:
     """Put ours back if something replaced them (the loop enables xformers after `prepare`, for example)."""
-    if not isinstance(unet.get_submodule(first_layer).processor, LayerwiseAttnProcessor):
-        install_processors(unet)
+    proc = unet.get_submodule(first_layer).processor
+    if not isinstance(proc, cls) or proc.ctx is not ctx:
+        install_processors(unet, ctx, cls)
 
 
 # -- LoRA as forward hooks (module structure and state-dict names stay the base model's) ------------------
@@ -217,8 +224,9 @@ class EDLoRAConfig:
     lora_rank: int = setting(4, "LoRA rank.", min=1, max=128)
     lora_alpha: float = setting(1.0, "Mix-of-Show alpha: the LoRA's output is multiplied by it (saved as kohya "
                                 "alpha = alpha x rank).", min=0.0, max=64.0, advanced=True)
-    unet_targets: str = setting("transformer", "UNet layers with LoRA: attention (q/k/v/out) or transformer "
-                                "(also feed-forward and the 1x1 proj convs).", choices=("attention", "transformer"),
+    unet_targets: str = setting("attention", "UNet layers with LoRA: attention (q/k/v/out of every attention "
+                                "layer: Mix-of-Show's choice, 128 modules on SD1.5) or transformer (also "
+                                "feed-forward and the 1x1 proj convs: 192).", choices=("attention", "transformer"),
                                 advanced=True)
     embedding_lr: float = setting(1e-3, "Learning rate of the layer-wise embeddings.", min=0.0, max=1.0)
     text_encoder_lr: float = setting(1e-5, "Learning rate of the text-encoder LoRA.", min=0.0, max=1.0)
@@ -228,6 +236,19 @@ class EDLoRAConfig:
     masked_loss: bool = setting(False, "Count the loss only inside subject masks: a white-on-black "
                                 "<image>.mask.png beside each image.", advanced=True)
     clip_skip: int = setting(1, "Use the text encoder's n-th last layer.", min=1, max=4, advanced=True)
+    attn_reg_weight: float = setting(0.01, "Attention regularisation (Mix-of-Show): keeps the concept words' "
+                                     "cross-attention inside the subject mask, so a concept does not leak into "
+                                     "others in multi-concept pictures. Needs <image>.mask.png files; 0: off.",
+                                     min=0.0, max=10.0, advanced=True)
+    attn_reg_full_identity: bool = setting(False, "Attention regularisation also pulls the second word's attention "
+                                           "onto the whole mask (Mix-of-Show's reg_full_identity: for a concept "
+                                           "whose clothes belong to it); off: it only keeps it out of the "
+                                           "background.", advanced=True)
+
+    @property
+    def uses_masks(self) -> bool:
+        """The dataset loads subject masks when this is true (masked loss or attention regularisation)."""
+        return self.masked_loss or self.attn_reg_weight > 0
 
 
 @register
@@ -235,6 +256,8 @@ class EDLoRA(MethodBase):
     name = "edlora"
     Config = EDLoRAConfig
     contract_settings = {"sample_prompts": '["a photo of <sks1> <sks2>"]'}
+    # Mix-of-Show trains without gradient clipping (its AdamW step is never clipped).
+    run_defaults = {"max_grad_norm": 0.0}
 
     def check_settings(self, cfg) -> None:
         tk.check_tokens_before_loading(parse_tokens(options(cfg).concept_tokens))
@@ -247,13 +270,19 @@ class EDLoRA(MethodBase):
         self.tokens = parse_tokens(o.concept_tokens)
         self.cross = cross_attention_layers(c.unet)
         self.layers = len(self.cross)
-        install_processors(c.unet)
-        # 1. Tokens: layers rows per concept token; the first random, the second from the class word.
+        # Attention regularisation records the concept words' attention maps: its processors do that.
+        from .attention_reg import RecordContext, RecordingAttnProcessor
+
+        self.rec = RecordContext() if o.attn_reg_weight > 0 else None
+        self.proc_cls = RecordingAttnProcessor if self.rec is not None else LayerwiseAttnProcessor
+        install_processors(c.unet, self.rec, self.proc_cls)
+        # 1. Tokens: layers rows per concept token. The first is one random vector copied to every layer (as
+        #    Mix-of-Show's '<rand-0.013>' initialiser), the second starts from the class word.
         gen = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
         te, tok = c.text_encoder, c.tokenizer
         for t in self.tokens:
             tk.check_new_token(tok, t)
-        inits = [tk.init_rows(te, tok, self.layers, "", o.init_std, gen),
+        inits = [tk.init_rows(te, tok, 1, "", o.init_std, gen).expand(self.layers, -1),
                  tk.init_rows(te, tok, self.layers, o.class_word, 0.0)]
         table = concept_table(c)
         names = []
@@ -271,7 +300,9 @@ class EDLoRA(MethodBase):
         self.te_lora = attach_loras(te, te_paths, o.lora_rank, scale, kohya_te_name)
         self.unet_lora = attach_loras(c.unet, unet_paths, o.lora_rank, scale, kohya_unet_name)
         self.stopped_at: int | None = None
-        return [ParamGroup("embeddings", [self.emb.new], lr=o.embedding_lr, weight_decay=0.0),
+        # Weight decay None: the run's weight_decay (0.01 by default) on every group, embeddings included, as
+        # Mix-of-Show's one AdamW does.
+        return [ParamGroup("embeddings", [self.emb.new], lr=o.embedding_lr, weight_decay=None),
                 ParamGroup("text_encoder_lora", list(self.te_lora.parameters()), lr=o.text_encoder_lr),
                 ParamGroup("unet_lora", list(self.unet_lora.parameters()), lr=o.unet_lr)]
 
@@ -302,10 +333,42 @@ class EDLoRA(MethodBase):
         if self.stopped_at is None and self.o.emb_norm_threshold and self.embedding_norm() >= self.o.emb_norm_threshold:
             self.stopped_at = step
             self.emb.frozen = True
-        ensure_processors(c.unet, self.cross[0])
+        ensure_processors(c.unet, self.cross[0], self.rec, self.proc_cls)
+        subject_mask = batch.mask
         if not self.o.masked_loss and batch.mask is not None:
             batch = dataclasses.replace(batch, mask=None)
-        return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
+        # The regularisation acts on the background only: without one (no mask files: all ones) it is zero, so
+        # the step keeps the fast attention kernel.
+        if self.rec is None or subject_mask is None or not bool((subject_mask < 0.5).any()):
+            if self.rec is not None:
+                self.rec.start(None)
+            return denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
+        return self.loss_with_attention_reg(c, batch, subject_mask)
+
+    def concept_positions(self, c, captions: list[str]) -> torch.Tensor:
+        """(B, 2) positions of the two concept words in each caption's prompt (-1: cut off by the 77 limit)."""
+        from .attention_reg import concept_positions
+
+        first = [layer_prompts(self.prompt(x), self.table, self.layers)[0] for x in captions]
+        ids = tk.tokenize(c.tokenizer, first, "cpu")
+        return concept_positions(ids, tuple(tk.token_ids(c.tokenizer, [self.table[t][0] for t in self.tokens])))
+
+    def loss_with_attention_reg(self, c, batch, subject_mask: torch.Tensor) -> torch.Tensor:
+        """Denoising loss + Mix-of-Show's attention regularisation (methods/attention_reg.py)."""
+        from ..train.noise import denoising_loss
+        from .attention_reg import attention_reg_loss
+
+        pos = self.concept_positions(c, batch.captions)
+        valid = (pos >= 0).all(1)
+        self.rec.start(pos.clamp(min=0))
+        loss = denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
+        maps = self.rec.take()
+        if not bool(valid.any()):
+            return loss
+        keep = valid.to(subject_mask.device)
+        reg = attention_reg_loss([m[keep.to(m.device)] for m in maps], subject_mask[keep], self.o.attn_reg_weight,
+                                 self.o.attn_reg_full_identity)
+        return loss + reg.to(loss.device, loss.dtype)
 
     # Checkpoints: the LoRA hooks live beside the models (not inside them), so list them explicitly.
     def trainable_state_dict(self, c) -> dict:
@@ -349,7 +412,9 @@ class EDLoRA(MethodBase):
             from ..formats.metadata import training_metadata
 
             meta = training_metadata(self.run, c.family, network_dim=self.o.lora_rank,
-                                     network_alpha=self.o.lora_alpha * self.o.lora_rank, kind="edlora")
+                                     network_alpha=self.o.lora_alpha * self.o.lora_rank, kind="edlora",
+                                     unet_lr=self.o.unet_lr, text_encoder_lr=self.o.text_encoder_lr,
+                                     clip_skip=self.o.clip_skip)
         meta |= {"sdstudio.method": "edlora", "sdstudio.base_model": str(c.ref), "sdstudio.family": c.family.name,
                 "sdstudio.concept_tokens": " ".join(self.tokens), "sdstudio.class_word": self.o.class_word,
                 "sdstudio.layers": str(self.layers), "sdstudio.clip_skip": str(self.o.clip_skip),

@@ -5,7 +5,8 @@ For every layer W any concept's LoRA touches, concept i's model maps that layer'
 from the base weights W0, in this order (each stage records its inputs through the already-fused earlier
 stages, as Mix-of-Show does):
   1. text-encoder layers   (inputs: the concept prompts through each concept's own text encoder),
-  2. cross-attention k/v   (inputs: the fused text encoder's features of the concept tokens and EOS),
+  2. cross-attention k/v   (inputs: the fused text encoder's features of the concept tokens and EOS, as
+                            Mix-of-Show; `kv_inputs = "prompt"` takes every position up to EOS instead),
   3. spatial layers        (inputs: recorded while sampling each concept's prompt with its own UNet LoRA).
 Only the Gram matrices G_i = X_i^T X_i are kept, since ||W X_i - W_i X_i||^2 = tr((W - W_i) G_i (W - W_i)^T):
 the same objective as Mix-of-Show's, in memory that does not grow with image size or step count.
@@ -49,6 +50,11 @@ class FuseConfig:
                                       min=1, max=100_000)
     unet_iters: int = setting(50, "L-BFGS iterations per spatial UNet layer.", min=1, max=100_000)
     prompt_template: str = setting(TEMPLATE, "Prompt the concepts are recorded with ({} = the concept's tokens).")
+    kv_inputs: str = setting("concept_tokens", "What the cross-attention k/v fusion must reproduce: the concept "
+                             "tokens and the end token (Mix-of-Show's choice: the other words keep the base model's "
+                             "k/v), or every prompt position up to the end token (also the template words and the "
+                             "start token, as each concept's own model maps them).",
+                             choices=("concept_tokens", "prompt"), advanced=True)
     sample_steps: int = setting(20, "Denoising steps recorded for the spatial layers.", min=1, max=200,
                                 advanced=True)
     resolution: int = setting(0, "Image size for recording the spatial layers (0: the base's native size).",
@@ -249,6 +255,17 @@ def _concept_prompts(f: EDLoRAFile, template: str) -> list[str]:
     return [template.format(name), name]
 
 
+def kv_positions(tokenizer, prompt: str, table: dict[str, list[str]], layers: int, kv_inputs: str) -> list[int]:
+    """The positions of `prompt` (its layer-0 form) whose features the k/v fusion records: the concept tokens
+    and the first end-of-text token ("concept_tokens"), or everything up to that token ("prompt")."""
+    ids = tk.tokenize(tokenizer, [layer_prompts(prompt, table, layers)[0]], "cpu")[0].tolist()
+    end = ids.index(tokenizer.eos_token_id)  # the padding repeats EOS: only the first one is the prompt's
+    if kv_inputs == "prompt":
+        return list(range(end + 1))
+    concept = set(tk.token_ids(tokenizer, [names[0] for names in table.values()]))
+    return [i for i in range(end) if ids[i] in concept] + [end]
+
+
 def fuse(c, files: list[EDLoRAFile], cfg: FuseConfig, emit=lambda ev: None, check=lambda: None,
          weights: list[tuple[float, float]] | None = None) -> FusionReport:
     """Fuse `files` into `c` in place (tokens added, weights replaced). Returns the objective report."""
@@ -310,21 +327,20 @@ def fuse(c, files: list[EDLoRAFile], cfg: FuseConfig, emit=lambda ev: None, chec
             stats[p].add(torch.cat(buf[p]), target(te.get_submodule(p), deltas.get(p)))
     solve_stage("text_encoder", te, te_paths, stats, te_deltas, cfg.text_encoder_iters)
 
-    # 2. Cross-attention k/v: the fused text encoder's features of each concept's prompts, per layer. Every
-    #    position up to the first EOS counts (Mix-of-Show keeps only the concept tokens and EOS; constraining
-    #    the ordinary words too keeps them answering as in each concept's own model).
+    # 2. Cross-attention k/v: the fused text encoder's features of each concept's prompts, per layer. By default
+    #    only the concept tokens and the first EOS count, as Mix-of-Show's get_text_feature('category_embedding')
+    #    records them (ids >= EOS in an unpadded prompt); kv_inputs = "prompt" takes every position up to EOS.
     emit(Status("fusing cross-attention k/v", stage="fuse"))
     stats = {p: LayerStats() for p in kv_paths}
-    eos = c.tokenizer.eos_token_id
     cross = cross_attention_layers(unet)
     for f, deltas in zip(files, unet_deltas):
         check()
         prompts = _concept_prompts(f, cfg.prompt_template)
         with torch.no_grad():
             states = encode_layerwise(c, prompts, table, layers)  # (P, layers, 77, C)
-        ends = [tk.tokenize(c.tokenizer, [q], "cpu")[0].tolist().index(eos) + 1 for q in prompts]
+        rows = [kv_positions(c.tokenizer, q, table, layers, cfg.kv_inputs) for q in prompts]
         for li, name in enumerate(cross):
-            x = torch.cat([states[pi, li, :end].float().cpu() for pi, end in enumerate(ends)])
+            x = torch.cat([states[pi, li, pos].float().cpu() for pi, pos in enumerate(rows)])
             for p in (f"{name}.to_k", f"{name}.to_v"):
                 if p in stats:
                     stats[p].add(x, target(unet.get_submodule(p), deltas.get(p)))

@@ -149,11 +149,15 @@ class Lora(MethodBase):
 
         o: LoraConfig = self.cfg.options
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[o.save_precision]
-        args = {"targets": o.targets}
-        if o.targets == "locon":
-            args.update(conv_dim=o.conv_rank, conv_alpha=o.conv_alpha, algo="locon")
+        # sd-scripts' networks.lora takes LoCon's conv layers as network args (strings, as its CLI passes them);
+        # "algo" is LyCORIS's key, not networks.lora's. Which layers trained is ours to note.
+        args = {"conv_dim": str(o.conv_rank), "conv_alpha": str(o.conv_alpha)} if o.targets == "locon" else None
         meta = training_metadata(self.run, c.family, network_dim=o.rank, network_alpha=o.alpha,
-                                 network_module="networks.lora", network_args=args, kind="lora")
+                                 network_module="networks.lora", network_args=args, kind="lora",
+                                 unet_lr=self.cfg.learning_rate,
+                                 text_encoder_lr=o.text_encoder_lr if o.train_text_encoder else None,
+                                 network_dropout=o.dropout)
+        meta["sdstudio.targets"] = o.targets
         tes = c.text_encoders if o.train_text_encoder else []
         path = Path(out) / f"{self.cfg.output_name}.safetensors"
         if o.save_format == "diffusers":

@@ -4,8 +4,15 @@ Orders: ti_then_lora (learn the word, freeze it, then fit the LoRA around it: th
 lora_then_ti (fit the LoRA, then find the word that best uses it), or joint (both at once, each at its own lr).
 A phase's idle parameters get no gradient, so the optimizer leaves them alone (no update, no weight decay).
 
-Saves one kohya LoRA with the embedding bundled the way A1111 and kohya read it
-(`bundle_emb.<token>.string_to_param.*`), plus the embedding on its own (A1111 `emb_params`).
+Three files, each named for who loads it:
+  <name>.safetensors            the LoRA with the word bundled in (`bundle_emb.<token>.string_to_param.*`): what
+                                A1111 and Forge read as one file (`<lora:name:1>`, then write the token), and our
+                                Playground too. Only A1111's network loader reads bundle_emb; diffusers refuses the
+                                file and ComfyUI warns about its keys.
+  <name>.lora-only.safetensors  the same kohya LoRA without the word: ComfyUI, diffusers (`load_lora_weights`),
+                                kohya sd-scripts. Load it together with...
+  <name>.embedding.safetensors  the word alone (A1111 `emb_params`): ComfyUI (`embedding:<name>.embedding`),
+                                diffusers (`load_textual_inversion(file, token=...)`), A1111.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from .lora import TARGETS, Lora, LoraConfig
 from .textual_inversion import (TextualInversion, TextualInversionConfig, options, output_stem, save_embedding)
 
 ORDERS = ("ti_then_lora", "lora_then_ti", "joint")
+LORA_ONLY = ".lora-only.safetensors"  # the LoRA without the word (ComfyUI, diffusers, sd-scripts)
+EMBEDDING = ".embedding.safetensors"  # the word alone
 
 
 @dataclass
@@ -119,41 +128,58 @@ class Pivotal(MethodBase):
                         params[k[len(prefix) + 1:]].copy_(v)
 
     def load_output(self, pipe, paths: list[Path]):
-        """diffusers: the LoRA's kohya keys with load_lora_weights, the embedding with load_textual_inversion."""
-        from ..formats.safe_io import load_state_dict, read_safetensors_metadata
+        """diffusers, as its users load our files: the plain LoRA with load_lora_weights, the word with
+        load_textual_inversion (the bundle is A1111's, which diffusers refuses)."""
+        from ..formats.safe_io import read_safetensors_metadata
 
-        lora, emb = paths[0], paths[1]
-        pipe.load_lora_weights({k: v for k, v in load_state_dict(lora).items() if not k.startswith("bundle_emb.")})
+        lora = next(p for p in paths if p.name.endswith(LORA_ONLY))
+        emb = next(p for p in paths if p.name.endswith(EMBEDDING))
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
         pipe.load_textual_inversion(str(emb), token=read_safetensors_metadata(emb).get("sdstudio.token"))
         return pipe
 
     def save(self, c, out: Path) -> list[Path]:
+        """[<name>.safetensors (LoRA + word, A1111), <name>.lora-only.safetensors, <name>.embedding.safetensors]."""
         from ..formats.lora import peft_to_kohya
         from ..formats.safe_io import save_safetensors
 
         stem = output_stem(self.cfg, out)
+        name = stem.name
         rows = self.ti.rows().detach().float().cpu()
         token = self.ti.o.token  # lowercased, as the tokenizer holds it
         sd = peft_to_kohya(c.unet, "unet", dtype=torch.float16)
         if self.o.train_text_encoder:
             sd.update(peft_to_kohya(c.text_encoder, "te", dtype=torch.float16))
-        # kohya/A1111 bundle: the embedding rides inside the LoRA file under its prompt word.
-        sd[f"bundle_emb.{token}.string_to_param.*"] = rows
-        meta = self.ti.metadata(c)
+        word = self.ti.metadata(c) | {"sdstudio.method": self.name, "sdstudio.order": self.o.order,
+                                      "sdstudio.token": token}
+        meta = dict(word)
         if self.run is not None:
             from ..formats.metadata import training_metadata
 
             meta |= training_metadata(self.run, c.family, network_dim=self.o.rank, network_alpha=self.o.alpha,
-                                      network_module="networks.lora", network_args={"targets": self.o.targets},
-                                      kind="lora")
-        meta |= {"sdstudio.method": self.name, "sdstudio.order": self.o.order, "sdstudio.token": token}
-        lora = save_safetensors(sd, stem.with_name(stem.name + ".safetensors"), meta)
-        emb = save_embedding(rows, stem.with_name(stem.name + ".embedding"), token, "a1111", meta)
-        return [lora, *emb]
+                                      network_module="networks.lora", kind="lora", unet_lr=self.cfg.learning_rate,
+                                      text_encoder_lr=self.o.text_encoder_lr if self.o.train_text_encoder else None,
+                                      clip_skip=self.o.clip_skip)
+        meta["sdstudio.targets"] = self.o.targets
+        # 1. A1111's bundle: the embedding rides inside the LoRA file under its prompt word.
+        bundle = save_safetensors({**sd, f"bundle_emb.{token}.string_to_param.*": rows},
+                                  stem.with_name(name + ".safetensors"),
+                                  meta | {"modelspec.usage_hint": f"A1111/Forge: <lora:{name}:1> and write {token}; "
+                                                                  "the word is inside this file."})
+        # 2. The LoRA alone and 3. the word alone, for everything that does not read bundle_emb.
+        # (Its own ss_output_name: A1111 names a LoRA by it, and two files sharing one lose their aliases.)
+        plain = save_safetensors(sd, stem.with_name(name + LORA_ONLY),
+                                 meta | {"modelspec.usage_hint": f"ComfyUI/diffusers: load with {name}{EMBEDDING} "
+                                                                 f"and write {token}.",
+                                         "ss_output_name": name + LORA_ONLY[:-len(".safetensors")]})
+        emb = save_embedding(rows, stem.with_name(name + EMBEDDING[:-len(".safetensors")]), token, "a1111", word,
+                             step=self.run.step if self.run is not None else 0)
+        return [bundle, plain, *emb]
 
 
 def bundled_embeddings(sd: dict) -> dict[str, torch.Tensor]:
-    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (kohya/A1111 layout; SDXL: clip_l)."""
+    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (A1111's layout, which its network loader
+    reads; sd-scripts neither writes nor reads it; SDXL: clip_l)."""
     out = {}
     for k, v in sd.items():
         if not k.startswith("bundle_emb."):

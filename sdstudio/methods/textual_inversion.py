@@ -47,19 +47,20 @@ def norm_penalty(rows: torch.Tensor, target: float) -> torch.Tensor:
     return ((rows.float().norm(dim=-1) - target) ** 2).mean()
 
 
-def save_embedding(rows: torch.Tensor, out: Path, token: str, fmt: str, meta: dict | None = None) -> list[Path]:
+def save_embedding(rows: torch.Tensor, out: Path, token: str, fmt: str, meta: dict | None = None,
+                   step: int = 0) -> list[Path]:
     """Write `rows` (n, dim) through formats/embeddings.py: A1111 (`<out>.safetensors`, key `emb_params`) and/or
-    diffusers learned_embeds (`<out>.learned_embeds.safetensors`, key = the token)."""
+    diffusers learned_embeds (`<out>.learned_embeds.safetensors`, key = the token). `step`: the steps trained."""
     from ..formats import embeddings
 
     meta = {"sdstudio.token": token, "sdstudio.vectors": str(rows.shape[0]), **(meta or {})}
     written = []
     if fmt in ("a1111", "both"):
         written.append(embeddings.save_embedding(out.with_name(out.name + ".safetensors"), rows, token,
-                                                 fmt="a1111", metadata=meta))
+                                                 fmt="a1111", step=step, metadata=meta))
     if fmt in ("diffusers", "both"):
         written.append(embeddings.save_embedding(out.with_name(out.name + ".learned_embeds.safetensors"), rows,
-                                                 token, fmt="diffusers", metadata=meta))
+                                                 token, fmt="diffusers", step=step, metadata=meta))
     return written
 
 
@@ -132,7 +133,8 @@ class TextualInversion(MethodBase):
         if self.run is not None:
             from ..formats.metadata import training_metadata
 
-            meta = {**training_metadata(self.run, c.family, kind="textual-inversion"), **meta}
+            meta = {**training_metadata(self.run, c.family, kind="textual-inversion", clip_skip=self.o.clip_skip),
+                    **meta}
         return meta
 
     def load_output(self, pipe, paths: list[Path]):
@@ -146,4 +148,4 @@ class TextualInversion(MethodBase):
     def save(self, c, out: Path) -> list[Path]:
         """`<run>/<output_name>.safetensors` (A1111) and/or `<output_name>.learned_embeds.safetensors`."""
         return save_embedding(self.rows(), output_stem(self.cfg, out), self.o.token.strip(), self.o.save_format,
-                              self.metadata(c))
+                              self.metadata(c), step=self.run.step if self.run is not None else 0)

@@ -64,15 +64,58 @@ class T2IAdapterItem:
     enabled: bool = True
 
 
+BOX_FORMATS = ("fractions", "mixofshow")
+
+
 @dataclass
 class RegionItem:
-    """A regional prompt (data only here; the regional-attention sampler wires it)."""
+    """A regional prompt (data only here; the regional-attention sampler wires it).
+
+    `box` is kept as the user wrote it, in `box_format`:
+      - "fractions": (left, top, right, bottom) as fractions 0..1 of the image (x0, y0, x1, y1);
+      - "mixofshow": [top, left, bottom, right] in pixels of the image, as Mix-of-Show's regionally_sample.sh
+        writes them (an empty [] is the whole image). `box = "mixofshow: [12, 36, 1024, 600]"` says the same.
+    `fractions(width, height)` gives the box the sampler uses."""
 
     prompt: str = ""
     negative_prompt: str = ""
-    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # x0, y0, x1, y1 as fractions of the image
+    box: tuple[float, ...] = (0.0, 0.0, 1.0, 1.0)
+    box_format: str = "fractions"
     t2i_weight: float | None = None  # optional T2I-Adapter strength inside the region
     enabled: bool = True
+
+    def fractions(self, width: int, height: int) -> tuple[float, float, float, float]:
+        return box_to_fractions(self.box, self.box_format, width, height)
+
+
+def box_to_fractions(box, box_format: str, width: int, height: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) fractions of a `width` x `height` image from a box in `box_format`; one
+    sentence when it does not fit."""
+    nums = tuple(float(v) for v in box)
+    if box_format == "mixofshow":
+        if not nums:
+            return 0.0, 0.0, 1.0, 1.0  # Mix-of-Show: an empty box is the whole image
+        if len(nums) != 4:
+            raise UserError(f"The Mix-of-Show region box {list(box)} needs four pixel numbers: [top, left, bottom, "
+                            f"right], e.g. [0, 0, {height}, {width // 2}].")
+        top, left, bottom, right = nums
+        if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+            raise UserError(f"The Mix-of-Show region box {list(box)} ([top, left, bottom, right] in pixels) is not "
+                            f"inside the {width}x{height} image: use 0 <= top < bottom <= {height} and 0 <= left < "
+                            f"right <= {width}.")
+        return left / width, top / height, right / width, bottom / height
+    if box_format != "fractions":
+        raise UserError(f"box_format = {box_format!r} is not known: use \"fractions\" (left, top, right, bottom in "
+                        "0..1) or \"mixofshow\" ([top, left, bottom, right] in pixels).")
+    if len(nums) != 4:
+        raise UserError(f"The region box {list(box)} needs exactly four numbers: \"x0,y0,x1,y1\".")
+    x0, y0, x1, y1 = nums
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        hint = (" These look like pixels: for Mix-of-Show's [top, left, bottom, right] pixel boxes set box_format = "
+                "\"mixofshow\" (or write box = \"mixofshow: [...]\")." if max(nums) > 1 else "")
+        raise UserError(f"The region box {tuple(box)} is not inside the image: use fractions 0 <= x0 < x1 <= 1 and "
+                        f"0 <= y0 < y1 <= 1 (left, top, right, bottom).{hint}")
+    return x0, y0, x1, y1
 
 
 ITEM_TABLES = {"lora": LoraItem, "embedding": EmbeddingItem, "controlnet": ControlNetItem,
@@ -125,6 +168,9 @@ class Recipe:
                 raw = [raw]
             if not isinstance(raw, list):
                 raise UserError(f"In {where}, [[{table}]] must be a list of tables: write each item as [[{table}]].")
+            if table == "region":
+                raw = [_region_box_prefix(dict(it), f"{where} [[region]] #{i + 1}") if isinstance(it, dict) else it
+                       for i, it in enumerate(raw)]
             items[table] = [_build(item_cls, dict(it), f"{where} [[{table}]] #{i + 1}") for i, it in enumerate(raw)]
         recipe = _build(cls, data, where)
         for table, value in items.items():
@@ -194,13 +240,22 @@ class Recipe:
                 if table == "lora" and any(not math.isfinite(b) for b in it.blocks):
                     raise UserError(f"{where} has a block weight that is not a number: use plain numbers.")
         for i, r in enumerate(self.region):
-            x0, y0, x1, y1 = r.box
-            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-                raise UserError(f"[[region]] #{i + 1} box {r.box} is not inside the image: use fractions "
-                                f"0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1.")
+            try:
+                r.fractions(self.width, self.height)
+            except UserError as exc:
+                raise UserError(f"[[region]] #{i + 1}: {exc}") from None
 
 
-def parse_box(value) -> tuple[float, float, float, float]:
+def split_box_format(value) -> tuple[str | None, object]:
+    """`"mixofshow: [12, 36, 1024, 600]"` -> ("mixofshow", "[12, 36, 1024, 600]"); other values -> (None, value)."""
+    if isinstance(value, str):
+        head, sep, rest = value.partition(":")
+        if sep and head.strip().lower() in BOX_FORMATS:
+            return head.strip().lower(), rest
+    return None, value
+
+
+def parse_box(value, allow_empty: bool = False) -> tuple[float, ...]:
     """A region box from "x0,y0,x1,y1" text or a 4-number list; plain number parsing, never eval."""
     if isinstance(value, str):
         parts = [p for p in re.split(r"[,\s]+", value.strip().strip("()[]")) if p]
@@ -211,9 +266,9 @@ def parse_box(value) -> tuple[float, float, float, float]:
     except (TypeError, ValueError):
         raise UserError(f"The region box {value!r} is not four numbers: write it as \"x0,y0,x1,y1\" with fractions "
                         f"like \"0.0,0.0,0.5,1.0\".") from None
-    if len(nums) != 4 or not all(math.isfinite(n) for n in nums):
+    if (len(nums) != 4 and not (allow_empty and not nums)) or not all(math.isfinite(n) for n in nums):
         raise UserError(f"The region box {value!r} needs exactly four numbers: \"x0,y0,x1,y1\".")
-    return nums  # type: ignore[return-value]
+    return nums
 
 
 def parse_blocks(value) -> list[float]:
@@ -248,6 +303,16 @@ def _check_finite(recipe: "Recipe") -> None:
                                     f"numbers.")
 
 
+def _region_box_prefix(it: dict, where: str) -> dict:
+    """`box = "mixofshow: [...]"` sets box_format; a prefix that contradicts an explicit box_format is an error."""
+    fmt, rest = split_box_format(it.get("box"))
+    if fmt is None:
+        return it
+    if it.get("box_format", fmt) != fmt:
+        raise UserError(f"{where} has box = {it['box']!r} but box_format = {it['box_format']!r}: keep one of them.")
+    return {**it, "box": rest, "box_format": fmt}
+
+
 def _drop_none(obj):
     if isinstance(obj, dict):
         return {k: _drop_none(v) for k, v in obj.items() if v is not None}
@@ -274,7 +339,10 @@ def _coerce(name, value, f, where):
     t = str(f.type)
     try:
         if name == "box":
-            return parse_box(value)
+            return parse_box(value, allow_empty=True)
+        if name == "box_format" and value not in BOX_FORMATS:
+            raise UserError(f"In {where}, box_format = {value!r} is not known: use \"fractions\" (left, top, right, "
+                            "bottom in 0..1) or \"mixofshow\" ([top, left, bottom, right] in pixels).")
         if name == "blocks":
             return parse_blocks(value)
         if t.startswith("float") and value is not None:

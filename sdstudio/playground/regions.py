@@ -6,8 +6,9 @@ cross-attention output is an affine map of the attention result with weights sum
 `to_out` equals Mix-of-Show's averaging before it. Per-region T2I-Adapter weights scale the adapter's feature
 maps inside each box. EDLoRA tokens work in every prompt (layer-wise conditioning, methods/edlora.py).
 
-Boxes are fractions of the image: (left, top, right, bottom), each in [0, 1]. Box strings are parsed as plain
-numbers, never evaluated.
+Boxes here are fractions of the image: (left, top, right, bottom), each in [0, 1]. A recipe's [[region]] may
+also give Mix-of-Show's [top, left, bottom, right] pixel boxes (box_format = "mixofshow", playground/recipe.py);
+`regions_from_items` converts them. Box strings are parsed as plain numbers, never evaluated.
 """
 from __future__ import annotations
 
@@ -185,12 +186,22 @@ def generate(c, prompt: str, negative_prompt: str = "", regions: list[Region] | 
         return pipe(**kw).images[0]
 
 
-def regions_from_items(items) -> list[Region]:
-    """Regions from recipe items (dicts or objects with prompt, box, negative_prompt, t2i_weight)."""
+def regions_from_items(items, width: int | None = None, height: int | None = None) -> list[Region]:
+    """Regions from recipe items (dicts or objects with prompt, box, box_format, negative_prompt, t2i_weight).
+    Boxes in another format than fractions (Mix-of-Show's pixels) need the image's `width` and `height`."""
+    from .recipe import box_to_fractions, split_box_format
+    from .recipe import parse_box as parse_numbers
+
     out = []
     for it in items or []:
         get = (lambda k, d=None: it.get(k, d)) if isinstance(it, dict) else (lambda k, d=None: getattr(it, k, d))
-        out.append(Region(prompt=get("prompt", ""), box=get("box"), negative_prompt=get("negative_prompt"),
+        prefix, box = split_box_format(get("box"))
+        fmt = prefix or get("box_format") or "fractions"
+        if fmt != "fractions":
+            if width is None or height is None:
+                raise UserError(f"A region box in the {fmt} format needs the image size to convert it.")
+            box = box_to_fractions(parse_numbers(box, allow_empty=True), fmt, width, height)
+        out.append(Region(prompt=get("prompt", ""), box=box, negative_prompt=get("negative_prompt"),
                           t2i_weight=get("t2i_weight")))
     return out
 
@@ -240,7 +251,8 @@ def recipe_attention(comps, recipe, encode, chunks, emb, batch: int, use_cfg: bo
     `encode(text, n_chunks)` is the Playground's prompt encoder (A1111 weighting, embeddings, clip skip) and
     `chunks(text)` its chunk count; `emb` is what it made for the global prompts, ordered
     [negative x batch, positive x batch] when CFG is on."""
-    regions = regions_from_items([r for r in getattr(recipe, "region", []) if getattr(r, "enabled", True)])
+    regions = regions_from_items([r for r in getattr(recipe, "region", []) if getattr(r, "enabled", True)],
+                                 recipe.width, recipe.height)
     for r in regions:
         if r.negative_prompt == "":
             r.negative_prompt = None  # an empty region negative means: the global one

@@ -146,6 +146,10 @@ def resolve(values: dict) -> TrainConfig:
                         f"({SCHEMA_VERSION}): update SD Studio.")
     methods = all_methods()
     tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
+    # The method's own defaults for shared settings (e.g. EDLoRA: no gradient clipping) sit under what was given.
+    method_name = values.get("method", TrainConfig.__dataclass_fields__["method"].default)
+    if isinstance(method_name, str):
+        values = {**getattr(get_method(method_name), "run_defaults", {}), **values}
     cfg = build_dataclass(TrainConfig, values)
     method_cls = get_method(cfg.method)
     for name in tables:

@@ -190,8 +190,12 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
     emit(Status(f"loading {cfg.base_model}", stage="load"))
     pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
     c = load_base(cfg.base_model, dtype=weight_dtype, device=str(acc.device), prediction_type=pred)
+    from ..formats.metadata import bucket_info
+
     method.run = RunInfo(cfg=cfg, run_dir=run_dir, layout=layout, dataset_hash=dataset_hash(layout),
-                         tag_frequency=tag_frequency(layout), started=time.time())
+                         tag_frequency=tag_frequency(layout), started=time.time(), mixed_precision=acc.mixed_precision,
+                         world=acc.num_processes, batches_per_epoch=pre.data.batches_per_epoch,
+                         bucket_info=bucket_info(pre.data))
     return run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir, resume_from=pre.checkpoint,
                     publish=publish)
 
@@ -256,6 +260,8 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
     pred = c.scheduler.config.get("prediction_type", "epsilon")
     c.extra["train_scheduler"] = DDPMScheduler.from_config(c.scheduler.config, prediction_type=pred)
     optimizer = acc.prepare_optimizer(build_optimizer(cfg.optimizer, groups, cfg, str(device)))
+    if getattr(method, "run", None) is not None:  # the files' metadata names the real class (ss_optimizer)
+        method.run.optimizer = f"{type(optimizer.optimizer).__module__}.{type(optimizer.optimizer).__name__}"
     scheduler = build_scheduler(cfg.lr_scheduler, optimizer.optimizer, cfg.warmup_steps, cfg.max_steps)
     ema = EMA(params, cfg.ema_decay) if cfg.ema else None
     scaler = getattr(acc, "scaler", None)
