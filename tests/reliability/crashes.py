@@ -188,5 +188,42 @@ def start_reference(ds: Path, ref_work: Path):
     return start_child(train_args(ds, ref_work / "run"), ref_work / "ws", trace=ref_work / "trace.txt")
 
 
+@dataclass
+class Reference:
+    """The dataset and the unbroken run every crash and disk-full test compares with."""
+
+    work: Path
+    ds: Path
+    proc: object
+
+    def run(self) -> Path:
+        """The unbroken run's folder, once it has finished."""
+        if self.proc.returncode is None:
+            out = finish_child(self.proc, self.work / "ref" / "trace.txt")
+            assert out.returncode == 0, out.stderr[-3000:]
+        return self.work / "ref" / "run"
+
+    def trace(self) -> list[str]:
+        self.run()
+        return reference_trace(self.work / "ref")
+
+
+_SHARED: dict = {}
+
+
+def shared_reference(tmp_path_factory) -> Reference:
+    """One unbroken run per test session, started in the background the first time a test asks for it (it runs
+    on the second core while the asking test goes on). The same run in-process gives the same bytes (checked:
+    one torch thread in both), so the in-process disk-full runs compare with it too."""
+    if "ref" not in _SHARED:
+        from train_helpers import make_kohya_dataset
+
+        work = tmp_path_factory.getbasetemp() / "unbroken"
+        work.mkdir()
+        ds = make_kohya_dataset(work / "ds", n=4)
+        _SHARED["ref"] = Reference(work, ds, start_reference(ds, work / "ref"))
+    return _SHARED["ref"]
+
+
 def wait_time(start: float) -> float:
     return round(time.time() - start, 1)

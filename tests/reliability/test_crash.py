@@ -14,29 +14,17 @@ import time
 
 import pytest
 
-from crashes import (Tally, campaign, finish_child, random_kills, reference_trace, start_reference)
-from train_helpers import make_kohya_dataset
+from crashes import Tally, campaign, random_kills, shared_reference
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The dataset and an unbroken run (started in the background: the campaign runs beside it)."""
-    work = tmp_path_factory.mktemp("crash")
-    ds = make_kohya_dataset(work / "ds", n=4)
-    proc = start_reference(ds, work / "ref")
-    return work, ds, proc
+    """The dataset and the unbroken run (in the background: the campaign runs beside it)."""
+    return shared_reference(tmp_path_factory)
 
 
-def _wait_reference(reference):
-    work, ds, proc = reference
-    if proc.returncode is None:
-        out = finish_child(proc, work / "ref" / "trace.txt")
-        assert out.returncode == 0, out.stderr[-3000:]
-    return work / "ref" / "run"
-
-
-def test_kills_in_caching_checkpoint_and_lora_saves_resume_to_the_unbroken_run(reference):
-    work, ds, _proc = reference
+def test_kills_in_caching_checkpoint_and_lora_saves_resume_to_the_unbroken_run(reference, tmp_path):
+    work, ds = tmp_path, reference.ds
     tally = Tally()
     kills = [
         {"match": "fsync:cache:write", "n": 2, "torn": True},  # a latent half-written into the disk cache
@@ -45,16 +33,15 @@ def test_kills_in_caching_checkpoint_and_lora_saves_resume_to_the_unbroken_run(r
     ]
     (work / "fast").mkdir()
     # The unbroken run goes on beside the kills; the comparison at the end waits for it.
-    campaign(work / "fast", ds, lambda: _wait_reference(reference), kills, tally)
+    campaign(work / "fast", ds, reference.run, kills, tally)
     assert tally.tried == 3 and tally.survived == 3, tally
     assert tally.where == ["fsync:cache:write", "replace:ckpt:swap", "fsync:lora"]
 
 
 @pytest.mark.soak
-def test_soak_many_seeded_kills(reference, capsys):
-    work, ds, _proc = reference
-    ref = _wait_reference(reference)
-    trace = reference_trace(work / "ref")
+def test_soak_many_seeded_kills(reference, tmp_path, capsys):
+    work, ds = tmp_path, reference.ds
+    ref, trace = reference.run(), reference.trace()
     target = int(os.environ.get("SDSTUDIO_SOAK_KILLS", "24"))
     tally, seed, t0 = Tally(), 0, time.time()
     while tally.tried < target:

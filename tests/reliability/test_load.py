@@ -7,14 +7,13 @@ training started meanwhile is refused with a message naming the first, never run
 from __future__ import annotations
 
 import gc
-import os
-import socket
 import threading
 import time
 
 import psutil
 import pytest
 
+from inprocess_app import serve
 from sdstudio.errors import UserError
 from sdstudio.events import Failed, Finished
 from train_helpers import make_kohya_dataset
@@ -23,29 +22,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CLIENTS, PER_CLIENT = 4, 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from sdstudio.ui.app import build_ui
-    from sdstudio.ui.context import AppContext
-    from sdstudio.ui.server import launch
     from sdstudio.workspace import Workspace
 
     ws = Workspace.open(tmp_path_factory.mktemp("load") / "ws")
     make_kohya_dataset(ws.root / "datasets" / "ds", n=2)
-    ctx = AppContext(workspace=ws)
-    demo = build_ui(ctx)
-    demo.queue(default_concurrency_limit=4)
-    port = _free_port()
-    launch(demo, host="127.0.0.1", port=port, auth=None, workspace_root=str(ws.root), inbrowser=False,
-           prevent_thread_lock=True, quiet=True)
-    yield ctx, f"http://127.0.0.1:{port}"
-    demo.close()
+    served = serve(ws)
+    yield served.ctx, served.url
+    served.close()
 
 
 def _generate_args(client, prompt: str, seed: int) -> list:

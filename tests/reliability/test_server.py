@@ -11,28 +11,20 @@ app.py calls) with `--auth`, in this process so that every route it has can be l
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
 
+from inprocess_app import serve
+
 SECRET = "TOP-SECRET-OUTSIDE-THE-WORKSPACE"
 USER, PASSWORD = "alice", "correct horse"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from sdstudio.ui.app import build_ui
-    from sdstudio.ui.context import AppContext
-    from sdstudio.ui.server import launch
     from sdstudio.workspace import Workspace
 
     root = tmp_path_factory.mktemp("server")
@@ -43,14 +35,9 @@ def server(tmp_path_factory):
     (ws.root / "inputs" / "inside.txt").write_text("inside the workspace")
     (ws.root / "inputs" / "link-dir").symlink_to(outside, target_is_directory=True)
     (ws.root / "inputs" / "link-file.txt").symlink_to(outside / "secret.txt")
-    ctx = AppContext(workspace=ws)
-    demo = build_ui(ctx)
-    demo.queue(default_concurrency_limit=4)
-    port = _free_port()
-    app, _url, _ = launch(demo, host="127.0.0.1", port=port, auth=(USER, PASSWORD), workspace_root=str(ws.root),
-                          inbrowser=False, prevent_thread_lock=True, quiet=True)
-    yield {"url": f"http://127.0.0.1:{port}", "app": app, "ws": ws, "root": root, "outside": outside, "ctx": ctx}
-    demo.close()
+    served = serve(ws, auth=(USER, PASSWORD))
+    yield {"url": served.url, "app": served.app, "ws": ws, "root": root, "outside": outside, "ctx": served.ctx}
+    served.close()
 
 
 def _login(url: str) -> httpx.Client:
