@@ -6,7 +6,9 @@ kill -9 at any moment leaves the previous checkpoints intact. Only safetensors a
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -98,6 +100,36 @@ def load_checkpoint(folder: Path) -> tuple[TrainState, dict, dict | None, dict]:
         raise UserError(f"The checkpoint {folder.name} is damaged ({type(exc).__name__}): delete that folder to "
                         f"resume from the one before it.") from exc
     return TrainState(int(meta["step"]), float(meta.get("elapsed", 0.0))), trainable, ema, extra
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for one training at a time, across processes (the app, `sdstudio train`, a second
+    tab): a second one is refused, naming the holder, instead of interleaving checkpoints and log lines. An OS
+    lock (flock): a process killed with -9 releases it by dying, so a crash never leaves a run locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the app's JobManager still runs one training at a time
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{run_dir.name} is being trained right now ({holder}): wait for that training to end or "
+                            f"stop it, or train under another output_name.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def clear_leftovers(run_dir: Path) -> list[Path]:

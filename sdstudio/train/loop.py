@@ -30,7 +30,7 @@ from ..events import Event, Progress, Saved, Status, Step
 from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetensors
 from ..jobs import Commands, Stopped
 from ..methods.base import Batch, RunInfo, get_method, hook
-from .checkpoint import (TrainState, clear_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint,
+from .checkpoint import (TrainState, clear_leftovers, latest_checkpoint, load_checkpoint, run_lock, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig
 
@@ -196,8 +196,10 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
                          tag_frequency=tag_frequency(layout), started=time.time(), mixed_precision=acc.mixed_precision,
                          world=acc.num_processes, batches_per_epoch=pre.data.batches_per_epoch,
                          bucket_info=bucket_info(pre.data))
-    return run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir, resume_from=pre.checkpoint,
-                    publish=publish)
+    # One training per run folder, across processes: a second is refused, never run on top (rank 0 writes).
+    with run_lock(run_dir) if acc.is_main_process else contextlib.nullcontext():
+        return run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir,
+                        resume_from=pre.checkpoint, publish=publish)
 
 
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:

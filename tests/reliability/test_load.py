@@ -7,6 +7,8 @@ training started meanwhile is refused with a message naming the first, never run
 from __future__ import annotations
 
 import gc
+import os
+from pathlib import Path
 import threading
 import time
 
@@ -20,6 +22,7 @@ from train_helpers import make_kohya_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CLIENTS, PER_CLIENT = 4, 20
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,27 @@ def _generate_args(client, prompt: str, seed: int) -> list:
     return args
 
 
+def _start_paced_training(ctx, values: dict):
+    """A training as the Train tab starts it (load_config, preflight, train as a Job of the app's JobManager), with
+    the LoRA method's steps paced by a 0.25 s sleep: it really trains and holds the GPU, but the CPU it takes does
+    not grow with how long the clients take to queue, so the test costs the same on a busy and an idle machine."""
+    from sdstudio.methods.lora import Lora
+    from sdstudio.train.config import load_config
+    from sdstudio.train.loop import preflight, train
+
+    class PacedLora(Lora):
+        def loss(self, c, batch, step):
+            time.sleep(0.25)
+            return super().loss(c, batch, step)
+
+    ws = ctx.workspace
+    cfg = load_config(None, extra={**values, "dataset": str(ws.root / "datasets" / "ds"),
+                                   "output_dir": str(ws.run_dir(values["output_name"]))})
+    pre = preflight(cfg, home=ws.root)
+    return ctx.jobs.start(cfg.output_name, "train",
+                          lambda jc: train(cfg, jc.emit, jc.commands, checked=pre, method=PacedLora()))
+
+
 def _rss_mb() -> float:
     gc.collect()
     return psutil.Process().memory_info().rss / 2**20
@@ -69,7 +93,7 @@ def test_four_clients_queue_twenty_generations_while_training(app, capsys):
     values = {"method": "lora", "base_model": "tiny", "dataset": "datasets/ds", "output_name": "busy",
               "resolution": 64, "max_steps": 100_000, "save_every": 0, "sample_every": 0, "sample_steps": 1,
               "device": "cpu"}
-    training = start_run(ctx, values, None)
+    training = _start_paced_training(ctx, values)
     _wait(lambda: training.log.snapshot()["last_step"] is not None, 300)  # it is really training
 
     errors: list[BaseException] = []
@@ -162,3 +186,49 @@ def _wait(cond, timeout: float) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+def test_a_second_process_cannot_train_the_same_run(tmp_path):
+    """The app's JobManager refuses a second training in the app; a second *process* (`sdstudio train` beside the
+    app, two app instances) on the same run folder is refused by the run's lock, and a kill -9 of the holder
+    frees it."""
+    import signal
+    import subprocess
+    import sys
+
+    from sdstudio.train.config import load_config
+    from sdstudio.train.loop import train
+    from train_helpers import fast_sets
+
+    ds = make_kohya_dataset(tmp_path / "ds", n=2)
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom sdstudio.train.checkpoint import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = load_config("character-lora-sd15", fast_sets(ds, run, max_steps=1))
+        with pytest.raises(UserError, match=f"being trained right now \\(process {holder.pid}\\)"):
+            train(cfg, lambda e: None)
+        assert not (run / "log.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    train(cfg, lambda e: None)  # the kill released it
+    assert (run / "character-lora.safetensors").is_file()
+
+
+def test_a_fault_while_cleaning_up_never_blocks_the_queue(monkeypatch):
+    """The GPU is handed on in a `finally`: a job whose memory cleanup fails still lets the next one run."""
+    import sdstudio.jobs as jobs
+
+    def broken(full=True):
+        raise RuntimeError("the allocator is unhappy")
+
+    monkeypatch.setattr(jobs, "_free_memory", broken)
+    m = jobs.JobManager()
+    first = m.start("a", "generate", lambda ctx: time.sleep(0.2), queue=True)
+    second = m.start("b", "generate", lambda ctx: "ran", queue=True)
+    second.join(30)
+    assert first.state == "finished" and second.state == "finished" and second.result == "ran"
