@@ -78,6 +78,8 @@ def load_fuse_config(path: Path | str, sets: list[str] | None = None, home: Path
         values = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{p.name} is not valid TOML ({exc}): fix that line.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p.name} is not a text file (it is not UTF-8): give a fuse config .toml.") from None
     values = merge(values, parse_sets(sets))
     items = values.pop("concept", [])
     if not isinstance(items, list) or len(items) < 2:

@@ -51,7 +51,7 @@ class PromptEmbeddings:
 
         if not path.is_file():
             raise UserError(f"{path.name} does not exist: check the path of the embedding.")
-        sd, _meta = read_adapter_file(path, self.allow_pickle)
+        sd, _meta = read_adapter_file(path, self.allow_pickle, embedding=True)
         emb = embedding_from_state(sd, path.name, token)
         emb.token = token or emb.token or f"<{path.stem}>"
         loaded = self.install(path, emb, str(len(self.loaded) + 1))

@@ -16,11 +16,15 @@ def count_read() -> None:
         FILE_READS["count"] += 1
 
 
-def read_adapter_file(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
-    """(state dict, safetensors metadata) of an adapter or embedding file: the one function that reads them."""
-    from ..formats.safe_io import load_state_dict, read_safetensors_metadata
+def read_adapter_file(path: Path, allow_pickle: bool = False, embedding: bool = False) -> tuple[dict, dict]:
+    """(state dict, safetensors metadata) of an adapter or embedding file: the one function that reads them, and
+    the one door that refuses NaN/inf/empty tensors. An embedding's .pt is read with weights_only=True by default
+    (formats.embeddings.read_embedding_state)."""
+    from ..formats.embeddings import read_embedding_state
+    from ..formats.safe_io import check_tensors, load_state_dict, read_safetensors_metadata
 
     count_read()
-    sd = load_state_dict(path, allow_pickle=allow_pickle)
+    sd = read_embedding_state(path, allow_pickle) if embedding else load_state_dict(path, allow_pickle=allow_pickle)
+    check_tensors(sd, path.name)
     meta = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     return sd, meta

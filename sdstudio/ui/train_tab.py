@@ -223,6 +223,8 @@ def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = 
     values["output_dir"] = str(ws.run_dir(values.get("output_name") or "run"))
     if values.get("sample_conditions"):  # preview control images: files in the workspace
         values["sample_conditions"] = [str(ws.resolve(p, must_exist=True)) for p in values["sample_conditions"]]
+    if str(values.get("class_data") or "").strip():  # the form's other folder: confined like the dataset
+        values["class_data"] = str(ws.resolve(values["class_data"], must_exist=True))
     tables: dict = {}
     flat = {}
     for k, v in values.items():
