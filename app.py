@@ -49,13 +49,13 @@ def main(argv=None) -> int:
 
     from sdstudio.ui.app import build_ui, css, theme
     from sdstudio.ui.context import AppContext
+    from sdstudio.ui.server import launch
 
     demo = build_ui(AppContext(workspace=ws))
     demo.queue(default_concurrency_limit=4)
     print(f"SD Studio: workspace {ws.root}", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, auth=auth,
-                allowed_paths=[str(ws.root)], inbrowser=not args.no_browser and not os.environ.get("CI"),
-                theme=theme(), css=css(), footer_links=[], show_error=False)
+    launch(demo, host=args.host, port=args.port, auth=auth, workspace_root=str(ws.root),
+           inbrowser=not args.no_browser and not os.environ.get("CI"), theme=theme(), css=css(), footer_links=[])
     return 0
 
 

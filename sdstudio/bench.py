@@ -12,6 +12,7 @@ BENCH_MODULES: list[str] = [
     "sdstudio.playground.bench",  # generate
     "sdstudio.train.bench",  # train
     "sdstudio.train.bench_vram",  # vram
+    "sdstudio.train.bench_adapters",  # adapters
 ]
 
 

@@ -95,6 +95,20 @@ def gpu_summary() -> dict:
     return {"name": props.name, "total_gb": round(props.total_memory / 1024**3, 1)}
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (or host) ran out of memory: torch's OutOfMemoryError (CUDA), MPS's RuntimeError, MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except Exception:  # a broken torch install must not hide the original error
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
 def has_xformers() -> bool:
     try:
         import xformers  # noqa: F401

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import field
@@ -70,7 +71,7 @@ def _coerce(value: Any, typ, key: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: "1e400" for a whole number
         pass
     except Exception as exc:  # a malformed TOML list
         raise UserError(f"{key} = {value!r} could not be read ({exc}): check the quotes and brackets.") from None
@@ -78,8 +79,31 @@ def _coerce(value: Any, typ, key: str) -> Any:
     raise UserError(f"{key} = {value!r} is not {names.get(typ, typ.__name__)}: fix the value.")
 
 
+def finite(value: float, key: str) -> float:
+    """`value` when it is a real number; NaN and infinity are refused by name. Comparisons with NaN are all
+    false, so without this a NaN passes every min/max bound and reaches the optimizer (or, worse, trains)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} = {value} is not a finite number: use a plain number (like 0.0001).")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type=` for float options: `--guidance nan` is refused like `--guidance abc`."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: use a plain number")
+    return value
+
+
 def _check(f: dataclasses.Field, value: Any, key: str) -> None:
     m = f.metadata
+    if isinstance(value, float):
+        finite(value, key)
     if m.get("choices") and value not in m["choices"]:
         near = difflib.get_close_matches(str(value), [str(c) for c in m["choices"]], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -7,6 +7,7 @@ reload reconnects through `JobManager.latest()`.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -159,6 +160,12 @@ class Job:
     started_at: float = 0.0
     ended_at: float | None = None
     result: object = None
+    queued: bool = False  # waiting for the GPU (JobManager.start(queue=True)); Stop works while it waits
+    granted_at: float | None = None  # when it began its work (after its wait in the queue, if it had one)
+    # Set by JobManager for exclusive jobs: `before` waits for this job's turn, `after` hands the GPU on.
+    before: Callable[[JobContext], None] | None = field(default=None, repr=False)
+    after: Callable[["Job"], None] | None = field(default=None, repr=False)
+    _turn: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = None
 
     # 1. Emit: record, then tell each listener. A listener's fault (a UI bug, a closed pipe) never reaches
@@ -172,6 +179,8 @@ class Job:
     @property
     def state(self) -> str:
         end = self.log.snapshot()["end"]
+        if end is None and self.queued:
+            return "queued"
         if end is None:
             return "paused" if self.commands.paused else ("running" if self.started_at else "new")
         if isinstance(end, Failed):
@@ -185,6 +194,9 @@ class Job:
     def _run(self) -> None:
         ctx = JobContext(emit=self.emit, commands=self.commands, job=self)
         try:
+            if self.before is not None:
+                self.before(ctx)  # a queued job waits here for the GPU
+            self.granted_at = time.time()
             self.result = self.work(ctx)
             if self.log.snapshot()["end"] is None:  # work may end itself with its own words (the wizard does)
                 self.emit(Finished(message="done", outputs=_paths(self.result)))
@@ -192,16 +204,21 @@ class Job:
             self.emit(Finished(message="stopped", stopped=True))
         except UserError as exc:
             self.emit(Failed(message=str(exc)))
-        except MemoryError as exc:
-            self.emit(Failed(message="Out of memory: lower the batch size or resolution, or turn on gradient "
-                             "checkpointing and the caches.", details=repr(exc)))
         except Exception as exc:  # a bug or an environment fault: one sentence on screen, details in the log
             details = traceback.format_exc()
-            log.error("job %s failed:\n%s", self.name, details)
-            self.emit(Failed(message=_explain(exc), details=details))
+            # A full disk or exhausted memory is the machine's state, not a bug: its sentence says what to do, and
+            # the traceback goes to the log only at debug level (a CLI user sees one line, -v shows it).
+            log.log(logging.DEBUG if _known_fault(exc) else logging.ERROR, "job %s failed:\n%s", self.name, details)
+            self.emit(Failed(message=_explain(exc, self.kind), details=details))
         finally:
             self.ended_at = time.time()
-            _free_memory()
+            try:
+                _free_memory(full=self.kind not in LIGHT_KINDS)
+            except Exception:  # a cleanup fault must never keep the GPU from the jobs queued behind this one
+                log.exception("freeing memory after job %s failed", self.name)
+            finally:
+                if self.after is not None:
+                    self.after(self)  # the next queued job starts once this one's memory is freed
 
     def start(self) -> "Job":
         self.started_at = time.time()
@@ -225,20 +242,51 @@ def _paths(result: object) -> tuple[str, ...]:
     return ()
 
 
-def _explain(exc: BaseException) -> str:
+# What to do when a job of this kind runs out of memory (GPU, or RAM on the CPU). Training's own loop says it
+# better when it can (it knows the step it kept, see train.loop.OutOfMemory); this is the fallback.
+OOM_ADVICE = {
+    "train": ("Out of memory while training: turn on gradient checkpointing and the latent/text caches and Resume, "
+              "or lower the batch size or resolution, or pick a smaller preset (the -6gb/-8gb ones), for a new run."),
+    "generate": ("Out of memory while generating: lower the width/height or the batch, use fewer ControlNets and "
+                 "T2I-Adapters at once, or wait until the training that shares the GPU ends."),
+}
+OOM_ADVICE["quick"] = OOM_ADVICE["train"]
+
+
+def _known_fault(exc: BaseException) -> bool:
+    from .devices import is_out_of_memory
+    from .formats.safe_io import is_disk_full
+
+    return is_disk_full(exc) or is_out_of_memory(exc)
+
+
+def _explain(exc: BaseException, kind: str = "") -> str:
+    from .devices import is_out_of_memory
+
     text = str(exc)
-    if "out of memory" in text.lower():
-        return ("The GPU ran out of memory: lower the batch size or resolution, or turn on gradient checkpointing "
-                "and the caches.")
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+    if is_out_of_memory(exc):
+        return OOM_ADVICE.get(kind, "Out of memory: close other work on the GPU, or lower the size of the job.")
+    from .formats.safe_io import is_disk_full
+
+    if is_disk_full(exc):
         return "The disk is full: free some space, then resume."
     first = text.splitlines()[0] if text else type(exc).__name__
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-def _free_memory() -> None:
+# Jobs whose memory stays with a long-lived owner (a generation's model stays loaded in the Playground session):
+# ending one needs no full collection, which scans every object the process has (0.6 s of CPU per generation,
+# measured with the app loaded, in a row of queued ones) and would empty the CUDA cache the next one refills.
+# Their own garbage goes by reference counting and the collector's young generation.
+LIGHT_KINDS = {"generate"}
+
+
+def _free_memory(full: bool = True) -> None:
     import gc
 
+    if not full:
+        gc.collect(0)
+        return
     gc.collect()
     with contextlib.suppress(Exception):
         import torch
@@ -248,26 +296,76 @@ def _free_memory() -> None:
 
 
 class JobManager:
-    """Keeps the app's jobs. One heavy job (training, generation on the GPU) runs at a time."""
+    """Keeps the app's jobs. One heavy job (training, generation on the GPU) holds the GPU at a time; others
+    either wait for it in order (`queue=True`: generations from any number of browser tabs) or are refused with
+    a message naming the job that holds it (a second training is never run on top of the first)."""
+
+    KEEP_ENDED = 200  # ended jobs remembered (their logs); older ones are forgotten so memory stays flat
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: list[Job] = []
+        self._holder: Job | None = None  # the exclusive job that has the GPU
+        self._waiting: collections.deque[Job] = collections.deque()  # queued for it, first come, first served
 
     def start(self, name: str, kind: str, work: Callable[[JobContext], object], *, exclusive: bool = True,
-              listeners: list[Callable[[Event], None]] | None = None) -> Job:
-        """Start `work` in the background. With exclusive=True (the default), refuse while another exclusive
-        job runs, with a message that names it."""
+              listeners: list[Callable[[Event], None]] | None = None, queue: bool = False) -> Job:
+        """Start `work` in the background. An exclusive job (the default) needs the GPU: while another holds
+        it, a `queue=True` job waits its turn (and says so in its status); any other is refused with a
+        message that names the holder."""
         with self._lock:
-            if exclusive:
-                busy = [j for j in self._jobs if j.running and getattr(j, "_exclusive", True)]
-                if busy:
-                    raise UserError(f"'{busy[0].name}' ({busy[0].kind}) is still running: stop it or wait for it "
-                                    f"to finish before starting another.")
             job = Job(name=name, kind=kind, work=work, listeners=list(listeners or []))
             job._exclusive = exclusive  # type: ignore[attr-defined]
+            if exclusive:
+                if self._holder is None and not self._waiting:
+                    self._holder = job
+                elif queue:
+                    self._waiting.append(job)
+                    job.queued, job.before = True, self._wait_turn
+                else:
+                    first = self._holder or self._waiting[0]
+                    raise UserError(f"'{first.name}' ({first.kind}) is still running: stop it or wait for it "
+                                    f"to finish before starting another.")
+                job.after = self._hand_on
             self._jobs.append(job)
+            self._forget_old()
         return job.start()
+
+    def _wait_turn(self, ctx: JobContext) -> None:
+        """Runs in a queued job's thread: wait until it holds the GPU, or end it as stopped."""
+        job = ctx.job
+        with self._lock:
+            ahead = list(self._waiting).index(job) + (1 if self._holder is not None else 0)
+            holder = self._holder
+        if holder is not None:
+            ctx.emit(Status(f"queued: {ahead} ahead, behind '{holder.name}' ({holder.kind})", stage="queued"))
+        while not job._turn.wait(0.1):
+            if job.commands.stop_requested:
+                with self._lock:
+                    if job in self._waiting:
+                        self._waiting.remove(job)
+                        job.queued = False
+                        raise Stopped()
+                # it got the GPU at this very moment: start, and stop at its first check like any job
+        job.queued = False
+
+    def _hand_on(self, job: Job) -> None:
+        """Runs when an exclusive job ends: the GPU goes to the first queued job."""
+        with self._lock:
+            if self._holder is job:
+                self._holder = self._waiting.popleft() if self._waiting else None
+                if self._holder is not None:
+                    self._holder._turn.set()
+
+    def _forget_old(self) -> None:
+        ended = [j for j in self._jobs if j.ended_at is not None]
+        if len(ended) > self.KEEP_ENDED:
+            drop = {id(j) for j in ended[: len(ended) - self.KEEP_ENDED]}
+            self._jobs = [j for j in self._jobs if id(j) not in drop]
+
+    def queued(self) -> list[Job]:
+        with self._lock:
+            return list(self._waiting)
 
     def latest(self, kind: str | None = None) -> Job | None:
         with self._lock:

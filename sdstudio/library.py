@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats.kinds import detect_kind
+from .formats.kinds import ModelInfo, identify
 from .workspace import Workspace
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
@@ -102,11 +102,12 @@ def _describe(p: Path) -> tuple[str, dict, str]:
         return "unknown", {}, ""
     key = (str(p), st.st_mtime_ns, st.st_size)
     if key not in _DETECTED:
-        kind = detect_kind(p)
+        info: ModelInfo = identify(p)
+        kind = info.kind
         meta = _metadata(p) if kind != "unknown" else {}
         if len(_DETECTED) > 4096:
             _DETECTED.clear()
-        _DETECTED[key] = (kind, meta, _family(kind, p, meta) if kind != "unknown" else "")
+        _DETECTED[key] = (kind, meta, (_family(kind, p, meta) or info.family) if kind != "unknown" else "")
     return _DETECTED[key]
 
 
@@ -121,7 +122,7 @@ def _walk(root: Path):
         if p.name.startswith("."):
             continue
         if p.is_dir():
-            if detect_kind(p) != "unknown":
+            if identify(p).kind != "unknown":
                 yield p
             else:
                 yield from _walk(p)

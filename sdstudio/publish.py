@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from .formats.kinds import detect_kind
-from .formats.safe_io import atomic_copy, atomic_dir
+from .formats.safe_io import atomic_copy, atomic_dir, remove_paths, stale_temporaries
 from .workspace import MODEL_DIRS, Workspace
 
 
@@ -29,6 +29,7 @@ def publish(ws: Workspace, paths, *, kind: str | None = None, link: bool = False
         if target.resolve() == p.resolve():
             out.append(target)
             continue
+        remove_paths(stale_temporaries(target.parent, target.name))  # an earlier publish of it was killed
         if p.is_dir():
             with atomic_dir(target) as tmp:
                 shutil.copytree(p, tmp, dirs_exist_ok=True)

@@ -568,7 +568,9 @@ def check_more_steps(ws, run_name: str, extra_steps: int):
     from .train.checkpoint import latest_checkpoint
     from .train.config import load_config
 
-    run_dir = ws.root / "runs" / run_name
+    from .workspace import check_name
+
+    run_dir = ws.resolve(Path("runs") / check_name(run_name, "The run name"))  # a name, never a path
     summary = _read_summary(run_dir)
     if not summary or not (run_dir / "config.toml").is_file():
         raise UserError(f"{run_name!r} is not a finished Quick run: train one first.")

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .fields import finite_float
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from .wizard import CLASSES
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("photos", nargs="*", type=Path, help="5-50 photos: image files, a folder or a zip")
     p.add_argument("--name", default="", help="the trigger word your LoRA learns, e.g. ohwx or mira")
     p.add_argument("--class", dest="class_word", default="", help=f"what the subject is: {', '.join(CLASSES)}")
-    p.add_argument("--memory", type=float, default=None, help="GPU memory in GB: 6, 8, 12 or 24 (default: detected, "
+    p.add_argument("--memory", type=finite_float, default=None, help="GPU memory in GB: 6, 8, 12 or 24 (default: detected, "
                                                               "else 8)")
     p.add_argument("--base", default="", help="base model: tiny, a hub id, a diffusers folder or a .safetensors "
                                               "(default: the Library's choice, else tiny)")

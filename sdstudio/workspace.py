@@ -59,6 +59,7 @@ class Workspace:
     def open(cls, root: Path | str | None = None) -> "Workspace":
         """Open (and create, with its standard subfolders) the workspace at `root`, or the default."""
         root = Path(root) if root is not None else default_home()
+        _check_not_too_wide(root)
         try:
             root.mkdir(parents=True, exist_ok=True)
             for sub in SUBDIRS:
@@ -127,10 +128,50 @@ class Workspace:
     def run_dir(self, name: str) -> Path:
         return self.resolve(Path("runs") / safe_name(name))
 
+    def named_file(self, folder: str, name: str, suffix: str = "") -> Path:
+        """`<workspace>/<folder>/<name><suffix>` for a name the user typed (a recipe, a preset, an upload): the
+        name is made safe and the result confined, so no name can write elsewhere."""
+        return self.resolve(Path(folder) / f"{safe_name(name)}{suffix}")
+
 
 def safe_name(name: str) -> str:
-    """A file or folder name the user typed, made safe: no separators, no leading dots."""
-    cleaned = "".join(c if (c.isalnum() or c in "-_. ") else "_" for c in name.strip()).strip(". ")
+    """A file or folder name the user typed, made safe: no separators, no control characters, no leading dots
+    (so never `.` or `..`), at most 120 characters."""
+    cleaned = "".join(c if (c.isalnum() or c in "-_. ") else "_" for c in str(name).strip()).strip(". ")
     if not cleaned:
         raise UserError(f"{name!r} is not a usable name: use letters, digits, '-' or '_'.")
-    return cleaned[:120]
+    return cleaned[:120].rstrip(". ")
+
+
+def check_name(name: str, what: str = "The name") -> str:
+    """`name` itself when it is one plain file or folder name; otherwise a UserError that says why and offers
+    the safe spelling. For names that end up in file names (a run's output_name): a name must never be a path."""
+    text = str(name).strip()
+    problem = None
+    if not text:
+        problem = "is empty"
+    elif "/" in text or "\\" in text:
+        problem = "contains a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in text):
+        problem = "contains a control character"
+    elif text.startswith("."):
+        problem = "starts with a dot"
+    elif len(text) > 120:
+        problem = "is longer than 120 characters"
+    if problem is None:
+        return text
+    try:
+        hint = f": use {safe_name(text)!r} instead"
+    except UserError:
+        hint = ": use letters, digits, '-' or '_'"
+    raise UserError(f"{what} {text[:60]!r} {problem}, so it cannot name a file{hint}.")
+
+
+def _check_not_too_wide(root: Path) -> None:
+    """The app serves and reads everything inside its workspace, so the workspace must be a folder of its own:
+    never the filesystem root, the home folder, or a folder that holds the home folder."""
+    real = Path(os.path.realpath(Path(root).expanduser()))
+    home = Path(os.path.realpath(Path.home()))
+    if real == Path(real.anchor) or real == home or real in home.parents:
+        raise UserError(f"{root} cannot be the workspace: the app may read every file inside it. Choose a folder "
+                        f"of its own, e.g. --home {home / 'sdstudio-workspace'}.")

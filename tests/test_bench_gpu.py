@@ -145,7 +145,7 @@ def test_a_cuda_out_of_memory_ends_the_job_as_failed_with_advice(dataset, tmp_pa
     step, raised here by a method (no GPU to fill), ends the Job as Failed with one sentence of advice."""
     from sdstudio.events import Failed
     from sdstudio.jobs import JobManager
-    from sdstudio.methods.base import get_method
+    from sdstudio.methods.registry import get_method
     from sdstudio.train.config import load_config
     from sdstudio.train.loop import train
     from train_helpers import fast_sets

@@ -18,8 +18,9 @@ def ed_cfg(tokens="<anna1> <anna2>", **kw):
 
 
 def test_edlora_layerwise_embeddings_and_file_reproduces(tmp_path):
-    from sdstudio.methods.edlora import EDLoRA, apply_edlora, cross_attention_layers, encode_layerwise
-    from sdstudio.playground.regions import generate
+    from sdstudio.concepts.layerwise import cross_attention_layers, encode_layerwise
+    from sdstudio.methods.edlora import EDLoRA, apply_edlora
+    from sdstudio.concepts.regions import generate
 
     c = load_base("tiny")
     m = EDLoRA()
@@ -62,14 +63,15 @@ def test_edlora_layerwise_embeddings_and_file_reproduces(tmp_path):
     assert np.abs(generate(fresh, prompt, **kw) - trained).max() > 1e-4
     with pytest.raises(UserError, match="overlap"):
         other = m.state_dict_to_save(c)
-        from sdstudio.methods.edlora import EDLoRAFile
+        from sdstudio.formats.edlora import EDLoRAFile
         apply_edlora(fresh, EDLoRAFile(tmp_path / "x.safetensors",
                                        {"<anna1>": other[0]["new_concept_embedding.<anna1>"],
                                         "<zed2>": other[0]["new_concept_embedding.<anna2>"]}, {}, {}))
 
 
 def test_edlora_norm_threshold_stops_embeddings_and_bad_input():
-    from sdstudio.methods.edlora import EDLoRA, EDLoRAFile, apply_edlora
+    from sdstudio.formats.edlora import EDLoRAFile
+    from sdstudio.methods.edlora import EDLoRA, apply_edlora
 
     c = load_base("tiny")
     m = EDLoRA()
@@ -117,7 +119,8 @@ def test_edlora_keeps_its_processors_when_attention_is_swapped():
     from diffusers.models.attention_processor import AttnProcessor
     from concepts_util import fake_batch
 
-    from sdstudio.methods.edlora import EDLoRA, LayerwiseAttnProcessor
+    from sdstudio.concepts.layerwise import LayerwiseAttnProcessor
+    from sdstudio.methods.edlora import EDLoRA
 
     c = load_base("tiny")
     m = EDLoRA()

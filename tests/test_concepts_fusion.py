@@ -39,9 +39,10 @@ def two_concepts(tmp_path_factory):
 
 
 def test_fusion_beats_naive_average(two_concepts, tmp_path):
-    from sdstudio.methods.edlora import apply_edlora, read_edlora
+    from sdstudio.formats.edlora import read_edlora
+    from sdstudio.methods.edlora import apply_edlora
     from sdstudio.methods.fusion import FuseConfig, average_into, fuse, load_concept_table, save_fused
-    from sdstudio.playground.regions import generate
+    from sdstudio.concepts.regions import generate
 
     files = [read_edlora(p) for p in two_concepts]
     fused = load_base("tiny")
@@ -88,7 +89,7 @@ def test_fusion_beats_naive_average(two_concepts, tmp_path):
 
 
 def _noise_predictions(c, prompt: str, n: int = 16):
-    from sdstudio.methods.edlora import concept_table, cross_attention_layers, encode_layerwise
+    from sdstudio.concepts.layerwise import concept_table, cross_attention_layers, encode_layerwise
 
     states = encode_layerwise(c, [prompt], concept_table(c), len(cross_attention_layers(c.unet)))
     g = torch.Generator().manual_seed(5)
@@ -104,9 +105,9 @@ def _noise_predictions(c, prompt: str, n: int = 16):
 def test_kv_fusion_records_concept_tokens_and_end_token():
     """Mix-of-Show's get_text_feature('category_embedding') keeps the ids >= EOS of an unpadded prompt: the
     concept tokens and the end token, not the start token or the template words."""
-    from sdstudio.methods.edlora import layer_token_names
+    from sdstudio.concepts.layerwise import layer_token_names
     from sdstudio.methods.fusion import kv_positions
-    from sdstudio.methods.tokens import add_new_tokens
+    from sdstudio.concepts.tokens import add_new_tokens
 
     c = load_base("tiny")
     table = {t: layer_token_names(t, 16) for t in ("<ann1>", "<ann2>", "<bob1>", "<bob2>")}
@@ -119,7 +120,7 @@ def test_kv_fusion_records_concept_tokens_and_end_token():
 
 
 def test_fusion_refuses_overlapping_concepts(two_concepts):
-    from sdstudio.methods.edlora import read_edlora
+    from sdstudio.formats.edlora import read_edlora
     from sdstudio.methods.fusion import FuseConfig, fuse
 
     f = read_edlora(two_concepts[0])
@@ -174,7 +175,7 @@ def test_fusion_panel_runs_a_job(two_concepts, workspace):
 
 def test_fused_folder_as_playground_base(two_concepts, tmp_path):
     """The fused folder is a base the Playground pipeline uses with concept tokens in regions."""
-    from sdstudio.methods.edlora import read_edlora
+    from sdstudio.formats.edlora import read_edlora
     from sdstudio.methods.fusion import FuseConfig, fuse, save_fused
     from sdstudio.playground.pipeline import generate
     from sdstudio.playground.recipe import Recipe, RegionItem

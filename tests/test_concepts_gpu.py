@@ -13,10 +13,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_edlora_and_ti_train_in_half_precision_and_load(tmp_path, precision):
-    from sdstudio.methods.edlora import apply_edlora, read_edlora
+    from sdstudio.formats.edlora import read_edlora
+    from sdstudio.methods.edlora import apply_edlora
     from sdstudio.methods.fusion import FuseConfig, fuse
     from sdstudio.models.loading import load_base
-    from sdstudio.playground.regions import generate
+    from sdstudio.concepts.regions import generate
     from sdstudio.train.config import load_config
     from sdstudio.train.loop import train
 

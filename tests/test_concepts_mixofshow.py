@@ -87,7 +87,7 @@ def _outside_mass(m, c, mask, caption: str) -> torch.Tensor:
     """Share of each concept word's cross-attention that falls outside the mask, averaged over heads, layers and
     the resolutions where the mask has background; one fixed noisy latent and timestep."""
     from sdstudio.methods.attention_reg import RecordContext, RecordingAttnProcessor, feature_grid
-    from sdstudio.methods.edlora import install_processors
+    from sdstudio.concepts.layerwise import install_processors
 
     rec = RecordContext()
     install_processors(c.unet, rec, RecordingAttnProcessor)
@@ -215,7 +215,7 @@ def test_export_to_mixofshow_loads_as_our_file(tmp_path, alpha):
     gives, the layout is `{'params': {new_concept_embedding, text_encoder, unet}}` with Mix-of-Show's names, and
     the .pth imports back to the same weights."""
     from sdstudio.formats.mixofshow import export_mixofshow, import_mixofshow
-    from sdstudio.methods.edlora import read_edlora
+    from sdstudio.formats.edlora import read_edlora
 
     ours = _trained(tmp_path, alpha=0.5)
     pth = export_mixofshow(ours, tmp_path / "edlora_model-latest.pth", alpha=alpha)
@@ -248,7 +248,8 @@ def test_import_a_file_as_mixofshow_writes_it(tmp_path):
     """A .pth built the way Mix-of-Show's EDLoRATrainer.delta_state_dict() lays it out (LoRALinearLayer names,
     fp32, no alpha) loads in our Playground as Mix-of-Show's convert_edlora would load it at alpha 0.6."""
     from sdstudio.formats.mixofshow import import_mixofshow
-    from sdstudio.methods.edlora import apply_edlora, read_edlora
+    from sdstudio.formats.edlora import read_edlora
+    from sdstudio.methods.edlora import apply_edlora
 
     c = load_base("tiny")
     g = torch.Generator().manual_seed(3)
@@ -279,7 +280,7 @@ def test_import_a_file_as_mixofshow_writes_it(tmp_path):
         for path, w in theirs.items():
             torch.testing.assert_close(mine[path], w - model.get_submodule(path).weight, atol=1e-6, rtol=1e-5)
     applied = apply_edlora(c, f)  # and it goes live like any EDLoRA file
-    assert len(applied.hooks) == 136
+    assert len(applied.layers) == 136  # one adapter layer per LoRA module
 
 
 class _NotATensor:

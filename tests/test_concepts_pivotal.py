@@ -25,7 +25,8 @@ def _snap(m, c):
                                           ("lora_then_ti", ["lora", "lora", "ti", "ti"]),
                                           ("joint", ["both"] * 4)])
 def test_pivotal_orders(order, phases, tmp_path):
-    from sdstudio.methods.pivotal import Pivotal, bundled_embeddings
+    from sdstudio.formats.embeddings import bundled_embeddings
+    from sdstudio.methods.pivotal import Pivotal
 
     c = load_base("tiny")
     m = Pivotal()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdstudio.errors import UserError
-from sdstudio.playground.regions import Region, generate, parse_box
+from sdstudio.concepts.regions import Region, generate, parse_box
 
 KW = dict(steps=3, guidance=5.0, seed=11, height=64, width=64, output_type="np")
 
@@ -34,7 +34,7 @@ def test_two_regions_make_an_image_and_full_box_equals_plain(tiny_components):
 def test_region_t2i_weights_scale_adapter_features(tiny_components):
     from diffusers import T2IAdapter
 
-    from sdstudio.playground.regions import region_adapter_weights
+    from sdstudio.concepts.regions import region_adapter_weights
 
     torch.manual_seed(0)
     adapter = T2IAdapter(in_channels=3, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8)
@@ -68,8 +68,8 @@ def test_overlapping_regions_average_and_outside_keeps_global():
     prompts' attention; inside one box it is that box's; outside every box it is the global prompt's."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from sdstudio.methods.edlora import AttnContext
-    from sdstudio.playground.regions import RegionAttnProcessor
+    from sdstudio.concepts.layerwise import AttnContext
+    from sdstudio.concepts.regions import RegionAttnProcessor
 
     torch.manual_seed(0)
     attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)

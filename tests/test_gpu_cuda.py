@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sdstudio.events import Failed, Step
-from sdstudio.methods.base import all_methods, get_method
+from sdstudio.methods.registry import all_methods, get_method
 from sdstudio.train.checkpoint import latest_checkpoint, load_checkpoint
 from sdstudio.train.config import load_config
 from sdstudio.train.loop import train

@@ -52,3 +52,58 @@ def test_no_eval_or_unsafe_torch_load():
                     kw = {k.arg: k.value for k in node.keywords}
                     assert "weights_only" in kw and getattr(kw["weights_only"], "value", None) is True, \
                         f"{p}:{node.lineno} torch.load without weights_only=True"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """{module: the sdstudio modules it imports}, every import counted (also those inside functions)."""
+    mods = {".".join(p.relative_to(ROOT).with_suffix("").parts[:-1] if p.name == "__init__.py"
+                     else p.relative_to(ROOT).with_suffix("").parts): p for p in (ROOT / "sdstudio").rglob("*.py")}
+
+    def known(name: str) -> str:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module or ""
+                names = [f"{base}.{a.name}" for a in node.names] if not node.module else [base]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                target = known(name) if name.startswith("sdstudio") else ""
+                if target and target != mod and not mod.startswith(target + "."):  # a package's own face
+                    graph[mod].add(target)
+    return graph
+
+
+def test_playground_never_imports_methods():
+    """playground/ stacks what methods/ make through formats/ and concepts/, never through methods/."""
+    graph = _module_graph()
+    offenders = {m: sorted(t for t in ts if t.startswith("sdstudio.methods"))
+                 for m, ts in graph.items() if m.startswith("sdstudio.playground")}
+    assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_no_module_imports_in_a_circle():
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(t):] + [m, t]))
+            if t not in state:
+                visit(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

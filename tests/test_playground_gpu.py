@@ -16,7 +16,7 @@ def test_stack_and_controls_on_cuda_in_half_precision(tmp_path, tiny_components,
     from PIL import Image
     from safetensors.torch import save_file
 
-    from sdstudio.playground import stack as stack_mod
+    from sdstudio.playground import files as files_mod
     from sdstudio.playground.recipe import ControlNetItem, LoraItem, Recipe, T2IAdapterItem
     from sdstudio.playground.session import Playground
     from test_playground_stack import kohya_lora
@@ -36,9 +36,9 @@ def test_stack_and_controls_on_cuda_in_half_precision(tmp_path, tiny_components,
     fused = np.asarray(pg.run(r, fuse=True)[0]).astype(np.int16)
     assert pg.comps.unet.dtype == dtype and pg.stack.fused
     assert np.abs(unfused - fused).mean() < 8  # half-precision rounding differs between the two paths
-    reads = stack_mod.FILE_READS["count"]
+    reads = files_mod.FILE_READS["count"]
     pg.stack.apply(r.replace(lora=[LoraItem(r.lora[0].path, 0.3), LoraItem(r.lora[1].path, 0.5)]))
-    assert stack_mod.FILE_READS["count"] == reads
+    assert files_mod.FILE_READS["count"] == reads
     base = np.asarray(pg.run(Recipe(prompt="a (dog:1.2)", steps=4, width=64, height=64, sampler="dpm++2m_karras",
                                     seed=3))[0])
     assert base.shape == (64, 64, 3)

@@ -35,7 +35,7 @@ def controls(pg, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("controls")
     torch.manual_seed(0)
-    cn = ControlNetModel.from_unet(pg.comps.unet if not hasattr(pg.comps.unet, "peft_config") else _clean_unet())
+    cn = ControlNetModel.from_unet(_clean_unet())  # the session's UNet may carry adapter layers by now
     with torch.no_grad():
         for p in cn.controlnet_down_blocks.parameters():
             p.normal_(0, 0.05)
@@ -210,16 +210,16 @@ def test_png_metadata_round_trips(pg, tmp_path):
 def test_grid_over_lora_weight_and_cfg(pg, tmp_path, tiny_components):
     from safetensors.torch import save_file
 
-    from sdstudio.playground import stack as stack_mod
+    from sdstudio.playground import files as files_mod
     from sdstudio.playground.grid import parse_axis, run_grid
     from test_playground_stack import kohya_lora
 
     p = tmp_path / "g.safetensors"
     save_file(kohya_lora(tiny_components, 3), p)
     r = BASE.replace(lora=[LoraItem(str(p), 0.0)])
-    reads = stack_mod.FILE_READS["count"]
+    reads = files_mod.FILE_READS["count"]
     grid, rows = run_grid(pg, r, parse_axis("lora_weight[0]=0,1"), parse_axis("cfg=3,6"))
-    assert stack_mod.FILE_READS["count"] - reads == 1  # the LoRA file once, for four cells
+    assert files_mod.FILE_READS["count"] - reads == 1  # the LoRA file once, for four cells
     assert len(rows) == 2 and len(rows[0]) == 2
     assert grid.size[0] >= 128 and grid.size[1] >= 128
     assert not np.array_equal(np.asarray(rows[0][0]), np.asarray(rows[0][1]))

@@ -10,6 +10,7 @@ import torch
 from sdstudio.errors import UserError
 from sdstudio.formats.kinds import kohya_names_for
 from sdstudio.formats.safe_io import save_safetensors
+from sdstudio.playground import files as files_mod
 from sdstudio.playground import stack as stack_mod
 from sdstudio.playground.recipe import EmbeddingItem, LoraItem, Recipe
 from sdstudio.playground.session import Playground
@@ -55,7 +56,7 @@ def pg():
 @pytest.fixture(scope="module")
 def files(pg, tiny_components, tmp_path_factory):
     d = tmp_path_factory.mktemp("adapters")
-    c = tiny_components  # unwrapped module names (the session's base gets peft wrappers)
+    c = tiny_components  # unwrapped module names (the session's base gets adapter layers)
     out = {
         "a": save_safetensors(kohya_lora(c, 1), d / "a.safetensors"),
         "b": save_safetensors(kohya_lora(c, 2, rank=8, alpha=1.0), d / "b.safetensors"),
@@ -105,7 +106,7 @@ def test_mixed_ranks_apply_alpha_per_module(pg, files):
         r = g["lora_down.weight"].shape[0]
         scale = 0.7 * float(g["alpha"]) / r
         layer = unet.get_submodule(key)
-        base_layer = layer.get_base_layer()
+        base_layer = layer.base_layer
         w = base_layer.weight.detach().clone()
         up, down = g["lora_up.weight"], g["lora_down.weight"]
         with torch.no_grad():
@@ -124,13 +125,13 @@ def test_mixed_ranks_apply_alpha_per_module(pg, files):
     # Fused: the base weight itself becomes W + scale * up @ down.
     key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     layer = unet.get_submodule(key)
-    w0 = layer.get_base_layer().weight.detach().clone()
+    w0 = layer.base_layer.weight.detach().clone()
     pg.stack.apply(with_loras(LoraItem(str(files["mixed"]), 0.7)), fuse=True)
     g = groups["lora_unet_" + key.replace(".", "_")]
     expected = w0 + 0.7 * float(g["alpha"]) / g["lora_down.weight"].shape[0] * g["lora_up.weight"] @ g["lora_down.weight"]
-    torch.testing.assert_close(layer.get_base_layer().weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.base_layer.weight.detach(), expected, rtol=1e-5, atol=1e-6)
     pg.stack.apply(BASE)
-    assert torch.equal(layer.get_base_layer().weight, w0)
+    assert torch.equal(layer.base_layer.weight, w0)
 
 
 def test_unfuse_restores_the_base_exactly(pg, files):
@@ -159,7 +160,7 @@ def test_block_weights_all_one_equal_plain_and_all_zero_equal_base(pg, files):
     conv = pg.comps.unet.get_submodule("down_blocks.0.resnets.0.conv1")
     other = pg.comps.unet.get_submodule("down_blocks.0.resnets.1.conv1")
     name = pg.stack.adapters[files["a"]].name
-    assert name not in conv.active_adapters and name in other.active_adapters
+    assert name not in conv.active and name in other.active
     with pytest.raises(UserError, match="block weights"):
         pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.9, blocks=[1.0] * 5)))
 
@@ -194,7 +195,7 @@ def test_weight_change_reads_no_file(pg, files, tiny_components, monkeypatch):
     name = pg.stack.adapters[c].name
     for w in (0.2, 0.7, 1.3):
         pg.stack.apply(with_loras(LoraItem(str(c), w)))
-        assert unet_layer.scaling[name] == pytest.approx(w)
+        assert unet_layer.scales[name] == pytest.approx(w)
     pg.stack.apply(with_loras(LoraItem(str(c), 0.5, enabled=False)))
     pg.stack.apply(with_loras(LoraItem(str(c), 0.5)))
     pg.stack.apply(BASE)
@@ -246,8 +247,7 @@ def _loha(comps, seed, rank=4, alpha=2.0):
     for name, path in kohya_names_for(comps.unet, "unet").items():
         if "attn" not in path and "resnets" not in path:
             continue
-        w = comps.unet.get_submodule(path).get_base_layer().weight if hasattr(
-            comps.unet.get_submodule(path), "get_base_layer") else comps.unet.get_submodule(path).weight
+        w = comps.unet.get_submodule(path).weight
         out_dim, in_dim = w.shape[0], w[0].numel()
         for k in ("1", "2"):
             sd[f"{name}.hada_w{k}_a"] = torch.randn(out_dim, rank, generator=g) * 0.3
@@ -257,13 +257,13 @@ def _loha(comps, seed, rank=4, alpha=2.0):
 
 
 def _lokr(comps, seed, rank=2, alpha=1.0):
-    from peft.tuners.lokr.layer import factorization
+    from sdstudio.adapters.maths import factorization
 
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for name, path in kohya_names_for(comps.unet, "unet").items():
         mod = comps.unet.get_submodule(path)
-        mod = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+        mod = getattr(mod, "base_layer", mod)
         if not isinstance(mod, torch.nn.Linear) or "attn" not in path:
             continue
         out_l, out_k = factorization(mod.out_features)
@@ -296,14 +296,16 @@ def test_loha_and_lokr_load_and_change_the_output(pg, tiny_components, tmp_path)
     pg.stack.apply(with_loras(LoraItem(str(loha), 0.5)))
     x = torch.randn(2, 32)
     delta = (sd[f"{kname}.hada_w1_a"] @ sd[f"{kname}.hada_w1_b"]) * (sd[f"{kname}.hada_w2_a"] @ sd[f"{kname}.hada_w2_b"])
-    base_w = layer.get_base_layer().weight
+    base_w = layer.base_layer.weight
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ (base_w + 0.5 * 2.0 / 4 * delta).T, rtol=1e-4, atol=1e-5)
     # LoRA + LoHa + LoKr stacked on the same modules, then all off: the base again, exactly.
     assert np.array_equal(img(pg, with_loras(LoraItem(str(loha), 0.0), LoraItem(str(lokr), 0.0))), base)
 
 
-def test_a1111_pt_embedding_loads_only_on_opt_in(pg, tmp_path):
+def test_a1111_pt_embedding_loads_safely_without_opt_in(pg, tmp_path):
+    """Read with torch.load(weights_only=True), as ComfyUI does: no opt-in (tests/reliability proves that a
+    payload in such a file never runs)."""
     import io
 
     vec = torch.randn(2, 32, generator=torch.Generator().manual_seed(4))
@@ -312,9 +314,7 @@ def test_a1111_pt_embedding_loads_only_on_opt_in(pg, tmp_path):
     pt = tmp_path / "mystyle.pt"
     pt.write_bytes(buf.getvalue())
     recipe = BASE.replace(prompt="a photo in <mystyle> style", embedding=[EmbeddingItem(str(pt), "<mystyle>")])
-    with pytest.raises(UserError, match="pickle"):
-        pg.run(recipe)
-    session = Playground(device="cpu", allow_pickle=True)
+    session = Playground(device="cpu")
     without = np.asarray(session.run(recipe.replace(embedding=[]))[0])
     with_emb = np.asarray(session.run(recipe)[0])
     assert not np.array_equal(with_emb, without)
@@ -334,7 +334,7 @@ def test_embedding_formats_round_trip(tmp_path):
     v = torch.randn(3, 32)
     for fmt, name in (("a1111", "e.safetensors"), ("diffusers", "learned_embeds.safetensors"), ("pt", "e.pt")):
         p = save_embedding(tmp_path / name, v, "<tok>", fmt=fmt)
-        e = load_embedding(p, allow_pickle=fmt == "pt")
+        e = load_embedding(p)
         torch.testing.assert_close(e.vectors[0], v)
         assert e.num_vectors == 3
     xl = save_embedding(tmp_path / "xl.safetensors", [torch.randn(2, 768), torch.randn(2, 1280)], "<x>")
@@ -343,7 +343,7 @@ def test_embedding_formats_round_trip(tmp_path):
 
 
 def test_prompt_lora_tags_resolve_against_models_lora(pg, files, tmp_path):
-    from sdstudio.playground.stack import extract_prompt_loras, resolve_prompt_loras
+    from sdstudio.playground.prompt_tags import extract_prompt_loras, resolve_prompt_loras
 
     clean, tags = extract_prompt_loras("a dog, <lora:style:0.6>, sunny <lora:b:0.5:0.2>")
     assert clean == "a dog, sunny" and tags == [("style", 0.6, 0.6), ("b", 0.2, 0.5)]
@@ -364,17 +364,15 @@ def test_several_unfused_loras_run_as_one_mix_that_sums_them(pg, files):
     from safetensors.torch import load_file
 
     pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)))
-    from sdstudio.formats.lora import owner_layer
-
     key = "up_blocks.1.resnets.0.conv2"
-    # Other tests may have wrapped this module in LoHa/LoKr layers too: take the LoRA layer itself.
-    layer = owner_layer(pg.comps.unet.get_submodule(key), pg.stack.adapters[files["a"]].name)
-    assert layer.active_adapters == [stack_mod.MIX]
+    layer = pg.comps.unet.get_submodule(key)
+    names = [pg.stack.adapters[files[n]].name for n in ("a", "b")]
+    assert layer.active == names and layer._mix is not None and layer._mix[0].shape[0] == 4 + 8
     kname = "lora_unet_" + key.replace(".", "_")
-    x = torch.randn(1, layer.get_base_layer().in_channels, 8, 8)
-    pad = layer.get_base_layer().padding
+    x = torch.randn(1, layer.base_layer.in_channels, 8, 8)
+    pad = layer.base_layer.padding
     with torch.no_grad():
-        expected = layer.get_base_layer()(x)
+        expected = layer.base_layer(x)
         for f, w in ((files["a"], 0.6), (files["b"], -0.4)):
             sd = load_file(f)
             down, up, alpha = sd[f"{kname}.lora_down.weight"], sd[f"{kname}.lora_up.weight"], float(sd[f"{kname}.alpha"])
@@ -390,12 +388,12 @@ def test_several_unfused_loras_run_as_one_mix_that_sums_them(pg, files):
 
 def test_set_adapters_by_file_name_equals_applying_the_new_weight(pg, files):
     pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.9), LoraItem(str(files["b"]), 0.3)))
-    reads = stack_mod.FILE_READS["count"]
+    reads = files_mod.FILE_READS["count"]
     pg.stack.set_adapters({"a.safetensors": 0.2})
     from sdstudio.playground.pipeline import generate
 
     via_set = np.asarray(generate(pg.comps, BASE, stack=pg.stack)[0]).astype(np.int16)
-    assert stack_mod.FILE_READS["count"] == reads
+    assert files_mod.FILE_READS["count"] == reads
     assert np.array_equal(via_set, img(pg, with_loras(LoraItem(str(files["a"]), 0.2), LoraItem(str(files["b"]), 0.3))))
 
 
@@ -426,12 +424,19 @@ def test_diffusers_saved_lora_with_rank_and_alpha_patterns_loads_exactly(tmp_pat
             torch.testing.assert_close(target.unet.get_submodule(p)(x), expected[p], rtol=1e-5, atol=1e-5)
 
 
-def test_merged_on_the_fly_forward_equals_peft_branch_and_is_picked_by_cost(pg, files, monkeypatch):
-    """stack.install_merged_forward: with many tokens a layer runs its base op with W + B@A (one addmm per
-    LoRA), with few it runs the low-rank branch; both give peft's own output. Checked on a 3x3 conv (LoCon)
-    and a Linear, with a two-LoRA MIX and with one LoRA."""
-    from sdstudio.formats.lora import owner_layer
+def reference(layer, x):
+    """The layer's output the plain way: its base op on W + each active adapter's delta at its scale."""
+    base = layer.base_layer
+    w = base.weight + sum(layer.delta_weight(n) for n in layer.active)
+    if isinstance(base, torch.nn.Conv2d):
+        return base._conv_forward(x, w, base.bias)
+    return torch.nn.functional.linear(x, w, base.bias)
 
+
+def test_merged_on_the_fly_forward_equals_the_branch_and_is_picked_by_cost(pg, files, monkeypatch):
+    """AdapterLayer.plan: with many tokens a layer runs its base op with W + B@A (one addmm per LoRA), with few
+    it runs the low-rank branch; both give the plain W + delta output. Checked on a 3x3 conv (LoCon) and a
+    Linear, with a two-LoRA mix and with one LoRA."""
     addmm, merges = torch.addmm, []
 
     def counting_addmm(*a, **k):
@@ -442,11 +447,10 @@ def test_merged_on_the_fly_forward_equals_peft_branch_and_is_picked_by_cost(pg, 
     monkeypatch.setattr(pg.stack.merged, "limit_bytes", 0)  # per-call choice only: nothing kept between calls
     for items in ([LoraItem(str(files["a"]), 0.6), LoraItem(str(files["b"]), -0.4)], [LoraItem(str(files["b"]), 0.7)]):
         pg.stack.apply(with_loras(*items))
-        name = pg.stack.adapters[files["b"]].name
         for key in ("up_blocks.1.resnets.0.conv2", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"):
-            layer = owner_layer(pg.comps.unet.get_submodule(key), name)
-            assert layer.__dict__.get("_sds_plan") is not None, key
-            base = layer.get_base_layer()
+            layer = pg.comps.unet.get_submodule(key)
+            assert layer._run is not None, key
+            base = layer.base_layer
             if isinstance(base, torch.nn.Conv2d):
                 big, small = (2, base.in_channels, 32, 32), (1, base.in_channels, 1, 1)
             else:
@@ -457,16 +461,14 @@ def test_merged_on_the_fly_forward_equals_peft_branch_and_is_picked_by_cost(pg, 
                     merges.clear()
                     got = layer(x)
                     assert bool(merges) == merged, (key, shape)
-                    want = type(layer).forward(layer, x)  # peft's own forward
+                    want = reference(layer, x)
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_kept_merged_weights_are_exact_made_once_follow_changes_and_respect_the_budget(pg, files, monkeypatch):
     """Stack.merged keeps W + sum s B@A per layer after its first call under no_grad: later calls merge nothing
-    and still give peft's own output; a weight change, fusing or an in-place write makes a fresh one; layers
+    and still give the plain W + delta output; a weight change, fusing or an in-place write makes a fresh one; layers
     past the byte budget merge per call; an emptied stack holds nothing."""
-    from sdstudio.formats.lora import owner_layer
-
     addmm, merges = torch.addmm, []
 
     def counting_addmm(*a, **k):
@@ -477,13 +479,12 @@ def test_kept_merged_weights_are_exact_made_once_follow_changes_and_respect_the_
     keys = ("up_blocks.1.resnets.0.conv2", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
 
     def layers():
-        name = pg.stack.adapters[files["b"]].name
-        return [owner_layer(pg.comps.unet.get_submodule(k), name) for k in keys]
+        return [pg.comps.unet.get_submodule(k) for k in keys]
 
     def check(*first_call_merges: bool):
         """Call each layer twice; `first_call_merges` says, per layer, whether its first call merges."""
         for layer, expect in zip(layers(), first_call_merges):
-            base = layer.get_base_layer()
+            base = layer.base_layer
             # Few tokens: without keeping, the per-call rule would take the branch (no addmm at all).
             x = torch.randn(1, base.in_channels, 2, 2) if isinstance(base, torch.nn.Conv2d) else torch.randn(1, 2, base.in_features)
             with torch.inference_mode():
@@ -493,7 +494,7 @@ def test_kept_merged_weights_are_exact_made_once_follow_changes_and_respect_the_
                 merges.clear()
                 again = layer(x)
                 assert not merges, "a kept weight is merged once; without one, few tokens take the branch"
-                want = type(layer).forward(layer, x)  # peft's own forward
+                want = reference(layer, x)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
             assert torch.equal(got, again)
 
@@ -502,24 +503,24 @@ def test_kept_merged_weights_are_exact_made_once_follow_changes_and_respect_the_
     pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.55), LoraItem(str(files["b"]), -0.45)))
     check(True, True)
     held = pg.stack.merged.used
-    assert held >= sum(lay.get_base_layer().weight.nbytes for lay in layers())
+    assert held >= sum(lay.base_layer.weight.nbytes for lay in layers())
     check(False, False)  # kept from the first round
 
     pg.stack.set_adapters({str(files["b"]): 0.9})  # a weight change: new merged weights, right values
     check(True, True)
     layer = layers()[1]
     with torch.no_grad():  # an in-place write to the base weight (what fusing does) makes the kept one stale
-        layer.get_base_layer().weight.mul_(1.5)
+        layer.base_layer.weight.mul_(1.5)
     check(False, True)
     with torch.no_grad():
-        layer.get_base_layer().weight.div_(1.5)
+        layer.base_layer.weight.div_(1.5)
 
     with torch.enable_grad():  # with autograd on (training), nothing kept is handed out
-        x = torch.randn(1, 2, layer.get_base_layer().in_features)
-        torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
+        x = torch.randn(1, 2, layer.base_layer.in_features)
+        torch.testing.assert_close(layer(x), reference(layer, x))
 
     # A budget of one layer's weight: the first layer called keeps its weight, the second merges per call.
-    one = layers()[0].get_base_layer().weight.nbytes
+    one = layers()[0].base_layer.weight.nbytes
     monkeypatch.setattr(pg.stack.merged, "limit_bytes", one)
     pg.stack.set_adapters({str(files["b"]): 0.8})
     assert pg.stack.merged.used == 0  # every plan changed, so everything kept went
@@ -530,20 +531,18 @@ def test_kept_merged_weights_are_exact_made_once_follow_changes_and_respect_the_
 
 
 def test_a_mix_of_other_loras_at_the_same_scales_is_written_afresh(pg, files):
-    """Two plain LoRAs on a layer run as one MIX pair. When the set changes but the scales do not, the new MIX's
+    """Two plain LoRAs on a layer run as one mixed pair. When the set changes but the scales do not, the new mix's
     B must still be written (it starts empty): the layer must give W + the sum of its LoRAs' own deltas."""
-    from sdstudio.formats.lora import owner_layer
-
     key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     for second in ("b", "mixed"):
         pg.stack.apply(with_loras(LoraItem(str(files["a"]), 0.45), LoraItem(str(files[second]), 0.45)))
         names = [pg.stack.adapters[files[n]].name for n in ("a", second)]
-        layer = owner_layer(pg.comps.unet.get_submodule(key), names[0])
-        base = layer.get_base_layer()
+        layer = pg.comps.unet.get_submodule(key)
+        base = layer.base_layer
         x = torch.randn(1, 3, base.in_features)
         with torch.inference_mode():
             got = layer(x)
-            want = torch.nn.functional.linear(x, base.weight + sum(layer.get_delta_weight(n) for n in names), base.bias)
+            want = torch.nn.functional.linear(x, base.weight + sum(layer.delta_weight(n) for n in names), base.bias)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

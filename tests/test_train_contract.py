@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sdstudio.events import Preview, Status, Step
-from sdstudio.methods.base import all_methods, hook
+from sdstudio.methods.base import hook
+from sdstudio.methods.registry import all_methods
 from sdstudio.train.config import load_config
 from sdstudio.train.loop import train
 from train_helpers import fast_sets, make_kohya_dataset

@@ -163,7 +163,8 @@ def _shapes_dataset(root: Path, n: int = 8) -> Path:
 def test_learns_a_synthetic_task_while_the_base_unet_stays_bit_identical(tmp_path, name, steps, lr, drop):
     from sdstudio.data.dataset import TrainDataset
     from sdstudio.data.folder import read_dataset
-    from sdstudio.methods.base import RunInfo, get_method
+    from sdstudio.methods.base import RunInfo
+    from sdstudio.methods.registry import get_method
     from sdstudio.models.loading import load_base
     from sdstudio.train.loop import _make_accelerator, _make_batch, _seed_for, run_loop
     from sdstudio.train.noise import cubic_timesteps, denoising_loss

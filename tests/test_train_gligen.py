@@ -102,7 +102,8 @@ def _train_own(tmp_path, base, sets=(), steps=3):
     """Train on components we hold, so their every tensor can be compared before and after."""
     from sdstudio.data.dataset import TrainDataset
     from sdstudio.data.folder import read_dataset
-    from sdstudio.methods.base import RunInfo, get_method
+    from sdstudio.methods.base import RunInfo
+    from sdstudio.methods.registry import get_method
     from sdstudio.models.loading import load_base
     from sdstudio.train.loop import _make_accelerator, run_loop
 
@@ -136,7 +137,8 @@ def test_new_layers_start_exactly_at_the_base(tmp_path):
     """Closed gates (the paper's start): the loss with the new layers equals the plain base's, bit for bit."""
     from sdstudio.data.dataset import TrainDataset
     from sdstudio.data.folder import read_dataset
-    from sdstudio.methods.base import RunInfo, get_method
+    from sdstudio.methods.base import RunInfo
+    from sdstudio.methods.registry import get_method
     from sdstudio.models.loading import load_base
     from sdstudio.train.loop import _make_batch, _seed_for
     from sdstudio.train.noise import denoising_loss

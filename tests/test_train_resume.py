@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 
 from sdstudio.errors import UserError
-from sdstudio.events import Step
-from sdstudio.jobs import Commands, Stopped
 from sdstudio.train.config import load_config
 from sdstudio.train.loop import train
-from train_helpers import fast_sets, make_kohya_dataset
+from train_helpers import fast_sets, make_kohya_dataset, train_until_stopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,14 +33,7 @@ def test_stop_and_resume_repeats_the_uninterrupted_run(tmp_path):
     train(straight, lambda e: None)
 
     resumed = load_config(None, fast_sets(ds, tmp_path / "b", **opts))
-    commands = Commands()
-
-    def stop_at_3(ev):
-        if isinstance(ev, Step) and ev.step == 3:
-            commands.stop()
-
-    with pytest.raises(Stopped):
-        train(resumed, stop_at_3, commands)
+    train_until_stopped(resumed, 3)
     assert (tmp_path / "b" / "checkpoints" / "step-3" / "state.json").is_file()
     train(resumed, lambda e: None, resume=True)
 

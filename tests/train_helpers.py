@@ -79,3 +79,23 @@ def fast_sets(dataset: Path, out: Path, **extra) -> list[str]:
                   sample_prompts='["a photo of sks person"]')
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_until_stopped(cfg, step: int, emit=None) -> None:
+    """Train `cfg` and press Stop once step `step` is done, as a user would (a checkpoint is kept)."""
+    import pytest
+
+    from sdstudio.events import Step
+    from sdstudio.jobs import Commands, Stopped
+    from sdstudio.train.loop import train
+
+    commands = Commands()
+
+    def on_event(ev):
+        if emit is not None:
+            emit(ev)
+        if isinstance(ev, Step) and ev.step == step:
+            commands.stop()
+
+    with pytest.raises(Stopped):
+        train(cfg, on_event, commands)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..fields import finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--background", default="255,255,255", help="R,G,B for removed backgrounds and alpha")
     p.add_argument("--min-side", type=int, default=64, help="skip images with a shorter side than this")
     p.add_argument("--skip-near-duplicates", action="store_true", help="drop near duplicates instead of warning")
-    p.add_argument("--general-threshold", type=float, default=0.35, help="WD14: general tag threshold")
-    p.add_argument("--character-threshold", type=float, default=0.85, help="WD14: character tag threshold")
+    p.add_argument("--general-threshold", type=finite_float, default=0.35, help="WD14: general tag threshold")
+    p.add_argument("--character-threshold", type=finite_float, default=0.85, help="WD14: character tag threshold")
     p.add_argument("--exclude-tags", default="", help="WD14: comma-separated tags never written")
     p.add_argument("--keep-underscores", action="store_true", help="WD14: keep long_hair instead of long hair")
     p.add_argument("--condition", default="", metavar="DETECTOR",
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--prompt", default="", help="default: 'photo of a <class>'")
     r.add_argument("--negative", default="", help="negative prompt")
     r.add_argument("--steps", type=int, default=25, help="sampling steps")
-    r.add_argument("--guidance", type=float, default=7.0, help="CFG scale")
+    r.add_argument("--guidance", type=finite_float, default=7.0, help="CFG scale")
     r.add_argument("--size", type=int, default=0, help="image side (default: the model's resolution)")
     r.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     r.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")

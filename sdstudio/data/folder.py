@@ -34,8 +34,13 @@ class Concept:
 
 
 def concept_dir_name(repeats: int, token: str, class_word: str = "") -> str:
-    """The kohya folder name: `10_sks dog`."""
-    return f"{int(repeats)}_{' '.join(x for x in (token.strip(), class_word.strip()) if x)}"
+    """The kohya folder name: `10_sks dog`. The words become a folder name, so a word that is a path
+    (`../x`, `a/b`) is refused rather than written somewhere else."""
+    words = " ".join(x for x in (token.strip(), class_word.strip()) if x)
+    if re.search(r"[/\\\x00-\x1f\x7f]", words):
+        raise UserError(f"The trigger or class word {words[:60]!r} contains a slash or a control character: use "
+                        f"plain words (e.g. 'sks dog').")
+    return f"{int(repeats)}_{words}"
 
 
 def parse_concept_dir(name: str) -> tuple[int, str, str] | None:

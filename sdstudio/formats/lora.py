@@ -1,117 +1,138 @@
-"""LoRA files: peft/diffusers <-> kohya (lora_unet_*, lora_te_*, .alpha) <-> LyCORIS (hada_*, lokr_*).
+"""LoRA and LyCORIS files <-> the adapter runtime (sdstudio/adapters).
 
-Module names come from formats/kinds.py (kohya_unet_name, kohya_te_name, kohya_names_for, group_kohya).
+Writing: the adapters on a model's layers -> kohya / LyCORIS keys (`lora_unet_*`, `lora_te_*`, each module's
+tensors under the names LyCORIS writes, with `.alpha`), or diffusers / peft keys (`unet.<path>.lora_A.weight`)
+for plain LoRAs.
+
+Reading: any LoRA, LoCon, LoHa, LoKr or DoRA file, named the kohya, LyCORIS, diffusers or peft way, -> one
+runtime adapter per module, each keeping its own alpha/rank (diffusers applies one scale per file and
+mis-scales files whose modules differ in rank or alpha). Module names come from formats/kinds.py.
 """
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..errors import UserError
 
 # ======================================================================================================
-# Writing (owned by the training-engine issue): trained adapters -> kohya / diffusers files.
+# Writing: trained adapters -> kohya / LyCORIS / diffusers files.
 # ======================================================================================================
 
 # Kohya is the default because A1111, ComfyUI, Forge and diffusers all load it. Each module keeps its own
 # `.alpha` (the scale is alpha/rank per module): without it the output drifts when alpha != rank.
 
-def peft_to_kohya(model, kind: str, index: int = 0, xl: bool = False, adapter: str = "default",
-                  dtype=None) -> dict:
-    """{kohya key: tensor} for every peft LoRA layer in `model` (kind "unet" or "te")."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
+def kohya_tensors(adapters: dict, kind: str, index: int = 0, xl: bool = False, dtype=None) -> dict:
+    """{kohya key: tensor} for runtime adapters ({module path: adapter}) of a model of `kind` ("unet" or "te"):
+    LoRA/LoCon as lora_down/lora_up(/lora_mid).weight, LoHa as hada_*, LoKr as lokr_*, DoRA's dora_scale, and
+    each module's .alpha."""
     from .kinds import kohya_te_name, kohya_unet_name
 
     out = {}
-    for path, mod in model.named_modules():
-        if not isinstance(mod, LoraLayer) or adapter not in mod.lora_A:
-            continue
-        if getattr(mod, "use_dora", {}).get(adapter):
-            raise ValueError("DoRA layers have no kohya form; save in the diffusers format")
+    for path, a in adapters.items():
         name = kohya_unet_name(path) if kind == "unet" else kohya_te_name(path, index, xl)
-        down, up = mod.lora_A[adapter].weight.detach(), mod.lora_B[adapter].weight.detach()
-        # peft's scale is lora_alpha / r (rsLoRA: / sqrt(r)); kohya's is alpha / rank: store the alpha that
-        # gives the same scale, so every loader computes what training computed.
-        scale = float(mod.scaling[adapter])
-        alpha = scale * down.shape[0]
-        out[f"{name}.lora_down.weight"] = down if dtype is None else down.to(dtype)
-        out[f"{name}.lora_up.weight"] = up if dtype is None else up.to(dtype)
-        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        for key, value in a.state().items():
+            value = value.detach().cpu()
+            if key == "alpha":
+                out[f"{name}.alpha"] = value.float()
+            else:
+                out[f"{name}.{key}"] = value if dtype is None else value.to(dtype)
     return out
 
 
-def save_kohya_lora(path, unet, text_encoders=(), metadata: dict | None = None, dtype=None, xl: bool = False):
-    """Write a kohya-format LoRA (lora_unet_* / lora_te_*) atomically; returns the path."""
+def kohya_state_dict(model, kind: str, index: int = 0, xl: bool = False, adapter: str = "default",
+                     dtype=None) -> dict:
+    """`kohya_tensors` for adapter `adapter` on every layer of `model`."""
+    from ..adapters import adapters_named
+
+    return kohya_tensors(adapters_named(model, adapter), kind, index, xl, dtype)
+
+
+def save_kohya_lora(path, unet, text_encoders=(), metadata: dict | None = None, dtype=None, xl: bool = False,
+                    adapter: str = "default"):
+    """Write a kohya / LyCORIS file (lora_unet_* / lora_te_*) atomically; returns the path."""
     from .safe_io import save_safetensors
 
-    sd = peft_to_kohya(unet, "unet", dtype=dtype)
+    sd = kohya_state_dict(unet, "unet", adapter=adapter, dtype=dtype)
     for i, te in enumerate(text_encoders):
-        sd.update(peft_to_kohya(te, "te", index=i, xl=xl, dtype=dtype))
+        sd.update(kohya_state_dict(te, "te", index=i, xl=xl, adapter=adapter, dtype=dtype))
     if not sd:
-        raise ValueError("no LoRA layers to save")
+        raise ValueError("no adapter layers to save")
     return save_safetensors(sd, path, metadata)
 
 
-def save_diffusers_lora(path, unet, text_encoders=(), metadata: dict | None = None, dtype=None):
-    """Write a diffusers/peft-format LoRA ("unet.*.lora_A.weight", with the LoraConfig as
-    `lora_adapter_metadata` so rank and alpha survive) atomically; returns the path."""
-    import json
+def save_diffusers_lora(path, unet, text_encoders=(), metadata: dict | None = None, dtype=None,
+                        adapter: str = "default"):
+    """Write a diffusers/peft-format LoRA ("unet.<path>.lora_A.weight"), with a peft LoraConfig per model as
+    `lora_adapter_metadata` so each module's rank and alpha survive; returns the path. Plain LoRAs only."""
     from pathlib import Path
 
-    from peft.utils import get_peft_model_state_dict
+    from peft import LoraConfig
 
+    from ..adapters import LoRA, adapters_named
     from .safe_io import save_safetensors
-
-    def cfg_dict(model):
-        d = model.peft_config["default"].to_dict()
-        return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
     sd, adapter_meta = {}, {}
     for prefix, model in [("unet", unet)] + [("text_encoder" if i == 0 else f"text_encoder_{i + 1}", te)
                                              for i, te in enumerate(text_encoders)]:
-        layers = get_peft_model_state_dict(model)
-        sd.update({f"{prefix}.{k}": (v if dtype is None else v.to(dtype)) for k, v in layers.items()})
-        adapter_meta.update({f"{prefix}.{k}": v for k, v in cfg_dict(model).items()})
+        found = adapters_named(model, adapter)
+        if not found:
+            continue
+        if not all(isinstance(a, LoRA) and a.plain for a in found.values()):
+            raise ValueError("only plain LoRAs have a diffusers form; save LyCORIS/DoRA adapters in kohya format")
+        for p, a in found.items():
+            for key, value in (("lora_A", a.lora_down), ("lora_B", a.lora_up)):
+                value = value.detach().cpu()
+                sd[f"{prefix}.{p}.{key}.weight"] = value if dtype is None else value.to(dtype)
+        first = next(iter(found.values()))
+        cfg = LoraConfig(r=first.rank, lora_alpha=first.alpha, target_modules=sorted(found),
+                         rank_pattern={re.escape(p): a.rank for p, a in found.items() if a.rank != first.rank},
+                         alpha_pattern={re.escape(p): a.alpha for p, a in found.items() if a.alpha != first.alpha})
+        d = cfg.to_dict()
+        adapter_meta.update({f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in d.items()})
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True, default=str)}
     meta.update(metadata or {})
     return save_safetensors(sd, Path(path), meta)
 
 
-
 # ======================================================================================================
-# Reading (owned by the Playground issue): kohya / diffusers / peft / LyCORIS files -> modules, with each
-# module's alpha/rank applied per module (diffusers mis-scales files whose modules differ in rank or alpha).
+# Reading: kohya / LyCORIS / diffusers / peft files -> runtime adapters, one per module.
 # ======================================================================================================
 
-import json as _json
-import re as _re
-from dataclasses import dataclass as _dataclass
-from dataclasses import field as _field
+# The tensor each key suffix holds, by the runtime's names (longest suffixes are tried first).
+SUFFIXES = {
+    ".lora_down.weight": "lora_down", ".lora_up.weight": "lora_up", ".lora_mid.weight": "lora_mid",  # kohya
+    ".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up",  # peft / new diffusers
+    ".lora.down.weight": "lora_down", ".lora.up.weight": "lora_up",  # old diffusers attention processors
+    ".lora_linear_layer.down.weight": "lora_down", ".lora_linear_layer.up.weight": "lora_up",
+    ".alpha": "alpha", ".dora_scale": "dora_scale",  # kohya / LyCORIS
+    ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",  # peft DoRA
+    **{f".{k}": k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1",
+                            "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+}
+_BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
+# LyCORIS algorithms the runtime has no maths for: say so rather than load a file half.
+UNSUPPORTED = {".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_R": "BOFT", ".a1.weight": "GLoRA",
+               ".a2.weight": "GLoRA", ".diff": "a full-weight difference", ".diff_b": "a full-weight difference",
+               ".w_norm": "a norm layer", ".b_norm": "a norm layer", ".on_input": "IA3"}
 
-from ..errors import UserError as _UserError
 
-
-@_dataclass
-class ModuleDelta:
-    """One module's adapter tensors, named as peft names its parameters, with alpha/rank already folded in."""
-
-    kind: str  # "lora" | "loha" | "lokr"
-    tensors: dict  # lora: lora_A, lora_B; loha: hada_w1_a...; lokr: lokr_w1 / lokr_w1_a ..., lokr_w2 ...
-    rank: int
-
-
-@_dataclass
+@dataclass
 class AdapterWeights:
-    """A whole adapter file, ready to inject: {model key: {module path: ModuleDelta}}.
+    """A whole adapter file, ready to attach: {model key: {module path: runtime Adapter}}.
 
     Model keys are "unet", "te0" (the first text encoder) and "te1" (SDXL's second)."""
 
-    targets: dict = _field(default_factory=dict)
+    targets: dict = field(default_factory=dict)
 
-    def add(self, model: str, path: str, delta: ModuleDelta) -> None:
-        self.targets.setdefault(model, {})[path] = delta
+    def add(self, model: str, path: str, adapter) -> None:
+        self.targets.setdefault(model, {})[path] = adapter
 
     @property
-    def kinds(self) -> set[str]:
-        return {d.kind for mods in self.targets.values() for d in mods.values()}
+    def algorithms(self) -> set[str]:
+        return {a.algorithm + ("+dora" if a.dora_scale is not None else "")
+                for mods in self.targets.values() for a in mods.values()}
 
     def count(self) -> int:
         return sum(len(m) for m in self.targets.values())
@@ -120,7 +141,7 @@ class AdapterWeights:
 def model_table(models: dict) -> dict[str, tuple[str, str]]:
     """{kohya module name: (model key, module path)} for every Linear/Conv2d of the base.
 
-    Modules already wrapped by peft (`x.base_layer`) count as `x`; the adapters' own layers are skipped."""
+    Layers already wrapped by the runtime (`x.base_layer`) count as `x`."""
     import torch
 
     from .kinds import kohya_te_name, kohya_unet_name
@@ -131,8 +152,6 @@ def model_table(models: dict) -> dict[str, tuple[str, str]]:
         for path, mod in model.named_modules():
             if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
-            if _re.search(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)(\.|$)", path):
-                continue
             clean = path.replace(".base_layer", "")
             if key == "unet":
                 table[kohya_unet_name(clean)] = ("unet", clean)
@@ -141,7 +160,7 @@ def model_table(models: dict) -> dict[str, tuple[str, str]]:
     return table
 
 
-def _family_hint(sd_keys, model_keys) -> str:
+def _family_hint(sd_keys) -> str:
     keys = list(sd_keys)
     if any(k.startswith(("lora_te2_", "lora_te1_")) or "input_blocks" in k or "text_encoder_2." in k for k in keys):
         return "SDXL"
@@ -159,48 +178,20 @@ def _guess_from_shape(shape_file, shape_model) -> str:
     return "another model family"
 
 
-def mismatch(path_name: str, what: str, family_label: str, hint: str) -> _UserError:
-    return _UserError(f"{path_name} does not fit this {family_label} base ({what}); it looks made for {hint}: "
-                      f"pick a matching base model or another file.")
+def mismatch(path_name: str, what: str, family_label: str, hint: str) -> UserError:
+    return UserError(f"{path_name} does not fit this {family_label} base ({what}); it looks made for {hint}: "
+                     f"pick a matching base model or another file.")
 
 
-def _rank_of(down) -> int:
-    return int(down.shape[0])
-
-
-def _fold_lora(down, up, alpha, mid=None) -> ModuleDelta:
-    """kohya lora_down/lora_up(/lora_mid)/alpha -> peft lora_A/lora_B with the scale alpha/rank folded into B.
-
-    Folding per module is what keeps files with mixed ranks or alphas right: diffusers applies one scale per
-    file and mis-scales the others."""
-    import torch
-
-    rank = _rank_of(down)
-    scale = 1.0 if alpha is None else float(alpha) / rank
-    down = down.float()
-    if mid is not None:
-        # Tucker LoCon: down (1x1), mid (kxk, r x r), up (1x1). A 1x1 conv followed by a kxk conv is one kxk conv.
-        down = torch.einsum("ojhw,ji->oihw", mid.float(), down.flatten(1))
-    return ModuleDelta("lora", {"lora_A": down, "lora_B": up.float() * scale}, rank)
-
-
-# Suffixes of the LoRA tensor pairs we read: (down, up) in each naming scheme.
-_PAIR_STYLES = (
-    (".lora_down.weight", ".lora_up.weight"),  # kohya / diffusers-converted kohya
-    (".lora_A.weight", ".lora_B.weight"),  # peft / new diffusers
-    (".lora.down.weight", ".lora.up.weight"),  # old diffusers attn processors
-    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-)
-
-
-def _diffusers_peft_alpha(metadata: dict) -> dict:
-    """diffusers >= 0.34 stores each model's LoraConfig in the header: {"unet": {...}, "text_encoder": {...}}."""
+def _peft_configs(metadata: dict) -> dict:
+    """diffusers >= 0.34 (and our writer) keep each model's peft config in the header:
+    {"unet": {"r": ..., "lora_alpha": ...}, "text_encoder": {...}}."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return {}
     try:
-        flat = _json.loads(raw)
-    except _json.JSONDecodeError:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
         return {}
     out: dict = {}
     for key, value in flat.items():
@@ -211,7 +202,7 @@ def _diffusers_peft_alpha(metadata: dict) -> dict:
 
 def _pattern_value(cfg: dict, name: str, path: str, default):
     for pat, value in (cfg.get(name) or {}).items():
-        if _re.match(rf"(.*\.)?({pat})$", path):
+        if re.match(rf"(.*\.)?({pat})$", path):
             return value
     return default
 
@@ -227,9 +218,7 @@ def sgm_to_diffusers_names(sd: dict, unet) -> dict:
 
     table = {}
     for path in kohya_names_for(unet, "unet").values():
-        if ".lora_" in path:  # the adapters' own layers, where a stack has already wrapped this UNet
-            continue
-        path = path.replace(".base_layer", "")  # a wrapped module answers to its plain path
+        path = path.replace(".base_layer", "")  # a wrapped layer answers to its plain path
         diffusers_name = kohya_unet_name(path)
         try:
             ldm_key = next(iter(unet_to_ldm({f"{path}.weight": None}, unet.config)))
@@ -243,37 +232,48 @@ def sgm_to_diffusers_names(sd: dict, unet) -> dict:
     return out
 
 
-def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name: str = "the file",
-              family_label: str = "base") -> AdapterWeights:
-    """Any LoRA/LoCon file (kohya, diffusers or peft keys) -> AdapterWeights for `models`.
+def group_modules(sd: dict) -> tuple[dict[str, dict], list[str]]:
+    """({module name: {tensor role: tensor}}, keys no role fits). Module names are the keys' prefixes: kohya
+    names or dotted diffusers/peft paths."""
+    groups: dict[str, dict] = {}
+    stray = []
+    for key, value in sd.items():
+        for suffix in _BY_LENGTH:
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[SUFFIXES[suffix]] = value
+                break
+        else:
+            stray.append(key)
+    return groups, stray
 
-    Every module must exist in the base with matching shapes, else one UserError naming the likely family."""
-    out = AdapterWeights()
+
+def read_adapters(sd: dict, models: dict, *, metadata: dict | None = None, file_name: str = "the file",
+                  family_label: str = "base") -> AdapterWeights:
+    """Any LoRA / LoCon / LoHa / LoKr / DoRA file (kohya, LyCORIS, diffusers or peft keys) -> AdapterWeights for
+    `models`. Every module must exist in the base with a matching size, else one UserError naming the likely
+    family; a LyCORIS algorithm the runtime cannot apply is one UserError too."""
+    from . import lycoris
+
+    for key in sd:
+        for suffix, what in UNSUPPORTED.items():
+            if key.endswith(suffix):
+                raise UserError(f"{file_name} uses {what} ({key.rsplit('.', 1)[-1]} tensors), a LyCORIS algorithm the "
+                                f"Playground cannot apply yet: use a LoRA, LoCon, LoHa, LoKr or DoRA file.")
     if "te1" in models and any(k.startswith("lora_unet_") and ("input_blocks" in k or "output_blocks" in k or
                                                                "middle_block" in k) for k in sd):
         # On a two-encoder (SDXL) base only: elsewhere LDM names mean an SDXL file, and the error says so.
         sd = sgm_to_diffusers_names(sd, models["unet"])
     table = model_table(models)
-    te_paths = {}
-    for mk, p in table.values():
-        if mk != "unet":
-            te_paths[p] = mk
-    peft_cfg = _diffusers_peft_alpha(metadata or {})
+    te_paths = {p: mk for mk, p in table.values() if mk != "unet"}
+    peft_cfg = _peft_configs(metadata or {})
+    groups, _stray = group_modules(sd)
 
-    groups: dict[str, dict] = {}
-    for key, value in sd.items():
-        for down_s, up_s in _PAIR_STYLES:
-            for role, suffix in (("down", down_s), ("up", up_s)):
-                if key.endswith(suffix):
-                    groups.setdefault(key[: -len(suffix)], {})[role] = value
-        if key.endswith(".alpha"):
-            groups.setdefault(key[: -len(".alpha")], {})["alpha"] = value
-        elif key.endswith(".lora_mid.weight"):
-            groups.setdefault(key[: -len(".lora_mid.weight")], {})["mid"] = value
+    out = AdapterWeights()
     unknown = []
     for name, g in groups.items():
-        if "down" not in g or "up" not in g:
-            if set(g) != {"alpha"}:
+        algorithm = lycoris.algorithm_of(g)
+        if algorithm is None:
+            if set(g) - {"alpha"}:  # an alpha on its own belongs to nothing: ignore it, as kohya's loaders do
                 unknown.append(name)
             continue
         where = _locate(name, table, models, te_paths)
@@ -281,33 +281,40 @@ def read_lora(sd: dict, models: dict, *, metadata: dict | None = None, file_name
             unknown.append(name)
             continue
         mk, path = where
-        alpha = g.get("alpha")
-        if alpha is None and peft_cfg:
-            cfg = peft_cfg.get("unet" if mk == "unet" else ("text_encoder" if mk == "te0" else "text_encoder_2"), {})
-            if cfg:
-                r = _pattern_value(cfg, "rank_pattern", path, cfg.get("r", _rank_of(g["down"])))
-                a = _pattern_value(cfg, "alpha_pattern", path, cfg.get("lora_alpha", r))
+        module = models[mk].get_submodule(path)
+        shape = base_weight_shape(module)
+        alpha = float(g["alpha"]) if "alpha" in g else None
+        rank = None
+        cfg = peft_cfg.get({"unet": "unet", "te0": "text_encoder", "te1": "text_encoder_2"}[mk], {})
+        if alpha is None and cfg:  # peft keys: the config in the header says r and alpha, per module
+            r = _pattern_value(cfg, "rank_pattern", path, cfg.get("r"))
+            a = _pattern_value(cfg, "alpha_pattern", path, cfg.get("lora_alpha", cfg.get("alpha", r)))
+            if r and a is not None:
                 scale = float(a) / (float(r) ** 0.5 if cfg.get("use_rslora") else float(r))
-                alpha = scale * _rank_of(g["down"])
-        delta = _fold_lora(g["down"], g["up"], None if alpha is None else float(alpha), g.get("mid"))
-        _match_conv_linear(delta, models[mk].get_submodule(path))
-        _check_shape(delta, models[mk].get_submodule(path), f"{file_name}", path, family_label)
-        out.add(mk, path, delta)
+                rank, alpha = int(r), scale * int(r)
+        if algorithm == "lora":
+            _check_lora_shape(g, shape, file_name, path, family_label)
+        elif not lycoris.fits(algorithm, g, shape):
+            raise mismatch(file_name, f"module {path} has a different size", family_label, "another model family")
+        adapter = lycoris.build(algorithm, g, shape, alpha)
+        if rank is not None and algorithm != "lora":  # peft scales LoHa/LoKr by alpha / r whatever the layout
+            adapter.rank, adapter.alpha = rank, alpha
+        out.add(mk, path, adapter)
     if unknown:
         raise mismatch(file_name, f"{len(unknown)} of its modules, e.g. {unknown[0]}, are not in this model",
-                       family_label, _family_hint(sd.keys(), None))
+                       family_label, _family_hint(sd.keys()))
     if not out.count():
-        raise _UserError(f"{file_name} has no LoRA tensors this app can read: is it a LoRA file?")
+        raise UserError(f"{file_name} has no LoRA or LyCORIS tensors this app can read: is it a LoRA file?")
     return out
 
 
 def _locate(name: str, table: dict, models: dict, te_paths: dict):
     """A module's (model key, path) from a kohya name or a dotted diffusers/peft prefix."""
+    import torch
+
     if name in table:
         return table[name]
-    dotted = name
-    for prefix in ("base_model.model.",):
-        dotted = dotted.removeprefix(prefix)
+    dotted = name.removeprefix("base_model.model.")
     model_key = None
     for pfx, mk in (("unet.", "unet"), ("text_encoder_2.", "te1"), ("text_encoder.", "te0")):
         if dotted.startswith(pfx):
@@ -327,8 +334,6 @@ def _locate(name: str, table: dict, models: dict, te_paths: dict):
             mod = model.get_submodule(cand)
         except AttributeError:
             continue
-        import torch
-
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or hasattr(mod, "base_layer"):
             return model_key, cand
     return None
@@ -340,99 +345,36 @@ def base_weight_shape(module) -> tuple:
     return tuple(module.weight.shape)
 
 
-def _check_shape(delta: ModuleDelta, module, file_name: str, path: str, family_label: str) -> None:
-    shape = base_weight_shape(module)
-    if delta.kind != "lora":
-        return
-    a, b = delta.tensors["lora_A"], delta.tensors["lora_B"]
+def _check_lora_shape(g: dict, shape: tuple, file_name: str, path: str, family_label: str) -> None:
+    down, up = g["lora_down"], g["lora_up"]
     out_dim, in_dim = shape[0], shape[1]
-    ok = b.shape[0] == out_dim and a.shape[1] == in_dim and a.ndim == len(shape)
-    if a.ndim == 4 and ok:
-        ok = b.shape[2:] == (1, 1)
-        if tuple(a.shape[2:]) != tuple(shape[2:]):
-            ok = False
+    ok = up.shape[0] == out_dim and down.shape[1] == in_dim and up.shape[1] == down.shape[0]
+    if ok and len(shape) == 4 and shape[2:] != (1, 1):  # a kxk conv: the kernel is in down (or a Tucker mid)
+        kernel = g["lora_mid"].shape[2:] if "lora_mid" in g else down.shape[2:]
+        ok = tuple(kernel) == tuple(shape[2:]) and up.shape[2:] == (1, 1)
     if not ok:
-        raise mismatch(file_name, f"module {path}: file {tuple(b.shape[:1]) + tuple(a.shape[1:])}, model {shape}",
-                       family_label, _guess_from_shape((b.shape[0], a.shape[1]), shape))
+        raise mismatch(file_name, f"module {path}: file {tuple(up.shape[:1]) + tuple(down.shape[1:])}, model {shape}",
+                       family_label, _guess_from_shape((up.shape[0], down.shape[1]), shape))
 
 
-def _match_conv_linear(delta: ModuleDelta, module) -> None:
-    """SD1's proj_in/proj_out are 1x1 convs, SD2's are Linear: files made on one load on the other."""
-    shape = base_weight_shape(module)
-    a, b = delta.tensors["lora_A"], delta.tensors["lora_B"]
-    if len(shape) == 2 and a.ndim == 4 and a.shape[2:] == (1, 1):
-        delta.tensors.update(lora_A=a.flatten(1), lora_B=b.flatten(1))
-    elif len(shape) == 4 and shape[2:] == (1, 1) and a.ndim == 2:
-        delta.tensors.update(lora_A=a[:, :, None, None], lora_B=b[:, :, None, None])
+def load_into(models: dict, path, *, scale: float = 1.0, name: str = "file", allow_pickle: bool = False
+              ) -> AdapterWeights:
+    """Read an adapter file and put it on `models` ({"unet": ..., "te0": ...}) at `scale`, through the adapter
+    runtime: how a method's `load_output` shows its file in a plain diffusers pipeline, and how tests load one
+    without the Playground."""
+    from pathlib import Path
 
+    from ..adapters import add_adapter
+    from .embeddings import without_bundle
+    from .safe_io import load_state_dict, read_safetensors_metadata
 
-def inject(model, adapter_name: str, deltas: dict) -> list:
-    """Add `deltas` ({module path: ModuleDelta}) to `model` as peft adapter `adapter_name`; returns
-    [(module path, peft layer)] for the layers that hold it. Scales are folded into the tensors, so each layer's scaling is set to 1 (the stack
-    sets it to the item's weight later).
-
-    The tensors are copied straight into each layer's parameters rather than through
-    set_peft_model_state_dict: once two adapter types wrap one module (a LoRA inside a LoHa), peft's state-dict
-    keys grow `base_layer.` segments that depend on the load order."""
-    import warnings
-
-    import torch
-    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
-
-    layers = []
-    for kind in ("lora", "loha", "lokr"):
-        group = {p: d for p, d in deltas.items() if d.kind == kind}
-        if not group:
-            continue
-        ranks = _rank_patterns(group)
-        targets = sorted(group)
-        if kind == "lora":
-            cfg = LoraConfig(r=1, lora_alpha=1, target_modules=targets, rank_pattern=ranks, alpha_pattern=ranks,
-                             init_lora_weights=False)
-        elif kind == "loha":
-            cfg = LoHaConfig(r=1, alpha=1, target_modules=targets, rank_pattern=ranks, alpha_pattern=ranks,
-                             init_weights=False)
-        else:
-            both = any("lokr_w1_a" in d.tensors for d in group.values())
-            cfg = LoKrConfig(r=1, alpha=1, target_modules=targets, rank_pattern=ranks, alpha_pattern=ranks,
-                             decompose_both=both, init_weights=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            inject_adapter_in_model(cfg, model, adapter_name)
-        for path, delta in group.items():
-            layer = owner_layer(model.get_submodule(path), adapter_name)
-            if layer is None:
-                raise _UserError(f"Could not attach the adapter to {path}: this module type is not supported.")
-            for pname, value in delta.tensors.items():
-                param = getattr(layer, pname)[adapter_name]
-                param = param.weight if hasattr(param, "weight") else param
-                if param.numel() != value.numel():
-                    raise _UserError(f"The {kind} tensor {path}.{pname} has shape {tuple(value.shape)} but this model "
-                                     f"needs {tuple(param.shape)}: the file's layout is not supported.")
-                with torch.no_grad():
-                    param.copy_(value.reshape(param.shape).to(param.dtype))
-                param.requires_grad_(False)
-            layer.scaling[adapter_name] = 1.0
-            layers.append((path, layer))
-    return layers
-
-
-def _rank_patterns(group: dict) -> dict:
-    """peft's rank_pattern for `group` ({module path: delta}): one alternation of paths per distinct rank. One
-    pattern per module made peft compile about N x N regexes once N outgrew `re`'s cache of 512 (an SDXL LoRA's
-    700+ modules took minutes to attach); a file has a handful of ranks."""
-    by_rank: dict[int, list[str]] = {}
-    for path, delta in group.items():
-        by_rank.setdefault(delta.rank, []).append(_re.escape(path))
-    return {"|".join(sorted(paths)): rank for rank, paths in by_rank.items()}
-
-
-def owner_layer(module, adapter_name: str):
-    """The peft layer in a chain of wrappers (module.base_layer.base_layer...) that holds `adapter_name`."""
-    while module is not None:
-        for attr in ("lora_A", "hada_w1_a", "lokr_w1", "lokr_w1_a"):
-            holder = getattr(module, attr, None)
-            if holder is not None and adapter_name in holder:
-                return module
-        module = getattr(module, "base_layer", None)
-    return None
+    path = Path(path)
+    sd = without_bundle(load_state_dict(path, allow_pickle=allow_pickle))
+    meta = read_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    weights = read_adapters(sd, models, metadata=meta, file_name=path.name)
+    for mk, adapters in weights.targets.items():
+        dtype = next(models[mk].parameters()).dtype
+        for a in adapters.values():
+            a.to(dtype=dtype).requires_grad_(False)
+        add_adapter(models[mk], name, adapters, scale=scale)
+    return weights

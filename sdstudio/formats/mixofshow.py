@@ -10,7 +10,7 @@ Mix-of-Show (TencentARC/Mix-of-Show, commit 51270fd5f9907cada8f416a4eff191a74f84
 
 The LoRA names are the diffusers / transformers-4 module paths. No alpha is stored: Mix-of-Show's loaders
 (convert_edlora, gradient_fusion.py) add `alpha * up @ down` with one alpha chosen when loading (1.0 while
-training). Ours (methods/edlora.py) keeps `new_concept_embedding.<token>` rows and kohya-named LoRA tensors with a
+training). Ours (formats/edlora.py) keeps `new_concept_embedding.<token>` rows and kohya-named LoRA tensors with a
 per-module `.alpha` (scale = alpha / rank). Import sets that alpha to `alpha x rank`; export folds each module's
 scale, divided by the alpha the user will load with, into `lora_up`, so both sides compute the same weights.
 
@@ -23,9 +23,9 @@ import io
 from pathlib import Path
 
 from ..errors import UserError
+from .edlora import EMB_PREFIX  # our EDLoRA files' embedding keys
 
 MIXOFSHOW_COMMIT = "51270fd5f9907cada8f416a4eff191a74f842660"
-EMB_PREFIX = "new_concept_embedding."  # our EDLoRA files' embedding keys (methods/edlora.py)
 PARTS = ("new_concept_embedding", "text_encoder", "unet")
 
 # Module-path words that contain an underscore: kohya names replace every "." by "_", so going back needs them.

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,9 +30,18 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _disk_full(path: Path, exc: OSError) -> UserError:
-    return UserError(f"The disk is full while writing {path.name}: free some space and try again "
+def _disk_full(path: Path, exc: BaseException) -> UserError:
+    return UserError(f"The disk is full while writing {path.name}: free some space, then resume or try again "
                      f"(nothing was overwritten).")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or a full quota) however a library reports it: an OSError from Python's own writes, or the text
+    of a Rust/C++ error (safetensors writes "No space left on device (os error 28)")."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
 def _atomic_file(path: Path, fill) -> Path:
@@ -47,7 +58,7 @@ def _atomic_file(path: Path, fill) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):
             raise _disk_full(path, exc) from exc
         raise
     _fsync_dir(path.parent)
@@ -106,6 +117,47 @@ def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] |
     return atomic_write_bytes(path, save(clean, metadata=meta))
 
 
+class _WholeWrites:
+    """A file for torch.save that writes every byte it is given or raises, and remembers the OSError. torch's
+    zip writer, when a write fails, finishes the archive anyway and raises its own "unexpected pos" RuntimeError
+    over the real cause (a full disk nobody could then act on)."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = self.raw.write(view)
+                if not n:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                view = view[n:]
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def torch_save(obj, path: Path | str) -> Path:
+    """torch.save to `path` (a file inside an atomic_dir or a temporary), where a full disk is an OSError."""
+    import torch
+
+    path = Path(path)
+    with open(path, "wb", buffering=0) as raw:
+        writer = _WholeWrites(raw)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Build a folder in a temporary sibling, then swap it into place; on error, the old folder stays."""
@@ -129,9 +181,43 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         _fsync_dir(final.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if not isinstance(exc, UserError) and is_disk_full(exc):
             raise _disk_full(final, exc) from exc
         raise
+
+
+# What a killed atomic write leaves behind: `.<name>.<8 random>.tmp` (a file from atomic_write_bytes, a folder
+# from atomic_dir, both named by tempfile) and `.<name>.old-<pid>` (atomic_dir's previous folder, mid-swap).
+_TEMPORARY_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\..+\.old-\d+$")
+
+
+def stale_temporaries(folder: Path | str, name: str | None = None) -> list[Path]:
+    """The leftovers of killed atomic writes under `folder` (recursively, links not followed); with `name`,
+    only those of that one file or folder, directly in `folder`. Deleting them never loses data: a
+    temporary only becomes data by its final rename."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if name is not None:
+        return sorted(p for p in folder.glob(f".{glob.escape(name)}.*") if _TEMPORARY_RE.match(p.name)
+                      and p.name[len(name) + 2:].count(".") <= 1)
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for d in list(dirs):
+            if _TEMPORARY_RE.match(d):
+                found.append(Path(root) / d)
+                dirs.remove(d)  # its insides go with it
+        found += [Path(root) / f for f in files if _TEMPORARY_RE.match(f)]
+    return sorted(found)
+
+
+def remove_paths(paths: list[Path]) -> None:
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def load_state_dict(path: Path | str, allow_pickle: bool = False, device: str = "cpu") -> dict:
@@ -161,6 +247,25 @@ def load_state_dict(path: Path | str, allow_pickle: bool = False, device: str = 
             sd = sd["state_dict"]
         return sd
     raise UserError(f"{path.name}: unsupported file type {path.suffix!r}; use a .safetensors file.")
+
+
+def check_tensors(sd: dict, name: str) -> dict:
+    """`sd` when every tensor holds usable values; otherwise one sentence. NaN or infinity (a training that
+    diverged and was saved anyway, or a damaged download) would turn every image black, and a tensor with no
+    values (rank 0) cannot be applied: both are refused by name rather than discovered as a black picture or a
+    division by zero."""
+    import torch
+
+    tensors = [(k, v) for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    empty = [k for k, v in tensors if v.numel() == 0]
+    if empty:
+        raise UserError(f"{name} has {len(empty)} empty tensor(s) (e.g. {empty[0]}): the file is damaged; "
+                        f"re-download or re-save it.")
+    bad = [k for k, v in tensors if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{name} has NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[0]}): it is damaged or "
+                        f"was saved from a training that diverged; use another file.")
+    return sd
 
 
 def read_safetensors_metadata(path: Path | str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .edlora import AttnContext, LayerwiseAttnProcessor
+from ..concepts.layerwise import AttnContext, LayerwiseAttnProcessor
 
 
 class RecordContext(AttnContext):

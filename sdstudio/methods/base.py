@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..errors import UserError
-
 if TYPE_CHECKING:
     import torch
 
@@ -124,6 +122,9 @@ class MethodBase:
     - `text_encoder_trainable(c)`: whether the text encoders train; when False (and cache_text is on) the loop
       caches text embeddings and hands them in as `batch.encoder_hidden_states`. Default: any TE parameter
       has requires_grad after `prepare`.
+    - `after_optimizer_step(c, step)`: right after the optimizer step, while the gradients are still there
+      (AdaLoRA's sensitivity update and rank allocation); returns a dict of what to report with this step
+      (the Step event's `extra`: AdaLoRA's ranks per layer), or None. Default: nothing.
     - `on_step_end(c, step)`: after each optimizer step (e.g. Textual Inversion restores the embedding rows
       it must not change). Default: nothing.
     - `preview_pipeline(c)`: the pipeline previews use, over the weights being trained (no copy). Default:
@@ -176,6 +177,9 @@ class MethodBase:
     def text_encoder_trainable(self, c: "Components") -> bool:
         return any(p.requires_grad for te in c.text_encoders for p in te.parameters())
 
+    def after_optimizer_step(self, c: "Components", step: int) -> dict | None:
+        return None
+
     def on_step_end(self, c: "Components", step: int) -> None:
         pass
 
@@ -224,22 +228,3 @@ def register(cls: type) -> type:
         raise RuntimeError(f"two methods are named {cls.name!r}")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def get_method(name: str) -> type:
-    from . import registry  # noqa: F401  (imports every method module explicitly)
-
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        import difflib
-
-        near = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise UserError(f"Unknown method {name!r}: use one of {', '.join(sorted(REGISTRY))}.{hint}") from None
-
-
-def all_methods() -> dict[str, type]:
-    from . import registry  # noqa: F401
-
-    return dict(REGISTRY)

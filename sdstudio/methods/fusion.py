@@ -27,9 +27,10 @@ from torch import nn
 from ..errors import UserError
 from ..events import Progress, Saved, Status
 from ..fields import build_dataclass, setting
-from . import tokens as tk
-from .edlora import (EMB_PREFIX, EDLoRAFile, check_base, concept_table, cross_attention_layers,
-                     encode_layerwise, install_processors, layer_prompts, layer_token_names, read_edlora)
+from ..concepts import tokens as tk
+from ..concepts.layerwise import (check_base, concept_table, cross_attention_layers, encode_layerwise,
+                                  install_processors, layer_prompts, layer_token_names)
+from ..formats.edlora import EMB_PREFIX, EDLoRAFile, read_edlora
 
 TEMPLATE = "photo of a {}"
 
@@ -77,6 +78,8 @@ def load_fuse_config(path: Path | str, sets: list[str] | None = None, home: Path
         values = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{p.name} is not valid TOML ({exc}): fix that line.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p.name} is not a text file (it is not UTF-8): give a fuse config .toml.") from None
     values = merge(values, parse_sets(sets))
     items = values.pop("concept", [])
     if not isinstance(items, list) or len(items) < 2:
@@ -445,7 +448,7 @@ def save_fused(c, out_dir: Path, name: str, report: FusionReport | None = None) 
 
 
 def load_concept_table(c) -> dict[str, list[str]]:
-    """After loading a fused diffusers folder as a base: its concept table (edlora.concept_table reads it)."""
+    """After loading a fused diffusers folder as a base: its concept table (concepts.layerwise.concept_table reads it)."""
     return concept_table(c)
 
 

@@ -65,43 +65,24 @@ def unet_target_names(unet, targets: str) -> tuple[list[str], list[str]]:
     return linear, conv
 
 
-def lean_lora_forward(model) -> int:
-    """Give each peft LoRA Linear in `model` a leaner forward for training; returns how many it changed.
-
-    peft's `Linear.forward` serves every case (several adapters, mixed batches, merges, DoRA, dtype casts),
-    and on small layers its Python costs as much as the maths. A training run has one unmerged vanilla
-    adapter, so this forward is base(x) + scale * B(A(dropout(x))) in three ops. The maths is the same, and
-    so are the parameters, names and files. In every other case (adapters disabled, merged, another adapter
-    set active, extra arguments, DoRA) it hands over to peft's own forward.
-    """
-    import types
-
+def te_target_names(te, targets: str) -> list[str]:
+    """Text-encoder Linear module paths that get a LoRA: attention (q/k/v/out) and, unless `targets` is
+    "attention", the MLP (fc1/fc2)."""
     import torch
-    import torch.nn.functional as F
-    from peft.tuners.lora.layer import Linear as PeftLinear
 
-    def forward(self, x, *args, **kwargs):
-        if (args or kwargs or self._disable_adapters or self.merged_adapters
-                or self._active_adapter != self._lean_active):
-            return PeftLinear.forward(self, x, *args, **kwargs)
-        name = self._lean_name
-        base = self.base_layer
-        out = F.linear(x, base.weight, base.bias)
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        h = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b)
-        return torch.add(out, h.to(out.dtype), alpha=self.scaling[name])
+    suffixes = TE_ATTENTION + (TE_MLP if targets != "attention" else ())
+    return [path for path, mod in te.named_modules()
+            if isinstance(mod, torch.nn.Linear) and path.rsplit(".", 1)[-1] in suffixes]
 
-    changed = 0
-    for mod in model.modules():
-        if type(mod) is not PeftLinear or len(mod.lora_A) != 1 or mod.lora_variant or mod.fan_in_fan_out:
-            continue
-        if not isinstance(mod.base_layer, torch.nn.Linear):
-            continue
-        mod._lean_name = next(iter(mod.lora_A))
-        mod._lean_active = mod._active_adapter
-        mod.forward = types.MethodType(forward, mod)
-        changed += 1
-    return changed
+
+def attach_adapters(model, paths: list[str], make) -> list:
+    """Put a new trainable adapter, `make(module, path)`, on each of `paths` in `model` (through the one
+    adapter runtime, sdstudio/adapters) and return its parameters. The base stays frozen."""
+    from ..adapters import add_adapter
+
+    adapters = {p: make(model.get_submodule(p), p) for p in paths}
+    add_adapter(model, "default", adapters)
+    return [p for a in adapters.values() for p in a.parameters()]
 
 
 @register
@@ -111,27 +92,25 @@ class Lora(MethodBase):
 
     # 1. What trains: a LoRA on the chosen UNet layers (and optionally the text encoder); the base stays frozen.
     def prepare(self, c, cfg) -> list[ParamGroup]:
-        from peft import LoraConfig as PeftLoraConfig
+        from ..adapters import new_lora
 
         o: LoraConfig = cfg.options
         self.cfg = cfg
         linear, conv = unet_target_names(c.unet, o.targets)
-        # Full module paths as targets; convs get their own rank/alpha through peft's patterns.
-        patterns_r = {p: o.conv_rank for p in conv}
-        patterns_a = {p: o.conv_alpha for p in conv}
-        c.unet.add_adapter(PeftLoraConfig(r=o.rank, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                                          init_lora_weights="gaussian", target_modules=linear + conv,
-                                          rank_pattern=patterns_r, alpha_pattern=patterns_a))
-        lean_lora_forward(c.unet)
-        groups = [ParamGroup("unet", [p for p in c.unet.parameters() if p.requires_grad], cfg.learning_rate)]
+        convs = set(conv)  # 3x3 convolutions get their own rank and alpha
+
+        def make(mod, path):
+            if path in convs:
+                return new_lora(mod, o.conv_rank, o.conv_alpha, dropout=o.dropout)
+            return new_lora(mod, o.rank, o.alpha, dropout=o.dropout)
+
+        groups = [ParamGroup("unet", attach_adapters(c.unet, linear + conv, make), cfg.learning_rate)]
         if o.train_text_encoder:
-            te_targets = list(TE_ATTENTION + (TE_MLP if o.targets != "attention" else ()))
+            params = []
             for te in c.text_encoders:
-                te.add_adapter(PeftLoraConfig(r=o.rank, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                                              init_lora_weights="gaussian", target_modules=te_targets))
-                lean_lora_forward(te)
-            groups.append(ParamGroup("text_encoder", [p for te in c.text_encoders for p in te.parameters()
-                                                      if p.requires_grad], o.text_encoder_lr))
+                params += attach_adapters(te, te_target_names(te, o.targets),
+                                          lambda mod, path: new_lora(mod, o.rank, o.alpha, dropout=o.dropout))
+            groups.append(ParamGroup("text_encoder", params, o.text_encoder_lr))
         return groups
 
     # For the VRAM/time estimate: the LoRA on the UNet, and on the text encoder when it trains.

@@ -140,16 +140,17 @@ class Pivotal(MethodBase):
 
     def save(self, c, out: Path) -> list[Path]:
         """[<name>.safetensors (LoRA + word, A1111), <name>.lora-only.safetensors, <name>.embedding.safetensors]."""
-        from ..formats.lora import peft_to_kohya
+        from ..formats.embeddings import bundle_state_dict
+        from ..formats.lora import kohya_state_dict
         from ..formats.safe_io import save_safetensors
 
         stem = output_stem(self.cfg, out)
         name = stem.name
         rows = self.ti.rows().detach().float().cpu()
         token = self.ti.o.token  # lowercased, as the tokenizer holds it
-        sd = peft_to_kohya(c.unet, "unet", dtype=torch.float16)
+        sd = kohya_state_dict(c.unet, "unet", dtype=torch.float16)
         if self.o.train_text_encoder:
-            sd.update(peft_to_kohya(c.text_encoder, "te", dtype=torch.float16))
+            sd.update(kohya_state_dict(c.text_encoder, "te", dtype=torch.float16))
         word = self.ti.metadata(c) | {"sdstudio.method": self.name, "sdstudio.order": self.o.order,
                                       "sdstudio.token": token}
         meta = dict(word)
@@ -162,7 +163,7 @@ class Pivotal(MethodBase):
                                       clip_skip=self.o.clip_skip)
         meta["sdstudio.targets"] = self.o.targets
         # 1. A1111's bundle: the embedding rides inside the LoRA file under its prompt word.
-        bundle = save_safetensors({**sd, f"bundle_emb.{token}.string_to_param.*": rows},
+        bundle = save_safetensors({**sd, **bundle_state_dict({token: rows})},
                                   stem.with_name(name + ".safetensors"),
                                   meta | {"modelspec.usage_hint": f"A1111/Forge: <lora:{name}:1> and write {token}; "
                                                                   "the word is inside this file."})
@@ -176,15 +177,3 @@ class Pivotal(MethodBase):
                              step=self.run.step if self.run is not None else 0)
         return [bundle, plain, *emb]
 
-
-def bundled_embeddings(sd: dict) -> dict[str, torch.Tensor]:
-    """{token: rows (n, dim)} from a LoRA file's `bundle_emb.*` keys (A1111's layout, which its network loader
-    reads; sd-scripts neither writes nor reads it; SDXL: clip_l)."""
-    out = {}
-    for k, v in sd.items():
-        if not k.startswith("bundle_emb."):
-            continue
-        name, _, rest = k[len("bundle_emb."):].partition(".")
-        if rest.startswith("string_to_param") or rest in ("emb_params", "clip_l"):
-            out[name] = v.reshape(-1, v.shape[-1]).float()
-    return out

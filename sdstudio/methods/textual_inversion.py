@@ -13,7 +13,7 @@ import torch
 
 from ..fields import setting
 from .base import MethodBase, ParamGroup, register
-from . import tokens as tk
+from ..concepts import tokens as tk
 
 
 def options(cfg):

@@ -54,7 +54,7 @@ def run_bench(args) -> int:
 
     from ..devices import pick_device
     from ..formats.safe_io import save_safetensors
-    from . import stack as stack_mod
+    from .files import FILE_READS
     from .recipe import LoraItem, Recipe
     from .session import Playground
 
@@ -110,14 +110,14 @@ def run_bench(args) -> int:
     # A weight change: apply a recipe that differs only in weights; count file reads while doing it.
     session.stack.apply(stacked)
     changes = []
-    reads_before = stack_mod.FILE_READS["count"]
+    reads_before = FILE_READS["count"]
     for k in range(20):
         changed = stacked.replace(lora=[LoraItem(str(f), weight=0.1 + 0.04 * ((k + j) % 10))
                                         for j, f in enumerate(files)])
         t0 = time.perf_counter()
         session.stack.apply(changed)
         changes.append(time.perf_counter() - t0)
-    reads = stack_mod.FILE_READS["count"] - reads_before
+    reads = FILE_READS["count"] - reads_before
 
     where = "every Linear/Conv2d" if args.targets == "all" else "the transformer blocks and text encoder"
     print(f"device {device}, base {args.base}, {args.size}px, {args.steps} steps, {args.loras} LoRAs of rank "

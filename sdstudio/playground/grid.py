@@ -2,6 +2,7 @@
 results out as one labelled image. Weight changes go through the stack (no file is read again)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ def parse_axis(text: str) -> Axis:
         raise UserError(f"Grid axis {param} needs numbers: {m[3]!r} has something else.") from None
     if not values:
         raise UserError(f"Grid axis {param} has no values: list them after '='.")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise UserError(f"Grid axis {param} has a value that is not a finite number ({m[3]!r}): use plain numbers.")
     if len(values) > 16:
         raise UserError(f"Grid axis {param} has {len(values)} values: use at most 16.")
     return Axis(param, values, item)

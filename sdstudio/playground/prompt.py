@@ -32,8 +32,8 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
             round_open.append(len(res))
         elif tok == "[":
             square_open.append(len(res))
-        elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+        elif weight is not None and round_open and _number(weight) is not None:
+            scale(round_open.pop(), _number(weight))
         elif tok == ")" and round_open:
             scale(round_open.pop(), UP)
         elif tok == "]" and square_open:
@@ -55,6 +55,18 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
             merged.append([text_part, w])
     merged = [m for m in merged if m[0] or m[1] == -1.0]
     return [(t, float(w)) for t, w in merged] or [("", 1.0)]
+
+
+def _number(text: str) -> float | None:
+    """A weight's value, or None when `(word:...)`, `(word:1.2.3)` or `(word:999...9)` holds no usable number: the
+    text then stays as written and the bracket counts as an unclosed one (A1111 stops with an error instead)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def tokenize_weighted(text: str, tokenizer) -> list[tuple[list[int], list[float]]]:

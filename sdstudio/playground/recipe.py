@@ -203,7 +203,11 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"The recipe {path} does not exist: check the path.")
-        return cls.from_toml(path.read_text(encoding="utf-8"), path.name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path.name} is not a text file (it is not UTF-8): give a recipe .toml.") from None
+        return cls.from_toml(text, path.name)
 
     def save(self, path: Path | str) -> Path:
         from ..formats.safe_io import atomic_write_text
@@ -219,6 +223,7 @@ class Recipe:
     # -- checks --------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Bounds a user can get wrong, each with one sentence saying how to fix it."""
+        _check_finite(self)
         if self.steps < 1 or self.steps > 1000:
             raise UserError(f"steps = {self.steps} is out of range: use 1 to 1000.")
         if self.batch < 1 or self.batch > 64:
@@ -306,6 +311,26 @@ def parse_blocks(value) -> list[float]:
         raise UserError(f"The block weights {value!r} are not numbers: write them as \"1,0,0,1,...\".") from None
 
 
+def _check_finite(recipe: "Recipe") -> None:
+    """No NaN or infinity anywhere: top-level numbers, every item's numbers, block weights and boxes. A recipe
+    built from UI values (sliders) never went through `_coerce`, so this sweep is what guards it."""
+    def bad(v) -> bool:
+        return isinstance(v, float) and not math.isfinite(v)
+
+    for f in fields(recipe):
+        v = getattr(recipe, f.name)
+        if bad(v):
+            raise UserError(f"{f.name} = {v} is not a finite number: use a plain number.")
+    for table in ITEM_TABLES:
+        for i, item in enumerate(getattr(recipe, table)):
+            for f in fields(item):
+                v = getattr(item, f.name)
+                values = v if isinstance(v, (list, tuple)) else [v]
+                if any(bad(x) for x in values):
+                    raise UserError(f"[[{table}]] #{i + 1} has {f.name} = {v}, which is not a finite number: use plain "
+                                    f"numbers.")
+
+
 def _region_box_prefix(it: dict, where: str) -> dict:
     """`box = "mixofshow: [...]"` sets box_format; a prefix that contradicts an explicit box_format is an error."""
     fmt, rest = split_box_format(it.get("box"))
@@ -352,7 +377,10 @@ def _coerce(name, value, f, where):
         if t.startswith("float") and value is not None:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"In {where}, {name} = {value!r} is not a finite number: use a plain number.")
+            return number
         if t == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from . import stack as stack_mod
+from .files import count_read
 from .gligen import ModuleSlot, base_module
 from .pipeline import generate
 from .recipe import Recipe
-from .stack import Stack, resolve_prompt_loras
+from .prompt_tags import resolve_prompt_loras
+from .stack import Stack
 
 log = logging.getLogger("sdstudio.playground")
 
@@ -23,8 +24,7 @@ def load_control_model(path: Path, kind: str, dtype=None, device: str = "cpu", u
 
     from diffusers import ControlNetModel, T2IAdapter
 
-    with stack_mod._READ_LOCK:
-        stack_mod.FILE_READS["count"] += 1
+    count_read()
     label = "ControlNet" if kind == "controlnet" else "T2I-Adapter"
     if not path.exists():
         raise UserError(f"{path.name} does not exist: check the path of the {label}.")
@@ -43,8 +43,30 @@ def load_control_model(path: Path, kind: str, dtype=None, device: str = "cpu", u
         raise UserError(f"{path.name} has no readable config.json: it is not a diffusers {label} folder.") from None
     if kind == "controlnet" and "ControlNet" not in name or kind == "t2i_adapter" and "Adapter" not in name:
         raise UserError(f"{path.name} is a {name or 'unknown model'}, not a {label}: add it as the right kind.")
+    return _load_control_weights(path, kind, label, dtype, device)
+
+
+def _load_control_weights(path: Path, kind: str, label: str, dtype, device):
+    """from_pretrained, safetensors only, with every way a damaged folder fails turned into one sentence."""
+    from diffusers import ControlNetModel, T2IAdapter
+
+    from ..formats.safe_io import check_tensors
+
+    if not list(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.ckpt")]
+        raise UserError(f"{path.name} has no .safetensors weights" + (f" (only {pickled[0]}, a pickle, which is not "
+                        f"loaded)" if pickled else "") + f": get the .safetensors version of this {label}.")
     cls = ControlNetModel if kind == "controlnet" else T2IAdapter
-    model = cls.from_pretrained(str(path), local_files_only=True)
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # truncated file, shapes != config.json, ...
+        text = str(exc)
+        if "shape" in text:
+            raise UserError(f"{path.name}'s weights do not fit its config.json (the config of another model family, or "
+                            f"a mixed-up download): re-download the {label}.") from None
+        first = (text.splitlines()[0] if text else type(exc).__name__).replace(str(path) + "/", "")[:160]
+        raise UserError(f"{path.name} could not be loaded as a {label} ({first}): re-download it.") from None
+    check_tensors(dict(model.state_dict()), path.name)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

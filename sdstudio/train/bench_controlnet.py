@@ -126,7 +126,8 @@ def _ours(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, device:
     from ..data.dataset import TrainDataset
     from ..data.folder import read_dataset
     from ..jobs import Commands
-    from ..methods.base import RunInfo, get_method
+    from ..methods.base import RunInfo
+    from ..methods.registry import get_method
     from ..models.loading import load_base
     from .config import load_config
     from .loop import _make_accelerator, run_loop

@@ -6,7 +6,9 @@ kill -9 at any moment leaves the previous checkpoints intact. Only safetensors a
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..formats.safe_io import atomic_dir, load_state_dict, save_safetensors
+from ..formats.safe_io import atomic_dir, load_state_dict, save_safetensors, torch_save
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -78,7 +80,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict, optimi
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
-        torch.save(extra, tmp / "optimizer.pt")
+        torch_save(extra, tmp / "optimizer.pt")  # a full disk is an OSError (ENOSPC), not torch's RuntimeError
         # state.json last: its presence marks a complete checkpoint.
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "elapsed": state.elapsed}))
     for _step, old in checkpoint_dirs(run_dir)[:-keep]:
@@ -98,3 +100,44 @@ def load_checkpoint(folder: Path) -> tuple[TrainState, dict, dict | None, dict]:
         raise UserError(f"The checkpoint {folder.name} is damaged ({type(exc).__name__}): delete that folder to "
                         f"resume from the one before it.") from exc
     return TrainState(int(meta["step"]), float(meta.get("elapsed", 0.0))), trainable, ema, extra
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for one training at a time, across processes (the app, `sdstudio train`, a second
+    tab): a second one is refused, naming the holder, instead of interleaving checkpoints and log lines. An OS
+    lock (flock): a process killed with -9 releases it by dying, so a crash never leaves a run locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the app's JobManager still runs one training at a time
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{run_dir.name} is being trained right now ({holder}): wait for that training to end or "
+                            f"stop it, or train under another output_name.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def clear_leftovers(run_dir: Path) -> list[Path]:
+    """Delete what kills left in this run's folder: half-built checkpoints (`checkpoints/.step-5.<random>.tmp`),
+    a checkpoint caught mid-swap (`.step-5.old-<pid>`), and the temporaries of interrupted file writes (LoRA,
+    log, latents, previews). A resume and a finished run call it, so they never pile up. Returns what went."""
+    from ..formats.safe_io import remove_paths, stale_temporaries
+
+    found = stale_temporaries(run_dir)
+    remove_paths(found)
+    return found

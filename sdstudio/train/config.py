@@ -155,7 +155,7 @@ class TrainConfig:
 
 def resolve(values: dict) -> TrainConfig:
     """A validated TrainConfig (with its method table) from plain data (a merged preset + --set)."""
-    from ..methods.base import all_methods, get_method
+    from ..methods.registry import all_methods, get_method
 
     values = dict(values)
     version = values.get("schema_version", SCHEMA_VERSION)
@@ -180,6 +180,10 @@ def resolve(values: dict) -> TrainConfig:
                         f"{max(64, round(cfg.resolution / 64) * 64)}.")
     if not cfg.output_name.strip():
         raise UserError("output_name is empty: give the run a name.")
+    from ..workspace import check_name
+
+    # It names the run folder and the files the method writes inside it: a name, never a path.
+    cfg.output_name = check_name(cfg.output_name, "output_name")
     return cfg
 
 
@@ -198,6 +202,8 @@ def read_toml(path: Path | str) -> dict:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{p.name} is not valid TOML ({exc}): fix that line.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p.name} is not a text file (it is not UTF-8): give a config .toml.") from None
 
 
 def load_config(path: Path | str | None = None, sets: list[str] | None = None, extra: dict | None = None

@@ -155,14 +155,15 @@ def _architecture(family_name: str, targets: str, rank: int, conv_rank: int, te_
 def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images: int | None = None,
              device_is_cuda: bool = True) -> Estimate:
     """Steps, time and VRAM of a resolved TrainConfig; the method's `footprint` hook says what it trains."""
-    from ..methods.base import get_method, hook
+    from ..methods.base import hook
+    from ..methods.registry import get_method
     from ..models.loading import family_of_ref
 
     gpu = gpu or gpu_class(memory_gb=memory_gb)
     fam = family_of_ref(str(cfg.base_model))
     o = cfg.options
     targets = getattr(o, "targets", "attention_mlp")
-    rank = int(getattr(o, "rank", 16))
+    rank = int(getattr(o, "rank", getattr(o, "initial_rank", 16)))  # AdaLoRA trains at its initial rank
     arch = architecture(fam.name, targets, rank, int(getattr(o, "conv_rank", 8)))
     fp = hook(get_method(cfg.method)(), "footprint")(cfg, arch, fam)
     te_trains = fp.text_encoder_trains

@@ -31,8 +31,10 @@ from ..events import Event, Progress, Saved, Status, Step
 from ..formats.kinds import detect_kind
 from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetensors
 from ..jobs import Commands, Stopped
-from ..methods.base import Batch, RunInfo, get_method, hook
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from ..methods.base import Batch, RunInfo, hook
+from ..methods.registry import get_method
+from .checkpoint import (TrainState, clear_leftovers, latest_checkpoint, load_checkpoint, run_lock, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig
 from .speed import SpeedOptions, check_speed_settings
 from .preview import check_sample_conditions, preview_conditions, render_previews
@@ -44,6 +46,10 @@ RESUME_FIXED = ("method", "base_model", "dataset", "seed", "batch_size", "resolu
 
 class Diverged(UserError):
     """The loss became NaN or infinite."""
+
+
+class OutOfMemory(UserError):
+    """The device ran out of memory during training; the message says what to change and where Resume starts."""
 
 
 # -- small helpers --------------------------------------------------------------------------------------
@@ -210,8 +216,10 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
                          tag_frequency=tag_frequency(layout), started=time.time(), mixed_precision=acc.mixed_precision,
                          world=acc.num_processes, batches_per_epoch=pre.data.batches_per_epoch,
                          bucket_info=bucket_info(pre.data))
-    return run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir, resume_from=pre.checkpoint,
-                    publish=publish)
+    # One training per run folder, across processes: a second is refused, never run on top (rank 0 writes).
+    with run_lock(run_dir) if acc.is_main_process else contextlib.nullcontext():
+        return run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir,
+                        resume_from=pre.checkpoint, publish=publish)
 
 
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -236,6 +244,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
     device = acc.device
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clear_leftovers(run_dir)  # what earlier kills of this run left half-written
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
 
     # 3. What trains. Same seed on every rank, so adapters start identical everywhere.
@@ -385,6 +394,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                 acc.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            report = hook(method, "after_optimizer_step")(c, step) or {}  # gradients still there (AdaLoRA)
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update()
@@ -399,7 +409,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                 log_f.write(json.dumps({"step": step, "loss": loss_f, "lr": lr, "time": round(elapsed(), 3)}) + "\n")
                 log_f.flush()
             emit(Step(step=step, total=cfg.max_steps, loss=loss_f, lr=lr, it_per_s=rate,
-                      eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed()))
+                      eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed(), extra=report))
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 checkpoint()
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
@@ -420,6 +430,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             if publish:
                 for p in publish(outputs):
                     emit(Saved(path=str(p), kind=detect_kind(p), step=step, published=True))
+            clear_leftovers(run_dir)
         acc.wait_for_everyone()
         # The job that runs us (train tab, CLI) ends with Finished carrying these outputs; a caller that runs the
         # loop as one stage of its own job (the wizard) goes on after it.
@@ -430,10 +441,35 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
         if step > 0:
             checkpoint()
         raise
+    except Exception as exc:
+        from ..devices import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        # The failed step changed no weights: keep the last finished one (best effort, memory is short), so
+        # Resume with lighter settings loses nothing.
+        with contextlib.suppress(Exception):
+            if step > 0:
+                _free_after_oom(optimizer)
+                checkpoint()
+        kept = f"step {last_saved}" if last_saved > 0 else "the start"
+        raise OutOfMemory(f"Out of memory at step {step + 1}: turn on gradient_checkpointing and the latent/text "
+                          f"caches, then Resume (it continues from {kept}); or lower batch_size or resolution, or "
+                          f"pick a smaller preset (the -6gb/-8gb ones), for a new run.") from exc
     finally:
         speed.restore()
         if log_f:
             log_f.close()
+
+
+def _free_after_oom(optimizer) -> None:
+    """Drop the failed step's gradients and cached blocks before saving the checkpoint."""
+    import gc
+
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _make_batch(c, data, cfg, g: int, latents, text_cache, device, dtype, seed: int) -> Batch:

@@ -133,7 +133,8 @@ def run_ours(spec: Spec, probe: Probe) -> dict:
     from ..devices import pick_device
     from ..events import Step
     from ..jobs import Commands
-    from ..methods.base import RunInfo, get_method
+    from ..methods.base import RunInfo
+    from ..methods.registry import get_method
     from ..models.loading import load_base
     from .loop import _make_accelerator, preflight, run_loop
     from .speed import check_speed_settings

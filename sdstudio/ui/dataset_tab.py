@@ -98,7 +98,7 @@ def import_uploads(ctx: AppContext, name: str, files: list[str]) -> tuple[Path, 
             _written, bad = safe_extract_zip(src, folder / safe_name(src.stem))
             refused += [f"{src.name}:{entry} ({why})" for entry, why in bad]
         else:
-            shutil.copyfile(src, folder / src.name)
+            shutil.copyfile(src, folder / safe_name(src.name))  # the browser's file name: a name, never a path
     return folder, refused
 
 

@@ -33,17 +33,27 @@ def edlora_files(ctx: AppContext) -> list[str]:
 def start_fuse(ctx: AppContext, base: str, files: list[str], name: str, te_iters: int, unet_iters: int):
     """Validate in the click (cheap), then run the fusion as a Job."""
     from ..methods.fusion import FuseConcept, FuseConfig, check_concepts, run_fuse
-    from ..methods.edlora import read_edlora
+    from ..formats.edlora import read_edlora
 
     if len(files or []) < 2:
         raise UserError("Pick at least two EDLoRA files to fuse.")
     paths = [ctx.workspace.resolve(f, must_exist=True) for f in files]
+    base = _confined_base(ctx, (base or "tiny").strip())
     check_concepts([read_edlora(p) for p in paths])  # overlapping tokens: say so now, not after loading
     cfg = FuseConfig(base_model=base or "tiny", output_name=name or "fused", text_encoder_iters=int(te_iters),
                      unet_iters=int(unet_iters))
     cfg.concepts = [FuseConcept(path=str(p)) for p in paths]
     return ctx.jobs.start(cfg.output_name, JOB_KIND, lambda jc: run_fuse(cfg, jc.emit, jc.commands,
                                                                         ctx.workspace.root))
+
+
+def _confined_base(ctx: AppContext, base: str) -> str:
+    """'tiny', a hub id, or a model inside the workspace: the UI reads no model from elsewhere."""
+    from ..models.loading import TINY, looks_like_hub_id
+
+    if base == TINY or (looks_like_hub_id(base) and ".." not in base.split("/")):
+        return base
+    return str(ctx.workspace.resolve(base, must_exist=True))
 
 
 def view(job) -> tuple[str, float]:

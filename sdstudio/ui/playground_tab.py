@@ -349,7 +349,8 @@ def build(ctx: AppContext) -> None:
             if not file or i >= len(items):
                 return items, gr.update()
             src = Path(file)
-            dest = ws.root / "inputs" / f"{src.stem[:40]}-{uuid.uuid4().hex[:6]}{src.suffix.lower() or '.png'}"
+            suffix = src.suffix.lower() if src.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") else ".png"
+            dest = ws.named_file("inputs", f"{src.stem[:40]}-{uuid.uuid4().hex[:6]}", suffix)  # confined
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
             items = [dict(it) for it in items]
@@ -398,21 +399,23 @@ def build(ctx: AppContext) -> None:
                 raise UserError("Set the X axis of the grid first, e.g. cfg=5,7,9.")
             session = session_for(ctx)
             work = generation_work(session, recipe, ws.root / "outputs", fuse=fuse_on, x=x, y=y)
-            job = ctx.jobs.start("playground", "generate", work)
+            # Queued, not refused, while the GPU is busy (a training, another tab's generation): served in order.
+            job = ctx.jobs.start("playground", "generate", work, queue=True)
         except UserError as exc:
             gr.Warning(str(exc))
-            return items, gr.update(), gr.update(active=False), gr.update()
+            return items, gr.update(), gr.update(active=False), gr.update(), gr.update()
         ctx.settings.save("playground", {"form": form_values(*form_vals), "items": items})
-        return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml()
+        return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml(), job.id
 
     run_inputs = [items_state, fuse, grid_x, grid_y]
+    job_id = gr.State("")  # this browser tab's generation (other tabs queue their own)
     go.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, False, *v), run_inputs + form_in + card_inputs,
-             [items_state, status, timer, recipe_text])
+             [items_state, status, timer, recipe_text, job_id], api_name="generate")
     grid_btn.click(lambda it, f, gx, gy, *v: start(it, f, gx, gy, True, *v), run_inputs + form_in + card_inputs,
-                   [items_state, status, timer, recipe_text])
+                   [items_state, status, timer, recipe_text, job_id], api_name="generate_grid")
 
-    def tick(shown):
-        job = ctx.jobs.latest("generate")
+    def tick(shown, mine):
+        job = (ctx.jobs.get(mine) if mine else None) or ctx.jobs.latest("generate")
         if job is None:
             return gr.update(active=False), gr.update(), gr.update(), gr.update(), shown
         snap = job.log.snapshot()
@@ -437,16 +440,16 @@ def build(ctx: AppContext) -> None:
         return gr.update(active=True), text, session.live_preview, gallery_update, shown
 
     shown_state = gr.State({})
-    timer.tick(tick, [shown_state], [timer, status, live, gallery, shown_state])
+    timer.tick(tick, [shown_state, job_id], [timer, status, live, gallery, shown_state])
 
-    def on_stop():
-        job = ctx.jobs.latest("generate")
+    def on_stop(mine):
+        job = (ctx.jobs.get(mine) if mine else None) or ctx.jobs.latest("generate")
         if job is not None and job.running:
             job.stop()
             return "stopping..."
         return gr.update()
 
-    stop.click(on_stop, None, [status])
+    stop.click(on_stop, [job_id], [status])
 
     # -- recipes and PNGs ---------------------------------------------------------------------------------
     def show_recipe(recipe: Recipe) -> list:
@@ -459,9 +462,7 @@ def build(ctx: AppContext) -> None:
         try:
             recipe = boxes.apply(items_to_recipe(form_values(*vals[:n]), read_items(items, vals[n + m:])),
                                  *vals[n:n + m])
-            from ..workspace import safe_name
-
-            path = recipe.save(ws.root / "recipes" / f"{safe_name(name)}.toml")
+            path = recipe.save(ws.named_file("recipes", name, ".toml"))
         except UserError as exc:
             gr.Warning(str(exc))
             return gr.update(), gr.update()

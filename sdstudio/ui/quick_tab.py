@@ -118,11 +118,14 @@ def _copy_uploads(ctx: AppContext, files) -> list[Path]:
     out = []
     for f in files:
         src = Path(f if isinstance(f, str) else getattr(f, "name", f))
-        target = dest / src.name
+        from ..workspace import safe_name
+
+        name = Path(safe_name(src.name))  # the browser's file name: a name, never a path
+        target = dest / name
         k = 1
         while target.exists():
             k += 1
-            target = dest / f"{src.stem}-{k}{src.suffix}"
+            target = dest / f"{name.stem}-{k}{name.suffix}"
         shutil.copyfile(src, target)
         out.append(target)
     return [dest]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..events import Failed, Finished
-from ..methods.base import all_methods
+from ..methods.registry import all_methods
 from ..train.config import TrainConfig, list_presets, load_config, preset_header, read_toml, user_fields
 from .context import AppContext
 from .widgets import fmt_eta as _fmt_eta
@@ -155,8 +155,33 @@ def job_view(job) -> dict:
                   else f"**Finished.** {', '.join(Path(p).name for p in end.outputs)}")
     else:
         status = f"**{job.name}**: {snap['status'] or 'starting'}"
+    ranks, budget = adalora_frames(last.extra if last is not None else {}, last.step if last is not None else 0)
     return {"frame": _loss_frame(snap["steps"]), "progress": progress, "stats": stats, "gallery": gallery,
-            "status": status, "ended": end is not None, "failed": isinstance(end, Failed)}
+            "status": status, "ended": end is not None, "failed": isinstance(end, Failed),
+            "ranks": ranks, "budget": budget}
+
+
+def short_layer(path: str) -> str:
+    """`down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` -> `d1.a0.t0.attn2.k`: a bar label."""
+    for long, short in (("down_blocks.", "d"), ("up_blocks.", "u"), ("mid_block.", "m."), ("attentions.", "a"),
+                        ("transformer_blocks.", "t"), ("to_out.0", "out"), ("to_", ""), ("ff.net.0.proj", "ff1"),
+                        ("ff.net.2", "ff2")):
+        path = path.replace(long, short)
+    return path
+
+
+def adalora_frames(extra: dict, step: int) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(rank per layer, budget schedule with the run's total rank now) from an AdaLoRA Step's `extra`; (None, None)
+    for other methods."""
+    if "ranks" not in extra:
+        return None, None
+    from ..methods.adalora import budget_schedule
+
+    ranks = pd.DataFrame([(short_layer(k), v) for k, v in extra["ranks"].items()], columns=["layer", "rank"])
+    sch = extra.get("schedule")
+    rows = [(st, b, "budget schedule") for st, b in budget_schedule(**sch)] if sch else []
+    rows.append((step, extra.get("total_rank", 0), "total rank now"))
+    return ranks, pd.DataFrame(rows, columns=["step", "total rank", "series"])
 
 
 def _runs_frame(ctx: AppContext) -> pd.DataFrame:
@@ -198,6 +223,8 @@ def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = 
     values["output_dir"] = str(ws.run_dir(values.get("output_name") or "run"))
     if values.get("sample_conditions"):  # preview control images: files in the workspace
         values["sample_conditions"] = [str(ws.resolve(p, must_exist=True)) for p in values["sample_conditions"]]
+    if str(values.get("class_data") or "").strip():  # the form's other folder: confined like the dataset
+        values["class_data"] = str(ws.resolve(values["class_data"], must_exist=True))
     tables: dict = {}
     flat = {}
     for k, v in values.items():
@@ -276,6 +303,14 @@ def build(ctx: AppContext) -> None:
             stats = gr.Markdown("", elem_id="train-stats")
             plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260, color_map={"raw": "#a5b4fc", "smoothed": "#4338ca"},
                                elem_id="train-loss")
+            with gr.Group(visible=vals["method"] == "adalora", elem_id="train-adalora") as ada_box:
+                gr.Markdown("**AdaLoRA**: each layer's rank now, and the total-rank budget over the run")
+                with gr.Row():
+                    ranks_plot = gr.BarPlot(None, x="layer", y="rank", title="Rank per layer", height=240,
+                                            x_label_angle=-60, elem_id="train-adalora-ranks")
+                    budget_plot = gr.LinePlot(None, x="step", y="total rank", color="series", title="Budget",
+                                              height=240, elem_id="train-adalora-budget",
+                                              color_map={"budget schedule": "#a5b4fc", "total rank now": "#b91c1c"})
             gallery = gr.Gallery([], label="Previews", columns=4, height=280, elem_id="train-previews")
     gr.Markdown("### Runs")
     with gr.Row():
@@ -350,22 +385,25 @@ def build(ctx: AppContext) -> None:
     def on_tick():
         job = ctx.jobs.latest(JOB_KIND)
         if job is None:
-            return gr.Timer(active=False), *[gr.skip()] * 7
+            return gr.Timer(active=False), *[gr.skip()] * 10
         v = job_view(job)
+        ada = (gr.update(visible=v["ranks"] is not None), v["ranks"], v["budget"]) if v["ranks"] is not None else \
+            (gr.skip(),) * 3
         if v["ended"]:
             return (gr.Timer(active=False), v["status"], v["progress"], v["stats"], v["frame"], v["gallery"],
-                    _runs_frame(ctx), gr.update(choices=_run_names(ctx), value=job.name))
+                    _runs_frame(ctx), gr.update(choices=_run_names(ctx), value=job.name), *ada)
         return (gr.Timer(active=True), v["status"], v["progress"], v["stats"], v["frame"], v["gallery"], gr.skip(),
-                gr.skip())
+                gr.skip(), *ada)
 
-    tick_outputs = [timer, status, progress, stats, plot, gallery, runs_table, run_pick]
+    tick_outputs = [timer, status, progress, stats, plot, gallery, runs_table, run_pick, ada_box, ranks_plot,
+                    budget_plot]
     timer.tick(on_tick, None, tick_outputs)
     refresh.click(lambda: (_runs_frame(ctx), gr.update(choices=_run_names(ctx))), None, [runs_table, run_pick])
 
     def on_method(method):
-        return [gr.update(visible=name == method) for name in sorted(groups)]
+        return [gr.update(visible=name == method) for name in sorted(groups)] + [gr.update(visible=method == "adalora")]
 
-    ui["method"].change(on_method, [ui["method"]], [groups[n] for n in sorted(groups)])
+    ui["method"].change(on_method, [ui["method"]], [groups[n] for n in sorted(groups)] + [ada_box])
 
     def on_preset(preset):
         v = _preset_values(preset)
