@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from sdstudio.errors import UserError
-from sdstudio.events import Preview, Step
-from sdstudio.jobs import Commands, Stopped
+from sdstudio.events import Preview
+from sdstudio.jobs import Commands
 from sdstudio.train.config import load_config
 from sdstudio.train.loop import preflight, train
-from train_helpers import fast_sets, make_kohya_dataset
+from train_helpers import fast_sets, make_kohya_dataset, train_until_stopped
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,15 +52,8 @@ def runs(tmp_path_factory, gligen_base):
                 warmup_steps=1, batch_size=2, flip="true", cache_latents="off", **{"gligen.box_dropout": 0.5})
     train(load_config(None, fast_sets(ds, root / "a", **opts)), lambda e: None)
     cfg = load_config(None, fast_sets(ds, root / "b", **opts))
-    commands, events = Commands(), []
-
-    def stop_at_2(ev):
-        events.append(ev)
-        if isinstance(ev, Step) and ev.step == 2:
-            commands.stop()
-
-    with pytest.raises(Stopped):
-        train(cfg, stop_at_2, commands)
+    events: list = []
+    train_until_stopped(cfg, 2, events.append)
     outputs = train(cfg, events.append, resume=True, publish=lambda paths: publish(ws, paths))
     return dict(a=root / "a", b=root / "b", ws=ws, ds=ds, outputs=outputs, events=events)
 
