@@ -30,12 +30,20 @@ def run_train(args) -> int:
     from .config import load_config
     from .loop import preflight, train
 
+    from .machine import describe_changes, detect, fit_to_machine
+
     cfg = load_config(args.config, args.sets)
+    # The settings this machine cannot run as written (8-bit Adam without CUDA, ...), changed and said, as the
+    # Train tab and the wizard do.
+    machine = detect(cfg.device)
+    cfg, changes = fit_to_machine(cfg, machine)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if changes and rank0:
+        print(describe_changes(changes, machine), file=sys.stderr)
     if args.print_config:
         print(cfg.to_toml())
         return 0
     checked = preflight(cfg, resume=args.resume)  # folder mistakes: one line, before any model loads
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     bar = _Bar(enabled=rank0)
 
     def listener(ev) -> None:
