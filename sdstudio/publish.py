@@ -10,13 +10,15 @@ import shutil
 from pathlib import Path
 
 from .formats.kinds import detect_kind
+from .formats.numbered import keep_previous, same_content
 from .formats.safe_io import atomic_dir, atomic_write_bytes
 from .workspace import MODEL_DIRS, Workspace
 
 
 def publish(ws: Workspace, paths, *, kind: str | None = None) -> list[Path]:
     """Copy each artefact into `models/<kind>/` atomically (the kind read from the file unless given) and
-    return where they went. Files of no model kind (a run card, a log) are skipped."""
+    return where they went. Files of no model kind (a run card, a log) are skipped. A different file already
+    there is kept under its numbered name (its step), never overwritten."""
     out = []
     for p in map(Path, paths):
         k = kind or detect_kind(p)
@@ -26,6 +28,11 @@ def publish(ws: Workspace, paths, *, kind: str | None = None) -> list[Path]:
         if target.resolve() == p.resolve():
             out.append(target)
             continue
+        if target.exists():
+            if same_content(target, p):
+                out.append(target)
+                continue
+            keep_previous(target)  # "Train again": the earlier file stays, as name-000030.safetensors
         if p.is_dir():
             with atomic_dir(target) as tmp:
                 shutil.copytree(p, tmp, dirs_exist_ok=True)
