@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path, PureWindowsPath
 
 ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 SS_BASE = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -25,7 +26,7 @@ def training_metadata(run, family, *, network_dim: int | None = None, network_al
         "ss_session_id": str(abs(hash((run.run_dir, run.started))) % 2**31),
         "ss_training_started_at": str(run.started or now),
         "ss_output_name": cfg.output_name,
-        "ss_sd_model_name": str(cfg.base_model),
+        "ss_sd_model_name": shareable(str(cfg.base_model)),
         "ss_base_model_version": SS_BASE.get(family.name, "sd_v1"),
         "ss_v2": str(family.name == "sd2"),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
@@ -59,7 +60,7 @@ def training_metadata(run, family, *, network_dim: int | None = None, network_al
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
         "modelspec.prediction_type": family.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type,
-        "sdstudio.run_card": json.dumps(_jsonable(cfg.to_dict()), sort_keys=True),
+        "sdstudio.run_card": json.dumps(_shareable_all(_jsonable(cfg.to_dict())), sort_keys=True),
         "sdstudio.version": _version(),
     }
     if network_dim is not None:
@@ -69,6 +70,35 @@ def training_metadata(run, family, *, network_dim: int | None = None, network_al
         if network_args:
             meta["ss_network_args"] = json.dumps(network_args)
     return meta
+
+
+# The workspace's top-level folders: a path through one of them is shared from there on.
+_WORKSPACE_TOPS = ("models", "datasets", "runs", "outputs", "inputs", "recipes")
+
+
+def shareable(value: str) -> str:
+    """A path as it may travel inside a shared file: never absolute. `/home/me/ws/models/lora/a.safetensors`
+    becomes `models/lora/a.safetensors` (workspace-relative), any other absolute path its last part; relative
+    paths, hub ids and "tiny" are left as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value)
+    if not (p.is_absolute() or PureWindowsPath(value).is_absolute()):
+        return value
+    parts = p.parts if p.is_absolute() else PureWindowsPath(value).parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] in _WORKSPACE_TOPS and i < len(parts) - 1:
+            return "/".join(parts[i:])
+    return parts[-1]
+
+
+def _shareable_all(d):
+    """Every absolute path inside a run card, made shareable."""
+    if isinstance(d, dict):
+        return {k: _shareable_all(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_shareable_all(v) for v in d]
+    return shareable(d) if isinstance(d, str) else d
 
 
 def _jsonable(d):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..formats.metadata import shareable
 from ..formats.kinds import kohya_te_name, kohya_unet_name
 from ..fields import setting
 from . import tokens as tk
@@ -350,7 +351,7 @@ class EDLoRA(MethodBase):
 
             meta = training_metadata(self.run, c.family, network_dim=self.o.lora_rank,
                                      network_alpha=self.o.lora_alpha * self.o.lora_rank, kind="edlora")
-        meta |= {"sdstudio.method": "edlora", "sdstudio.base_model": str(c.ref), "sdstudio.family": c.family.name,
+        meta |= {"sdstudio.method": "edlora", "sdstudio.base_model": shareable(str(c.ref)), "sdstudio.family": c.family.name,
                 "sdstudio.concept_tokens": " ".join(self.tokens), "sdstudio.class_word": self.o.class_word,
                 "sdstudio.layers": str(self.layers), "sdstudio.clip_skip": str(self.o.clip_skip),
                 "sdstudio.embedding_stopped_at": str(self.stopped_at)}
