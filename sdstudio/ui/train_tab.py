@@ -366,8 +366,8 @@ def build(ctx: AppContext) -> None:
         runs_table = gr.HTML(_runs_frame(ctx), elem_id="train-runs", scale=4)
         with gr.Column(scale=1):
             run_pick = gr.Dropdown(_run_names(ctx), label="Run", elem_id="train-run-pick", allow_custom_value=True)
-            resume_to = gr.Number(None, precision=0, minimum=1, label="Resume up to step", elem_id="train-resume-steps",
-                                  info="Empty: the run's own total. Higher: train longer.")
+            resume_to = gr.Number(None, precision=0, minimum=0, label="Resume up to step", elem_id="train-resume-steps",
+                                  info="Empty or 0: the run's own total. Higher: train longer.")
             resume_btn = gr.Button("Resume", elem_id="train-resume")
             load_btn = gr.Button("Load its settings", elem_id="train-run-load")
             open_pg = gr.Button("Open in Playground", elem_id="train-open-playground")
