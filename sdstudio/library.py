@@ -205,18 +205,25 @@ class RunEntry:
     name: str
     path: str
     method: str
-    steps: int
+    steps: int  # steps done (log.jsonl)
     last_loss: float | None
     checkpoints: int
     artefacts: tuple[str, ...]
+    state: str = ""  # running | paused | stopped | failed | finished ("" for a run that never started training)
+    total: int = 0  # steps asked for (max_steps)
+    reason: str = ""  # why it failed (or why it counts as stopped)
 
 
 def scan_runs(ws: Workspace) -> list[RunEntry]:
+    """Every run folder with its state, steps done of total and last loss: a directory listing plus three small
+    reads per run (config.toml, status.json, the end of log.jsonl)."""
+    from .train.status import last_log_line, read_status
+
     out = []
     for d in sorted((ws.root / "runs").iterdir()) if (ws.root / "runs").is_dir() else []:
         if not d.is_dir():
             continue
-        method, steps, loss = "", 0, None
+        method, total = "", 0
         cfg = d / "config.toml"
         if cfg.is_file():
             try:
@@ -224,23 +231,22 @@ def scan_runs(ws: Workspace) -> list[RunEntry]:
             except ImportError:  # Python 3.10
                 import tomli as tomllib
             try:
-                method = tomllib.loads(cfg.read_text(encoding="utf-8")).get("method", "")
+                doc = tomllib.loads(cfg.read_text(encoding="utf-8"))
+                method, total = doc.get("method", ""), int(doc.get("max_steps", 0) or 0)
             except Exception:
                 method = "?"
-        logf = d / "log.jsonl"
-        if logf.is_file():
-            lines = [ln for ln in logf.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if lines:
-                try:
-                    last = json.loads(lines[-1])
-                    steps, loss = int(last.get("step", 0)), last.get("loss")
-                except (json.JSONDecodeError, ValueError):
-                    pass
+        last = last_log_line(d / "log.jsonl")
+        steps, loss = int(last.get("step", 0) or 0), last.get("loss")
         ckpts = len(list((d / "checkpoints").glob("step-*"))) if (d / "checkpoints").is_dir() else 0
         # model files, and the model folders a run writes (ControlNet, T2I-Adapter, a fine-tune's pipeline)
         arts = tuple(ws.relative(p) for p in sorted(d.iterdir()) if p.suffix == ".safetensors"
                      or p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file()))
-        out.append(RunEntry(d.name, ws.relative(d), method, steps, loss, ckpts, arts))
+        st = read_status(d)
+        state, reason = st.get("state", ""), st.get("reason", "")
+        total = int(st.get("total") or total)
+        if not state and steps:  # a run from before status.json: judge by its log and files
+            state = "finished" if total and steps >= total and arts else "stopped"
+        out.append(RunEntry(d.name, ws.relative(d), method, steps, loss, ckpts, arts, state, total, reason))
     return out
 
 

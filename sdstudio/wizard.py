@@ -29,6 +29,8 @@ from .events import Finished, Preview, Progress, Saved, Status
 CLASSES = ("person", "woman", "man", "dog", "anime character", "object", "style")
 PEOPLE = ("person", "woman", "man", "anime character")
 MEMORY_CHOICES = (6, 8, 12, 24)
+CPU_MEMORY = 0  # the memory choice that means "no GPU: train on the CPU"
+CPU_PRESET = "character-lora-sd15-8gb"
 MIN_PHOTOS, MAX_PHOTOS, GOOD_PHOTOS = 5, 50, 10
 MIN_SIDE = 256  # photos smaller than this are refused by the check stage for real models (tiny: 64)
 GRID_WEIGHTS = (0.4, 0.6, 0.8, 1.0)
@@ -86,9 +88,11 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # choices made for the user, shown before starting
 
+    captions: str = ""  # what the caption stage will really write (the captioner, or trigger + class offline)
+
     def summary(self) -> str:
         return (f"{len(self.photos)} photos -> {self.preset}: {self.estimate.summary()}. Crop: {self.crop}; "
-                f"captions: {self.captioner}.")
+                f"captions: {self.captions or self.captioner}.")
 
 
 # -- 0. the sanity checks (synchronous, no model loads) --------------------------------------------------------
@@ -135,6 +139,10 @@ def check_class(class_word: str) -> str:
 
 
 def pick_preset(memory_gb: float) -> str:
+    """The character preset for a card of `memory_gb`; 0 means no GPU: the CPU trains the 8 GB preset (plain
+    AdamW, no gradient checkpointing, which only slows a CPU down)."""
+    if memory_gb == CPU_MEMORY:
+        return CPU_PRESET
     fits = [name for gb, name in PRESET_FOR_MEMORY if gb <= memory_gb]
     if not fits:
         raise UserError(f"{memory_gb:g} GB of GPU memory is too little to train an SD 1.5 LoRA: the smallest preset "
@@ -179,11 +187,13 @@ def _photo_warnings(photos: list[Path], min_side: int) -> list[str]:
     return out
 
 
-def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
-    """Every check a user can fail, in one sentence each, before any training starts. Raises UserError."""
+def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None, machine=None) -> Plan:
+    """Every check a user can fail, in one sentence each, before any training starts. Raises UserError.
+    `machine` (train.machine.Machine) is this machine unless given; `device_is_cuda` is a shorthand for tests."""
     from .models.loading import TINY, TINY_REFS, family_of_ref
     from .train.config import PRESETS_DIR, load_config, read_toml
-    from .train.estimate import check_fits, estimate
+    from .train.estimate import check_fits, cpu_estimate, estimate
+    from .train.machine import Machine, apply_changes, detect, fit_to_machine
 
     name = check_name(qc.name)
     cls = check_class(qc.class_word)
@@ -200,39 +210,51 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
     base = (qc.base_model or TINY).strip()
     if family_of_ref(base).is_xl:
         raise UserError("SDXL is not supported by the wizard yet: choose an SD 1.5 base model.")
+    if machine is None:
+        if device_is_cuda is None:
+            machine = detect(qc.device)
+        else:
+            from .train.machine import _has_bitsandbytes
+
+            machine = Machine("cuda", bitsandbytes=_has_bitsandbytes()) if device_is_cuda else Machine("cpu")
+    on_cpu = not machine.cuda
     picked = pick_preset(memory)
     preset = (qc.preset or picked).strip()
     if not (PRESETS_DIR / f"{preset}.toml").is_file():
         raise UserError(f"There is no preset {preset!r}: use one of {', '.join(n for _, n in PRESET_FOR_MEMORY)}.")
-    if device_is_cuda is None:
-        import torch
-
-        device_is_cuda = torch.cuda.is_available() and qc.device in ("auto", "cuda")
     run_name = unique_run_name(ws, f"{name}-{cls.replace(' ', '-')}")
     run_dir, dataset = ws.root / "runs" / run_name, ws.root / "datasets" / run_name
     gpu = _detected_gpu(memory)
 
     def resolved(name_: str):
-        """The preset with the wizard's choices, and the same at real size for the memory check (a test's tiny
-        overrides must not hide a misfit)."""
+        """The preset with the wizard's choices fitted to this machine, and the same at real size for the memory
+        check (a test's tiny overrides must not hide a misfit)."""
         raw = read_toml(PRESETS_DIR / f"{name_}.toml")
-        vals, nts = _train_values(qc, raw, name, cls, len(photos), base, run_name, run_dir, dataset, device_is_cuda)
-        load_config(None, extra=vals)  # a bad override fails here, before anything runs
+        vals, nts = _train_values(qc, raw, name, cls, len(photos), base, run_name, run_dir, dataset)
+        cfg = load_config(None, extra=vals)  # a bad override fails here, before anything runs
+        _fitted, changes = fit_to_machine(cfg, machine)
+        vals = apply_changes(vals, changes)
+        nts = nts + [str(c) for c in changes]
         return vals, nts, load_config(None, extra={**vals, "resolution": raw.get("resolution", 512)})
 
     values, notes, real = resolved(preset)
-    if not qc.preset and not estimate(real, gpu=gpu, device_is_cuda=True).fits(memory):
-        # Class images double each step's images: step down the ladder to a preset that fits.
-        for _gb, smaller in reversed([x for x in PRESET_FOR_MEMORY if x[1] != preset and x[0] < memory]):
-            v2, n2, r2 = resolved(smaller)
-            if estimate(r2, gpu=gpu, device_is_cuda=True).fits(memory):
-                notes = n2 + [f"Class images double each step's images: using {smaller} to fit {memory:g} GB."]
-                preset, values, real = smaller, v2, r2
-                break
-    alternatives = {n: resolved(n)[2] for _, n in PRESET_FOR_MEMORY if n != preset}
-    est = check_fits(real, memory, alternatives=alternatives, gpu=gpu, device_is_cuda=True)
+    if on_cpu:
+        # No GPU to fit: the time comes from a step measured here, on the config that will really run.
+        est = cpu_estimate(load_config(None, extra=values))
+    else:
+        if not qc.preset and not estimate(real, gpu=gpu, device_is_cuda=True).fits(memory):
+            # Class images double each step's images: step down the ladder to a preset that fits.
+            for _gb, smaller in reversed([x for x in PRESET_FOR_MEMORY if x[1] != preset and x[0] < memory]):
+                v2, n2, r2 = resolved(smaller)
+                if estimate(r2, gpu=gpu, device_is_cuda=True).fits(memory):
+                    notes = n2 + [f"Class images double each step's images: using {smaller} to fit {memory:g} GB."]
+                    preset, values, real = smaller, v2, r2
+                    break
+        alternatives = {n: resolved(n)[2] for _, n in PRESET_FOR_MEMORY if n != preset}
+        est = check_fits(real, memory, alternatives=alternatives, gpu=gpu, device_is_cuda=True)
     if qc.preset and qc.preset != picked:
-        notes.append(f"Using {qc.preset} as asked (the wizard would pick {picked} for {memory:g} GB).")
+        notes.append(f"Using {qc.preset} as asked (the wizard would pick {picked} for "
+                     f"{'the CPU' if not memory else f'{memory:g} GB'}).")
     min_side = qc.min_side or (64 if base in TINY_REFS else MIN_SIDE)
     warnings = _photo_warnings(photos, min_side)
     if len(photos) < GOOD_PHOTOS:
@@ -245,7 +267,29 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
     captioner = qc.captioner if qc.captioner != "auto" else ("wd14" if cls == "anime character" else "blip")
     return Plan(config=qc, run_name=run_name, run_dir=run_dir, dataset=dataset, photos=photos, preset=preset,
                 values=values, estimate=est, crop=crop, captioner=captioner, warnings=warnings,
-                notes=notes)
+                notes=notes, captions=_captions_that_will_run(captioner, ws, name, cls))
+
+
+def _captions_that_will_run(captioner: str, ws, name: str, cls: str) -> str:
+    """What the caption stage will really do: the captioner, or trigger + class when its model is out of reach."""
+    if captioner == "none":
+        return f"'{name} {cls}' only (captioner off)"
+    if not _reachable(captioner, ws.root / "models" / "captioners"):
+        return f"'{name} {cls}' only (no {captioner.upper()} model here: put one in models/captioners/)"
+    return captioner
+
+
+_REACHABLE: dict = {}
+
+
+def _reachable(kind: str, search: Path) -> bool:
+    """captioner_reachable, remembered for a minute: the plan is redrawn on every form change, and a probe of
+    the hub can take 2 s."""
+    key = (kind, str(search))
+    hit = _REACHABLE.get(key)
+    if hit is None or time.time() - hit[1] > 60:
+        hit = _REACHABLE[key] = (captioner_reachable(kind, search), time.time())
+    return hit[0]
 
 
 def _detected_gpu(memory: float):
@@ -267,7 +311,7 @@ def steps_for(n_photos: int, batch_size: int) -> int:
 
 
 def _train_values(qc: QuickConfig, preset: dict, name: str, cls: str, n_photos: int, base: str, run_name: str,
-                  run_dir: Path, dataset: Path, cuda: bool) -> tuple[dict, list[str]]:
+                  run_dir: Path, dataset: Path) -> tuple[dict, list[str]]:
     notes = []
     v = dict(preset)
     prefix = f"{name} {cls}"
@@ -289,18 +333,7 @@ def _train_values(qc: QuickConfig, preset: dict, name: str, cls: str, n_photos: 
         v["prior_preservation"] = True
     if qc.device != "auto":
         v["device"] = qc.device
-    if v.get("optimizer") == "adamw8bit" and not (cuda and _has_bitsandbytes()):
-        v["optimizer"] = "adamw"
-        notes.append("8-bit Adam needs a CUDA GPU and bitsandbytes: training uses AdamW (about 0.1 GB more).")
     return v, notes
-
-
-def _has_bitsandbytes() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def sample_prompts(name: str, cls: str) -> list[str]:
@@ -364,7 +397,7 @@ def run_quick(p: Plan, ws, emit, commands, *, cache=None) -> dict:
 
     # 3. caption
     _stage(emit, "caption", f"captioning with {p.captioner}")
-    caption_note = _caption(p, ws, name, cls, device, emit, check)
+    caption_note, captioned_by = _caption(p, ws, name, cls, device, emit, check)
     _stage(emit, "caption", caption_note, "done")
 
     # 4. class images
@@ -381,6 +414,12 @@ def run_quick(p: Plan, ws, emit, commands, *, cache=None) -> dict:
 
     cfg = load_config(None, extra=p.values)
     _stage(emit, "preset", f"{p.preset}, {cfg.max_steps} steps at {cfg.resolution} px", "done")
+    # What the run is, before it trains: the hand-offs (Open in Dataset/Train tab) and "Train again" read it even
+    # when the run is stopped before its end. `_finish` completes it.
+    _write_summary(p.run_dir, {"run": p.run_name, "trigger": name, "class": cls, "preset": p.preset,
+                               "estimate": p.estimate.summary(), "dataset": ws.relative(p.dataset),
+                               "run_dir": ws.relative(p.run_dir), "captioner": captioned_by,
+                               "photos": [ws.relative(x) for x in qc.photos], "steps": cfg.max_steps})
 
     # 6. train
     outputs = _train(cfg, ws, emit, commands, resume=False)
@@ -396,21 +435,21 @@ def _caption(p: Plan, ws, name, cls, device, emit, check) -> str:
     from .data.prepare import caption_dataset
 
     if p.captioner == "none":
-        return f"captions are '{name} {cls}' only (captioner off)"
+        return f"captions are '{name} {cls}' only (captioner off)", "none"
     search = ws.root / "models" / "captioners"
     fallback = f"no {p.captioner.upper()} model offline: captions are '{name} {cls}' (trigger + class) only"
     ref = captioner_model(p.captioner)
     if not captioner_reachable(p.captioner, search):
         emit(Status(f"warning: no {p.captioner.upper()} model here and no internet: put {ref} in "
                     f"{ws.relative(search / ref.replace('/', '--'))} for richer captions", stage="quick.warning"))
-        return fallback
+        return fallback, "none"
     try:
         captioner = make_captioner(p.captioner, search_dir=search, device=device)
     except UserError as exc:
         emit(Status(f"warning: {exc}", stage="quick.warning"))
-        return fallback
+        return fallback, "none"
     n = caption_dataset(p.dataset, captioner, name, cls, emit=emit, check=check)
-    return f"{n} captions by {p.captioner}, each starting with '{name} {cls}'"
+    return f"{n} captions by {p.captioner}, each starting with '{name} {cls}'", p.captioner
 
 
 def captioner_model(kind: str) -> str:
@@ -478,6 +517,7 @@ def _finish(run_name: str, cfg, ws, lora: Path, emit, check, *, grid_steps: int,
 
     _stage(emit, "playground", "handing the LoRA to the Playground")
     summary = {
+        **_read_summary(run_dir),
         "run": run_name, "trigger": name, "class": cls, "lora": ws.relative(lora), "grid": ws.relative(grid),
         "run_dir": ws.relative(run_dir), "dataset": ws.relative(Path(cfg.dataset)), "steps": cfg.max_steps,
         "preset": plan.preset if plan else _read_summary(run_dir).get("preset", ""),
@@ -486,12 +526,16 @@ def _finish(run_name: str, cfg, ws, lora: Path, emit, check, *, grid_steps: int,
         "prompt": f"{sample_prompts(name, cls)[0]}, <lora:{lora.stem}:0.8>",
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    from .formats.safe_io import atomic_write_text
-
-    atomic_write_text(run_dir / "quick.json", json.dumps(summary, indent=1))
+    _write_summary(run_dir, summary)
     _stage(emit, "playground", f"ready: {ws.relative(lora)}", "done")
     emit(Finished(message=f"{lora.name} is ready: try '{summary['prompt']}'", outputs=(str(lora), str(grid))))
     return summary
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    from .formats.safe_io import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / "quick.json", json.dumps(summary, indent=1))
 
 
 def _read_summary(run_dir: Path) -> dict:
@@ -524,10 +568,11 @@ def make_grid(ws, cfg, lora: Path, name: str, cls: str, *, steps: int, device: s
 
     session = Playground(places=Places.cli(ws), lora_dir=ws.models("lora"), device=device, dtype=pick_dtype(device))
     prompts = sample_prompts(name, cls)
-    base = cfg.base_model
+    # Workspace-relative paths: the recipe rides in the grid PNG, which must not carry this machine's folders.
+    base = ws.relative(cfg.base_model) if Path(str(cfg.base_model)).is_absolute() else cfg.base_model
     recipe = Recipe(base_model=base, prompt=prompts[0], steps=steps, cfg=7.0, seed=cfg.sample_seed,
                     width=cfg.resolution, height=cfg.resolution, sampler="dpm++2m_karras",
-                    lora=[LoraItem(path=str(lora), weight=1.0)])
+                    lora=[LoraItem(path=ws.relative(lora), weight=1.0)])
     axis = Axis("lora_weight", list(GRID_WEIGHTS))
     rows, total = [], len(prompts) * len(GRID_WEIGHTS)
 
@@ -537,8 +582,8 @@ def make_grid(ws, cfg, lora: Path, name: str, cls: str, *, steps: int, device: s
 
         _, images = run_grid(session, recipe.replace(prompt=prompt), axis, None, on_cell=on_cell, check=check)
         rows.append(images[0])
-    labels = [p if len(p) <= 48 else p[:45] + "..." for p in prompts]
-    image = compose(rows, [f"{v:g}" for v in GRID_WEIGHTS], labels)  # short: cells may be 64 px wide
+    image = compose(rows, [axis.label(v) for v in GRID_WEIGHTS], prompts, x_title=axis.title(recipe),
+                    y_title="prompt")
     path = Path(cfg.output_dir) / "samples" / "final-grid.png"
     atomic_write_bytes(path, png_bytes(image, recipe))
     return path

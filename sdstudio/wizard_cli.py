@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("photos", nargs="*", type=Path, help="5-50 photos: image files, a folder or a zip")
     p.add_argument("--name", default="", help="the trigger word your LoRA learns, e.g. ohwx or mira")
     p.add_argument("--class", dest="class_word", default="", help=f"what the subject is: {', '.join(CLASSES)}")
-    p.add_argument("--memory", type=finite_float, default=None, help="GPU memory in GB: 6, 8, 12 or 24 (default: detected, "
-                                                              "else 8)")
+    p.add_argument("--memory", type=finite_float, default=None, help="GPU memory in GB: 6, 8, 12 or 24, or 0 to train on the "
+                                                              "CPU (default: detected, else 0 without a GPU)")
     p.add_argument("--base", default="", help="base model: tiny, a hub id, a diffusers folder or a .safetensors "
                                               "(default: the Library's choice, else tiny)")
     p.add_argument("--preset", default="", help="use this preset instead of the one picked for the memory")
@@ -47,7 +47,7 @@ def _memory_default() -> float:
         total = gpu_summary().get("total_gb", 0)
     except Exception:
         total = 0
-    return float(total) if total else 8.0
+    return float(total) if total else 0.0  # no GPU: the CPU choice
 
 
 def _printer(ev) -> None:

@@ -108,7 +108,11 @@ class AppServer:
             [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--home", str(home), "--no-browser",
              *(extra_args or [])],
             stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        self._wait()
+        try:
+            self._wait()
+        except BaseException:
+            self.stop()  # a server that never answered must not outlive the test (and load the machine)
+            raise
 
     def _wait(self, timeout: float = 120) -> None:
         import urllib.request
@@ -123,7 +127,7 @@ class AppServer:
                 time.sleep(0.3)
                 continue
             try:
-                urllib.request.urlopen(self.url, timeout=2)
+                urllib.request.urlopen(self.url, timeout=15)  # a loaded 2-core box renders the page slowly
                 return
             except Exception:
                 time.sleep(0.3)
@@ -168,6 +172,39 @@ def page(browser):
     pg.set_default_timeout(30_000)
     yield pg
     ctx.close()
+
+
+class ConsoleErrors(list):
+    """Every error the page logs (console.error and uncaught exceptions). `reload()` reloads the page and drops
+    only what the old page logs while it is torn down: its open event stream is aborted by the navigation
+    ("BodyStreamBuffer was aborted", then Gradio's "Connection errored out"), which is the browser leaving the
+    page, not an error of the app."""
+
+    UNLOAD = ("BodyStreamBuffer was aborted", "Connection errored out")
+
+    def __init__(self, page) -> None:
+        super().__init__()
+        self.page = page
+        self.navigating = False
+        page.on("console", lambda m: self._add(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self._add(f"uncaught: {e}"))
+
+    def _add(self, text: str) -> None:
+        if self.navigating and any(u in text for u in self.UNLOAD):
+            return
+        self.append(text)
+
+    def reload(self, **kwargs) -> None:
+        self.navigating = True
+        try:
+            self.page.reload(**kwargs)
+        finally:
+            self.navigating = False
+
+
+@pytest.fixture
+def console_errors(page) -> ConsoleErrors:
+    return ConsoleErrors(page)
 
 
 def screenshot(page, name: str) -> Path:

@@ -125,8 +125,23 @@ def test_whole_run_on_tiny(ws, tmp_path):
     assert [s[0] for s in job2.log.snapshot()["steps"]] == [4, 5]
     assert any(isinstance(e, Status) and "resumed from step 3" in e.message for e in job2.log.events())
     assert json.loads((p.run_dir / "quick.json").read_text())["steps"] == 5
+    # The first final LoRA was kept under its step's number, in the run and in models/lora, not overwritten.
+    assert (p.run_dir / f"{p.run_name}-000003.safetensors").is_file()
+    assert (ws.models("lora") / f"{p.run_name}-000003.safetensors").is_file()
     with pytest.raises(UserError, match="not a finished Quick run"):
         wizard.check_more_steps(ws, "nothing-here", 10)
+
+    # No file that we wrote holds the workspace's absolute path: not the LoRA's metadata (run card, base model),
+    # not the grid's or a generation's PNG text, not the run's config.toml, quick.json or the dataset's records.
+    from sdstudio.playground.session import generation_work
+
+    run_foreground("g", "generate", generation_work(
+        pg, r.replace(lora=[LoraItem(path=summary["lora"], weight=0.8)], seed=-1), ws.root / "outputs"))
+    assert list((ws.root / "outputs").glob("*.png"))
+    root = str(ws.root).encode()
+    leaks = sorted(f.relative_to(ws.root).as_posix() for f in ws.root.rglob("*")
+                   if f.is_file() and root in f.read_bytes())
+    assert leaks == []
 
 
 def test_stop_during_training_keeps_a_checkpoint(ws, tmp_path):

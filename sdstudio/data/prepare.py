@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -54,7 +55,7 @@ class PrepareConfig:
     background_model: str = "u2net"  # rembg model name (file in models/rembg)
     background: tuple[int, int, int] = (255, 255, 255)  # colour for removed backgrounds and flattened alpha
     min_side: int = 64  # images with a shorter side are skipped as unusable
-    near_duplicate_distance: int = 6  # dHash bits; lower = stricter. Near duplicates are flagged, not dropped
+    near_duplicate_distance: int = 10  # dHash bits that make a candidate (a signature confirms it); lower = stricter
     skip_near_duplicates: bool = False  # drop near duplicates instead of flagging them
     overwrite_captions: bool = False  # run the captioner even where the source has a caption
     face_margin: float = 0.6  # face crop: space around the face, in face sizes
@@ -287,6 +288,7 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
     buckets = make_buckets(cfg.size)
     seen_sha: dict[str, str] = {}
     hashes: dict[str, int] = {}
+    signatures: dict = {}
     kept: list[tuple[Item, Path]] = []
     with atomic_dir(out / "img") as img_root, atomic_dir(out / CONDITIONING_DIR) as cond_root:
         folder = img_root / concept
@@ -299,7 +301,7 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
             item = Item(source=name)
             items.append(item)
             try:
-                _one(item, path, cfg, seen_sha, hashes, remover, buckets, folder, used_names, captions, pairs)
+                _one(item, path, cfg, seen_sha, hashes, signatures, remover, buckets, folder, used_names, captions, pairs)
             except UserError as exc:  # a model that fails on this one image: skip it, keep going
                 item.skip(str(exc))
             except Exception as exc:  # a bug or a codec crash on one file must not end the batch
@@ -308,7 +310,7 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
                 kept.append((item, folder / Path(item.output).name))
         emit(Progress(len(candidates), len(candidates), stage="prepare", message="validated"))
         for name, other in find_near_duplicates({i.source: hashes[i.source] for i, _ in kept},
-                                                cfg.near_duplicate_distance).items():
+                                                cfg.near_duplicate_distance, signatures).items():
             item = next(i for i, _ in kept if i.source == name)
             if cfg.skip_near_duplicates:
                 item.skip(f"near-duplicate of {other}")
@@ -339,7 +341,7 @@ def _prepare(sources, out: Path, staging: Path, cfg: PrepareConfig, models_dir, 
     return report
 
 
-def _check(item: Item, path: Path, cfg: PrepareConfig, seen_sha: dict, hashes: dict):
+def _check(item: Item, path: Path, cfg: PrepareConfig, seen_sha: dict, hashes: dict, signatures: dict | None = None):
     """Validate one file into `item`; returns the normalised image, or None when it is skipped."""
     info = inspect_image(path, cfg.background)
     if info.error:
@@ -354,6 +356,8 @@ def _check(item: Item, path: Path, cfg: PrepareConfig, seen_sha: dict, hashes: d
         return None
     seen_sha[info.sha256] = item.source
     hashes[item.source] = info.dhash
+    if signatures is not None:
+        signatures[item.source] = info.signature
     for note in info.notes:
         item.warn(note)
     if cfg.crop != "none" and min(info.size) < cfg.size:
@@ -402,9 +406,9 @@ def pair_problem(src: Path | None, image_size: tuple[int, int]) -> str:
     return CONDITIONS["control"].check(src, image_size) or ""
 
 
-def _one(item: Item, path: Path, cfg: PrepareConfig, seen_sha, hashes, remover, buckets, folder: Path,
+def _one(item: Item, path: Path, cfg: PrepareConfig, seen_sha, hashes, signatures, remover, buckets, folder: Path,
          used_names: set[str], captions: dict[str, str], pairs: Pairing | None = None) -> None:
-    info = _check(item, path, cfg, seen_sha, hashes)
+    info = _check(item, path, cfg, seen_sha, hashes, signatures)
     if info is None:
         return
     box = cfg.manual_crops.get(item.source)
@@ -622,11 +626,12 @@ def scan(sources: Path | list[Path], out: Path, cfg: PrepareConfig, emit: Callab
     rows: list[dict] = [{**asdict(i), "path": "", "thumb": ""} for i in items]
     seen_sha: dict = {}
     hashes: dict = {}
+    signatures: dict = {}
     for n, (name, path) in enumerate(candidates, 1):
         check()
         item = Item(source=name)
         try:
-            info = _check(item, path, cfg, seen_sha, hashes)
+            info = _check(item, path, cfg, seen_sha, hashes, signatures)
         except Exception as exc:  # one odd file must not end the scan
             info = None
             item.skip(f"could not be processed ({type(exc).__name__})")
@@ -645,10 +650,11 @@ def scan(sources: Path | list[Path], out: Path, cfg: PrepareConfig, emit: Callab
             d.line((40, 40, thumb_size - 40, thumb_size - 40), fill=(220, 90, 90), width=8)
             d.line((40, thumb_size - 40, thumb_size - 40, 40), fill=(220, 90, 90), width=8)
         im.save(thumb, quality=85)
-        rows.append({**asdict(item), "path": str(path), "thumb": str(thumb)})
+        # Relative to the dataset folder: scan.json travels with a shared dataset without this machine's folders.
+        rows.append({**asdict(item), "path": os.path.relpath(path, out), "thumb": os.path.relpath(thumb, out)})
         emit(Progress(n, len(candidates), stage="scan", message=name))
     dupes = find_near_duplicates({r["source"]: hashes[r["source"]] for r in rows if r["source"] in hashes},
-                                 cfg.near_duplicate_distance)
+                                 cfg.near_duplicate_distance, signatures)
     for r in rows:
         if r["source"] in dupes:
             r["reasons"].append(f"near-duplicate of {dupes[r['source']]}")
@@ -665,6 +671,9 @@ def read_scan(out: Path) -> list[dict]:
         return []
     report = {i.source: i for i in read_report(out)}
     for r in rows:
+        for key in ("path", "thumb"):  # stored relative to the dataset folder (older scans: absolute)
+            if r.get(key) and not os.path.isabs(r[key]):
+                r[key] = os.path.normpath(os.path.join(out, r[key]))
         done = report.get(r["source"])
         if done is not None:
             r.update(status=done.status, reasons=done.reasons, output=done.output)

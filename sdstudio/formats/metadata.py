@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import time
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 
@@ -202,7 +202,7 @@ def training_metadata(run, family, *, network_dim: int | None = None, network_al
     meta |= {
         **modelspec(cfg, family, kind, title, clip_skip, now),
         "sdstudio.dataset_hash": run.dataset_hash,
-        "sdstudio.run_card": json.dumps(_jsonable(cfg.to_dict()), sort_keys=True),
+        "sdstudio.run_card": json.dumps(_shareable_all(_jsonable(cfg.to_dict())), sort_keys=True),
         "sdstudio.version": _version(),
     }
     return meta
@@ -256,6 +256,35 @@ def network_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
     return {"sshs_model_hash": hashlib.sha256(data[8 + n:]).hexdigest(),
             "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+
+
+# The workspace's top-level folders: a path through one of them is shared from there on.
+_WORKSPACE_TOPS = ("models", "datasets", "runs", "outputs", "inputs", "recipes")
+
+
+def shareable(value: str) -> str:
+    """A path as it may travel inside a shared file: never absolute. `/home/me/ws/models/lora/a.safetensors`
+    becomes `models/lora/a.safetensors` (workspace-relative), any other absolute path its last part; relative
+    paths, hub ids and "tiny" are left as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value)
+    if not (p.is_absolute() or PureWindowsPath(value).is_absolute()):
+        return value
+    parts = p.parts if p.is_absolute() else PureWindowsPath(value).parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] in _WORKSPACE_TOPS and i < len(parts) - 1:
+            return "/".join(parts[i:])
+    return parts[-1]
+
+
+def _shareable_all(d):
+    """Every absolute path inside a run card, made shareable."""
+    if isinstance(d, dict):
+        return {k: _shareable_all(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_shareable_all(v) for v in d]
+    return shareable(d) if isinstance(d, str) else d
 
 
 def _jsonable(d):

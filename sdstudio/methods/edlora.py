@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..formats.metadata import shareable
 from ..formats.kinds import kohya_te_name, kohya_unet_name
 from ..concepts import tokens as tk
 from ..concepts.layerwise import (AttnContext, LayerwiseAttnProcessor, add_concept_tokens, check_base,
@@ -273,7 +274,7 @@ class EDLoRA(MethodBase):
                                      network_alpha=self.o.lora_alpha * self.o.lora_rank, kind="edlora",
                                      unet_lr=self.o.unet_lr, text_encoder_lr=self.o.text_encoder_lr,
                                      clip_skip=self.o.clip_skip)
-        meta |= {"sdstudio.method": "edlora", "sdstudio.base_model": str(c.ref), "sdstudio.family": c.family.name,
+        meta |= {"sdstudio.method": "edlora", "sdstudio.base_model": shareable(str(c.ref)), "sdstudio.family": c.family.name,
                 "sdstudio.concept_tokens": " ".join(self.tokens), "sdstudio.class_word": self.o.class_word,
                 "sdstudio.layers": str(self.layers), "sdstudio.clip_skip": str(self.o.clip_skip),
                 "sdstudio.embedding_stopped_at": str(self.stopped_at)}

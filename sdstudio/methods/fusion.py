@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..formats.metadata import shareable
 from ..events import Progress, Saved, Status
 from ..fields import build_dataclass, setting
 from ..concepts import tokens as tk
@@ -416,7 +417,7 @@ def save_fused(c, out_dir: Path, name: str, report: FusionReport | None = None) 
     ids = {t: tk.token_ids(c.tokenizer, names) for t, names in table.items()}
     concept_cfg = {t: {"concept_token_ids": ids[t], "concept_token_names": table[t]} for t in table}
     concepts = {EMB_PREFIX + t: rows[ids[t]].clone() for t in table}
-    meta = {"sdstudio.method": "edlora-fused", "sdstudio.base_model": str(c.ref), "sdstudio.family": c.family.name,
+    meta = {"sdstudio.method": "edlora-fused", "sdstudio.base_model": shareable(str(c.ref)), "sdstudio.family": c.family.name,
             "sdstudio.layers": str(len(cross_attention_layers(c.unet))), "sdstudio.concept_tokens": " ".join(table)}
     if report is not None:
         meta["sdstudio.fusion_report"] = json.dumps({"fused": report.fused, "average": report.average})

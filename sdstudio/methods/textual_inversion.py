@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..fields import setting
+from ..formats.metadata import shareable
 from .base import MethodBase, ParamGroup, register
 from ..concepts import tokens as tk
 
@@ -128,7 +129,7 @@ class TextualInversion(MethodBase):
         return loss
 
     def metadata(self, c) -> dict:
-        meta = {"sdstudio.method": self.name, "sdstudio.base_model": str(c.ref),
+        meta = {"sdstudio.method": self.name, "sdstudio.base_model": shareable(str(c.ref)),
                 "sdstudio.clip_skip": str(self.o.clip_skip)}
         if self.run is not None:
             from ..formats.metadata import training_metadata

@@ -10,6 +10,8 @@ from pathlib import Path
 from ..errors import UserError
 from .recipe import Recipe
 
+_NUMBERED = re.compile(r"-(\d{6})$")  # name-000020: a numbered save (formats/numbered.py)
+
 AXES = {
     "lora_weight": "LoRA weight",  # the weight of [[lora]] item `item`
     "checkpoint": "checkpoint",  # the file of [[lora]] item `item`: a run's checkpoints
@@ -28,9 +30,20 @@ class Axis:
     item: int = 0  # which [[lora]] item lora_weight / checkpoint change
 
     def label(self, value) -> str:
+        """The value as a column or row header: short, because the axis title names what varies."""
         if self.param == "checkpoint":
-            return Path(str(value)).parent.name if Path(str(value)).parent.name.startswith("step") else Path(str(value)).stem
-        return f"{AXES[self.param]} {value:g}" if isinstance(value, float) else f"{AXES[self.param]} {value}"
+            p = Path(str(value))
+            m = _NUMBERED.search(p.stem)
+            return p.parent.name if p.parent.name.startswith("step") else (f"step {int(m[1])}" if m else p.stem)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    def title(self, recipe: Recipe | None = None) -> str:
+        """What the axis varies, naming the item: "LoRA weight of mira-woman", "CFG"."""
+        name = AXES[self.param]
+        if self.param in ("lora_weight", "checkpoint") and recipe is not None and self.item < len(recipe.lora):
+            what = Path(str(recipe.lora[self.item].path)).stem
+            return f"{name} of {what}" if self.param == "lora_weight" else f"{what}: {name}"
+        return name
 
 
 def parse_axis(text: str) -> Axis:
@@ -66,8 +79,12 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
         return int(m[1]) if m else 1 << 60
 
     ckpts = sorted((run_dir / "checkpoints").glob("step-*/*.safetensors"), key=step_of)
-    ckpts = [p for p in ckpts if "optimizer" not in p.name and "state" not in p.name]
-    return ckpts + sorted(run_dir.glob("*.safetensors"))
+    # A resumable checkpoint's own tensors (trainable, ema) are training state, not a file the Playground loads.
+    ckpts = [p for p in ckpts if p.stem not in ("trainable", "ema") and "optimizer" not in p.name
+             and "state" not in p.name]
+    files = sorted(run_dir.glob("*.safetensors"))
+    numbered = sorted((p for p in files if _NUMBERED.search(p.stem)), key=lambda p: int(_NUMBERED.search(p.stem)[1]))
+    return ckpts + numbered + [p for p in files if p not in numbered]
 
 
 def expand_checkpoints(axis: Axis, resolve) -> Axis:
@@ -121,30 +138,112 @@ def run_grid(session, recipe: Recipe, x: Axis, y: Axis | None = None, *, on_cell
             if on_cell:
                 on_cell(done, total, img)
         images.append(out)
-    return compose(images, [x.label(v) for v in x.values], [y.label(v) for v in y.values] if y else [""]), images
+    return compose(images, [x.label(v) for v in x.values], [y.label(v) for v in y.values] if y else [""],
+                   x_title=x.title(recipe), y_title=y.title(recipe) if y else ""), images
 
 
-def compose(rows, x_labels: list[str], y_labels: list[str]):
-    """Images in a grid with column labels on top and row labels on the left."""
-    from PIL import Image, ImageDraw, ImageFont
+# Headers are drawn at this size whatever the cell size, as A1111's grids are; cells narrower than their
+# headers are enlarged (nearest neighbour, so pixels stay honest) until each header fits its column.
+FONT_PX = 16
+MAX_UPSCALE = 4
+MAX_LEFT_PX = 260  # row headers wrap to this width (a long prompt takes several lines)
+
+
+@dataclass
+class GridLayout:
+    """Where everything of a grid goes: the cell size after enlarging, and each text with its box."""
+
+    cell: tuple[int, int]
+    size: tuple[int, int]
+    left: int
+    top: int
+    font_px: int
+    texts: list  # (x, y, text, (x0, y0, x1, y1)): a header's lines and the box it must stay inside
+
+
+def _font(px: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=px)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """Words over as many lines as needed to fit `width`; a word wider than that is cut with an ellipsis."""
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+            continue
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            word = word[:-2] + "…" if word.endswith("…") else word[:-1] + "…"
+        lines.append(word)
+    return lines
+
+
+def grid_layout(cell: tuple[int, int], cols: int, rows: int, x_labels: list[str], y_labels: list[str],
+                x_title: str = "", y_title: str = "") -> GridLayout:
+    from PIL import Image, ImageDraw
+
+    font = _font(FONT_PX)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(FONT_PX * 1.3)
+    pad = 6
+    w, h = cell
+    widest = max([draw.textlength(t, font=font) for t in x_labels] + [1])
+    k = 1
+    while w * k < widest + 2 * pad and k < MAX_UPSCALE:
+        k += 1
+    w, h = w * k, h * k
+    has_y = any(y_labels) or bool(y_title)
+    left = 0
+    if has_y:
+        want = max([draw.textlength(t, font=font) for t in [*y_labels, y_title]] + [0]) + 2 * pad
+        left = int(min(MAX_LEFT_PX, max(64, want)))
+    texts = []
+    y = pad
+    if x_title:
+        for line in _wrap(draw, x_title, font, w * cols - 2 * pad):
+            tw = draw.textlength(line, font=font)
+            texts.append((left + (w * cols - tw) / 2, y, line, (left, 0, left + w * cols, y + line_h)))
+            y += line_h
+    x_lines = [_wrap(draw, t, font, w - 2 * pad) for t in x_labels]
+    top = y + line_h * max([len(ls) for ls in x_lines] + [1]) + pad
+    for j, lines in enumerate(x_lines):
+        for n, line in enumerate(lines):
+            tw = draw.textlength(line, font=font)
+            box = (left + j * w, y, left + (j + 1) * w, top)
+            texts.append((left + j * w + (w - tw) / 2, y + n * line_h, line, box))
+    if y_title:
+        for n, line in enumerate(_wrap(draw, y_title, font, left - 2 * pad)):
+            texts.append((pad, pad + n * line_h, line, (0, 0, left, top)))
+    for i, label in enumerate(y_labels if has_y else []):
+        lines = _wrap(draw, label, font, left - 2 * pad)[: max(1, (h - pad) // line_h)]
+        y0 = top + i * h + max(pad, (h - line_h * len(lines)) // 2)
+        for n, line in enumerate(lines):
+            texts.append((pad, y0 + n * line_h, line, (0, top + i * h, left, top + (i + 1) * h)))
+    return GridLayout(cell=(w, h), size=(left + w * cols, top + h * rows), left=left, top=top, font_px=FONT_PX,
+                      texts=texts)
+
+
+def compose(rows, x_labels: list[str], y_labels: list[str], *, x_title: str = "", y_title: str = ""):
+    """Images in a grid: the axis titles (what varies, naming the item), each column's value on top and each row's
+    on the left, at a readable size whatever the cell size."""
+    from PIL import Image, ImageDraw
 
     w, h = rows[0][0].size
-    try:
-        font = ImageFont.load_default(size=max(12, min(w, h) // 10))
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_h = max(draw_probe.textbbox((0, 0), "Ag", font=font)[3] + 8, 16)
-    left = max([draw_probe.textbbox((0, 0), t, font=font)[2] for t in y_labels] + [0]) + 12 if any(y_labels) else 0
-    top = text_h
-    canvas = Image.new("RGB", (left + w * len(x_labels), top + h * len(rows)), "white")
+    lay = grid_layout((w, h), len(x_labels), len(rows), x_labels, y_labels, x_title, y_title)
+    canvas = Image.new("RGB", lay.size, "white")
     draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(x_labels):
-        tw = draw.textbbox((0, 0), label, font=font)[2]
-        draw.text((left + j * w + (w - tw) // 2, 4), label, fill="black", font=font)
+    font = _font(lay.font_px)
+    for x, y, text, _box in lay.texts:
+        draw.text((x, y), text, fill="black", font=font)
+    cw, ch = lay.cell
     for i, row in enumerate(rows):
-        if any(y_labels):
-            draw.text((6, top + i * h + h // 2 - text_h // 2), y_labels[i], fill="black", font=font)
         for j, img in enumerate(row):
-            canvas.paste(img, (left + j * w, top + i * h))
+            if img.size != (cw, ch):
+                img = img.resize((cw, ch), Image.Resampling.NEAREST)
+            canvas.paste(img, (lay.left + j * cw, lay.top + i * ch))
     return canvas

@@ -127,6 +127,8 @@ class GroundingItem:
     enabled: bool = True
 
 
+MAX_SEED = 2**32 - 1  # A1111's range: its seeds and ours mean the same noise bits only within it
+
 ITEM_TABLES = {"lora": LoraItem, "embedding": EmbeddingItem, "controlnet": ControlNetItem,
                "t2i_adapter": T2IAdapterItem, "region": RegionItem, "grounding": GroundingItem}
 
@@ -139,7 +141,7 @@ class Recipe:
     sampler: str = "dpm++2m_karras"  # see pipeline.SAMPLERS
     steps: int = 20
     cfg: float = 7.0
-    seed: int = 1  # image i of a batch uses seed + i, so each image is reproducible alone
+    seed: int = 1  # image i of a batch uses seed + i, so each image is reproducible alone; -1 = draw one
     width: int = 512
     height: int = 512
     batch: int = 1
@@ -221,9 +223,20 @@ class Recipe:
         return Recipe.from_dict(self.to_dict())
 
     # -- checks --------------------------------------------------------------------------------------
+    def with_seed(self) -> "Recipe":
+        """The recipe to generate: seed -1 (A1111's "random") draws a seed now, so that the PNG and the recipe
+        record the seed that really made the image and it can be made again."""
+        if self.seed >= 0:
+            return self
+        import secrets
+
+        return self.replace(seed=secrets.randbelow(MAX_SEED - 64))  # room for seed + i in a batch
+
     def validate(self) -> None:
         """Bounds a user can get wrong, each with one sentence saying how to fix it."""
         _check_finite(self)
+        if self.seed < -1 or self.seed > MAX_SEED:
+            raise UserError(f"seed = {self.seed} is out of range: use 0 to {MAX_SEED}, or -1 for a random one.")
         if self.steps < 1 or self.steps > 1000:
             raise UserError(f"steps = {self.steps} is out of range: use 1 to 1000.")
         if self.batch < 1 or self.batch > 64:

@@ -209,7 +209,7 @@ class Playground:
 
     # 3. Generate ------------------------------------------------------------------------------------------
     def run(self, recipe: Recipe, *, fuse: bool = False, on_step=None, check=None):
-        p = self.prepare(recipe, fuse=fuse)
+        p = self.prepare(recipe.with_seed(), fuse=fuse)
         return generate(self.comps, p["recipe"], stack=self.stack,
                         controlnets=p["controlnets"], control_images=p["control_images"],
                         control_weights=p["control_weights"], control_ranges=p["control_ranges"],
@@ -238,11 +238,15 @@ def fit_image(path: Path, width: int, height: int):
 def generation_work(session: Playground, recipe: Recipe, out_dir: Path, *, fuse: bool = False, x=None, y=None,
                     preview_every: int = 1):
     """The Job work that the UI and `sdstudio generate` both run: generate (or a grid), save atomically, and
-    report progress, a live preview and the saved files as events."""
+    report progress, a live preview and the saved files as events. The work's `recipe` attribute is the recipe
+    that runs (a drawn seed filled in), for the UI's "reuse the last seed" button."""
     from ..events import Finished, Preview, Progress, Status
     from .grid import run_grid
     from .outputs import png_bytes, save_images
     from .pipeline import latents_to_rgb
+
+    # Seed -1 draws one seed for the whole job (a grid's cells share it, as in A1111), recorded in every PNG.
+    recipe = recipe.with_seed()
 
     def work(ctx):
         ctx.emit(Status("loading the base model and the stack", stage="load"))
@@ -273,7 +277,9 @@ def generation_work(session: Playground, recipe: Recipe, out_dir: Path, *, fuse:
             session.live_preview = images[0] if images else session.live_preview
             paths = save_images(images, recipe, out_dir)
         ctx.emit(Preview(step=0, paths=tuple(str(p) for p in paths), captions=tuple(p.name for p in paths)))
-        ctx.emit(Finished(message=f"saved {len(paths)} image(s)", outputs=tuple(str(p) for p in paths)))
+        ctx.emit(Finished(message=f"saved {len(paths)} image(s) · seed {recipe.seed}",
+                          outputs=tuple(str(p) for p in paths)))
         return paths
 
+    work.recipe = recipe
     return work

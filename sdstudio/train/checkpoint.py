@@ -83,9 +83,40 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict, optimi
         torch_save(extra, tmp / "optimizer.pt")  # a full disk is an OSError (ENOSPC), not torch's RuntimeError
         # state.json last: its presence marks a complete checkpoint.
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "elapsed": state.elapsed}))
-    for _step, old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+PUBLISHED_FILE = "published.json"  # the steps whose artefacts were published into models/
+
+
+def mark_published(run_dir: Path, step: int) -> None:
+    """Remember that the artefacts of `step` were published: pruning never deletes that checkpoint, so a
+    published file can always be traced back to (and continued from) the state that made it."""
+    from ..formats.safe_io import atomic_write_text
+
+    steps = sorted(set(published_steps(run_dir)) | {int(step)})
+    atomic_write_text(Path(run_dir) / PUBLISHED_FILE, json.dumps({"steps": steps}))
+
+
+def published_steps(run_dir: Path) -> list[int]:
+    try:
+        return [int(s) for s in json.loads((Path(run_dir) / PUBLISHED_FILE).read_text())["steps"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the last `keep` checkpoints, except those whose artefacts were published; returns what
+    went."""
+    protected = set(published_steps(run_dir))
+    gone = []
+    for step, old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        if step in protected:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        gone.append(old)
+    return gone
 
 
 def load_checkpoint(folder: Path) -> tuple[TrainState, dict, dict | None, dict]:

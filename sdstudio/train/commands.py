@@ -32,6 +32,8 @@ def run_train(args) -> int:
     from .config import apply_places, list_presets, load_config
     from .loop import preflight, train
 
+    from .machine import describe_changes, detect, fit_to_machine
+
     ws = Workspace.open()  # --home or $SDSTUDIO_HOME: the finished files are published into its models/
     places = Places.cli(ws)  # the one rule: the workspace first, then the current folder
     config = args.config
@@ -41,11 +43,17 @@ def run_train(args) -> int:
         except UserError:
             pass  # read_toml says it, listing the presets
     cfg = apply_places(load_config(config, args.sets), places)
+    # The settings this machine cannot run as written (8-bit Adam without CUDA, ...), changed and said, as the
+    # Train tab and the wizard do.
+    machine = detect(cfg.device)
+    cfg, changes = fit_to_machine(cfg, machine)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if changes and rank0:
+        print(describe_changes(changes, machine), file=sys.stderr)
     if args.print_config:
         print(cfg.to_toml())
         return 0
     checked = preflight(cfg, resume=args.resume, home=ws.root)  # folder mistakes: one line, before any model loads
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     bar = _Bar(enabled=rank0)
 
     def listener(ev) -> None:

@@ -24,6 +24,7 @@ SCHEMA_VERSION = 1
 PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets"
 
 
+PATH_KEYS = ("base_model", "dataset", "output_dir", "class_data")  # written workspace-relative in a run's config
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -145,10 +146,21 @@ class TrainConfig:
             out[self.method] = {f.name: getattr(self.options, f.name) for f in user_fields(type(self.options))}
         return out
 
-    def to_toml(self) -> str:
+    def to_toml(self, root: Path | None = None) -> str:
+        """The config as TOML. With `root` (the workspace a run lives in), paths inside it are written relative
+        to it, so a run's config.toml never holds this machine's folders; `load_config` reads them back."""
         import tomli_w
 
-        return tomli_w.dumps(self.to_dict())
+        data = self.to_dict()
+        if root is not None:
+            for key in PATH_KEYS:
+                value = str(data.get(key) or "")
+                if value and Path(value).is_absolute():
+                    try:
+                        data[key] = Path(value).resolve().relative_to(Path(root).resolve()).as_posix()
+                    except ValueError:
+                        pass  # outside the workspace (the CLI allows it): kept as given
+        return tomli_w.dumps(data)
 
 
 # -- parsing and validation -----------------------------------------------------------------------------
@@ -206,10 +218,31 @@ def read_toml(path: Path | str) -> dict:
         raise UserError(f"{p.name} is not a text file (it is not UTF-8): give a config .toml.") from None
 
 
+def run_workspace(config_path: Path | str) -> Path | None:
+    """The workspace of a run's own config.toml (`<workspace>/runs/<name>/config.toml`), else None."""
+    p = Path(config_path)
+    if p.name == "config.toml" and p.parent.parent.name == "runs":
+        return p.resolve().parent.parent.parent
+    return None
+
+
+def workspace_paths(values: dict, root: Path | None) -> dict:
+    """A run's config values with its workspace-relative paths made absolute again (those that exist there)."""
+    if root is None:
+        return values
+    values = dict(values)
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (Path(root) / value).exists():
+            values[key] = str(Path(root) / value)
+    return values
+
+
 def load_config(path: Path | str | None = None, sets: list[str] | None = None, extra: dict | None = None
                 ) -> TrainConfig:
-    """Defaults <- the preset/config file <- `extra` (the UI form) <- `--set` overrides."""
-    values = read_toml(path) if path else {}
+    """Defaults <- the preset/config file <- `extra` (the UI form) <- `--set` overrides. A run's own config.toml
+    holds workspace-relative paths; they are read relative to that workspace."""
+    values = workspace_paths(read_toml(path), run_workspace(path)) if path else {}
     values = merge(values, extra or {})
     return resolve(merge(values, parse_sets(sets)))
 

@@ -18,6 +18,7 @@ GPU class, scaled by pixels, batch, gradient checkpointing (+30%) and the previe
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 
 from ..errors import UserError
@@ -82,16 +83,28 @@ class Estimate:
     minutes: float
     gpu: str
     parts: dict = field(default_factory=dict)  # GB per part, for the explanation
+    on_cpu: bool = False  # training runs on the CPU: `minutes` come from a step measured here, not a GPU table
+    sec_per_step: float = 0.0  # the per-step figure behind `minutes` (CPU: measured)
 
     def fits(self, memory_gb: float) -> bool:
-        return self.vram_gb <= memory_gb
+        return self.on_cpu or self.vram_gb <= memory_gb
 
     def summary(self) -> str:
+        if self.on_cpu:
+            return (f"{self.steps} steps ({self.images_seen} image views) on the CPU (no CUDA GPU found), about "
+                    f"{_fmt_minutes(self.minutes)} ({_fmt_seconds(self.sec_per_step)} per step, from "
+                    f"{self.parts.get('basis', 'a step measured on this machine')})")
         return (f"{self.steps} steps ({self.images_seen} image views), about {self.vram_gb:.1f} GB of GPU memory, "
                 f"about {_fmt_minutes(self.minutes)} on a {self.gpu}")
 
 
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
+
+
 def _fmt_minutes(m: float) -> str:
+    if m < 1:
+        return f"{max(1, round(m * 60))} s"
     return f"{m:.0f} min" if m < 90 else f"{m / 60:.1f} h"
 
 
@@ -219,3 +232,120 @@ def check_fits(cfg, memory_gb: float, *, alternatives: dict[str, object] | None 
                         f"you have: use {name} (about {e.vram_gb:.1f} GB).")
     raise UserError(f"This training needs about {est.vram_gb:.1f} GB of GPU memory, more than the {memory_gb:g} GB "
                     f"you have, and no preset fits: lower the resolution or use a GPU with more memory.")
+
+
+# -- on the CPU: from a step measured here ---------------------------------------------------------------------
+# Forward GFLOPs of each family's UNet for one 512 px image (torch.utils.flop_counter on the meta device; a test
+# recounts them). A training step costs about 3 forwards (forward + backward).
+UNET_FORWARD_GFLOPS = {"sd1": 803.3, "sd2": 804.3}
+CPU_MEASURE_PX = 128  # the tiny step measured for the plan: under a second on a busy 2-core machine
+
+
+_MEASURE_LOCK = threading.Lock()
+
+
+def measured_tiny_step(resolution: int, batch: int) -> float:
+    """Seconds of one training step (forward + backward) of the tiny UNet on one CPU core, best of two after a
+    warm-up. One core, because several OpenMP threads on a busy machine spin-wait and make the figure
+    meaningless (and the plan slow); `cpu_estimate` scales it to the threads training will use. Measured once
+    per size: concurrent plans wait for the first."""
+    with _MEASURE_LOCK:
+        return _measure_tiny_step(resolution, batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _measure_tiny_step(resolution: int, batch: int) -> float:
+    import time
+
+    import torch
+    # The module itself, not diffusers' lazy top level: two threads importing through it at once can fail.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    from ..models.tiny import UNET_CONFIG
+
+    # Built here, never through from_pretrained (its empty-weights loading patches torch.nn.Module for every
+    # thread, and would put a training job's new weights on "meta"), and without the global RNG (a training job in
+    # this process draws from it): on the meta device (a per-thread mode), then filled. Only the time counts.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = unet.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.fill_(0.01)
+    gen = torch.Generator().manual_seed(0)
+    side = max(8, resolution // 8)
+    x = torch.randn(batch, 4, side, side, generator=gen)
+    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
+    t = torch.tensor([500] * batch)
+    best = float("inf")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(3):
+            t0 = time.perf_counter()
+            unet(x, t, ctx).sample.float().pow(2).mean().backward()
+            unet.zero_grad(set_to_none=True)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def measured_cpu_gflops() -> float:
+    """This CPU's fp32 matrix-multiply speed on one core, GFLOP/s (best of a few 512x512 products: ~50 ms)."""
+    import time
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: a training job in this process draws from it
+    a, b = torch.randn(512, 512, generator=gen), torch.randn(512, 512, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = min(best, (time.perf_counter() - t0) / 4)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * 512**3 / best / 1e9
+
+
+CONV_EFFICIENCY = 0.5  # a UNet's convolutions and attention run at about half the speed of a plain matmul
+
+
+def cpu_estimate(cfg, *, n_images: int | None = None) -> Estimate:
+    """Steps and time of a resolved TrainConfig trained on this CPU. On the tiny model, one training step is
+    measured here (at most 128 px, so the plan answers in about a second) and scaled by pixels; a real model's
+    step is its UNet's FLOPs at the resolution over this CPU's measured speed. Previews cost their denoising steps
+    the same way."""
+    import torch
+
+    from ..models.loading import family_of_ref
+
+    images = cfg.batch_size * (2 if cfg.prior_preservation else 1) * cfg.gradient_accumulation
+    # Threads help less than linearly (memory bandwidth, the parts that do not parallelise): n ** 0.7.
+    speedup = max(1, torch.get_num_threads()) ** 0.7
+    if str(cfg.base_model) == "tiny":
+        px = min(cfg.resolution, CPU_MEASURE_PX)
+        per_image = measured_tiny_step(px, 1) / speedup * (cfg.resolution / px) ** 2
+        how = "a step measured on this machine"
+    else:
+        fam = family_of_ref(str(cfg.base_model)).name
+        gflop = 3 * UNET_FORWARD_GFLOPS.get(fam, UNET_FORWARD_GFLOPS["sd1"] * 3) * (cfg.resolution / 512) ** 2
+        per_image = gflop / (measured_cpu_gflops() * CONV_EFFICIENCY * speedup)
+        how = "this CPU's measured speed"
+    sec_per_step = per_image * images * (1.3 if cfg.gradient_checkpointing else 1.0)
+    if getattr(cfg.options, "train_text_encoder", False):
+        sec_per_step *= 1.1
+    previews = (cfg.max_steps // cfg.sample_every if cfg.sample_every else 0) + 2
+    # A preview denoising step is one forward with and one without the prompt: 2/3 of a training step.
+    preview_s = previews * len(cfg.sample_prompts) * cfg.sample_steps * per_image * 2 / 3
+    minutes = (cfg.max_steps * sec_per_step + preview_s) / 60
+    return Estimate(steps=cfg.max_steps, images_seen=cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation,
+                    vram_gb=0.0, minutes=minutes, gpu="CPU", on_cpu=True, sec_per_step=sec_per_step,
+                    parts={"basis": how})

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ from ..formats.safe_io import atomic_write_text, load_state_dict, save_safetenso
 from ..jobs import Commands, Stopped
 from ..methods.base import Batch, RunInfo, hook
 from ..methods.registry import get_method
-from .checkpoint import (TrainState, clear_leftovers, latest_checkpoint, load_checkpoint, run_lock, save_checkpoint,
-                         set_rng_state)
-from .config import TrainConfig
-from .speed import SpeedOptions, check_speed_settings
+from .checkpoint import (TrainState, clear_leftovers, latest_checkpoint, load_checkpoint, mark_published, run_lock,
+                         save_checkpoint, set_rng_state)
+from .config import TrainConfig, run_workspace
 from .preview import check_sample_conditions, preview_conditions, render_previews
+from .speed import SpeedOptions, check_speed_settings
+from .status import RunStatus, last_log_line
 
 # Settings that must not change across a resume: they fix the data order and the shapes of what trains.
 RESUME_FIXED = ("method", "base_model", "dataset", "seed", "batch_size", "resolution", "gradient_accumulation",
@@ -180,11 +182,6 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
     """Validate, load, train, save. Returns the final artefacts. Raises UserError for user mistakes and
     Stopped when stopped (after saving a resumable checkpoint). `checked`: a preflight already done;
     `method`: a method instance to use instead of the registered `cfg.method` (plug-ins, tests)."""
-    from ..data.dataset import dataset_hash, tag_frequency
-    from ..devices import pick_device
-    from ..models.loading import load_base
-    from ..models.refs import Places
-
     commands = commands or Commands()
     method = method if method is not None else get_method(cfg.method)()
 
@@ -192,46 +189,105 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None], commands: Commands | 
     emit(Status("checking the dataset", stage="validate"))
     pre = checked or preflight(cfg, resume=resume, home=home, method=method)
     run_dir, layout = pre.run_dir, pre.layout
-    device = pick_device(cfg.device)
-    check_speed_settings(cfg, device)
-    acc, weight_dtype = _make_accelerator(cfg, device)
-    commands.check()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # One training per run folder, across processes: a second is refused (naming the first) before it touches
+    # anything of the run, status.json included; never run on top. Rank 0 holds it.
+    with run_lock(run_dir) if rank0 else contextlib.nullcontext():
+        return _train_locked(cfg, method, pre, run_dir, layout, emit, commands, resume, home, publish, rank0)
 
-    # 2. Load the base (a hub id is downloaded into the workspace first, by the main process, with progress)
-    #    and let the method attach what trains.
-    emit(Status(f"loading {cfg.base_model}", stage="load"))
-    places = Places.cli(home)
-    half = weight_dtype in (torch.float16, torch.bfloat16)
-    if acc.is_main_process:
-        base = places.local_model(cfg.base_model, half=half, emit=emit, check=commands.check)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        base = places.local_model(cfg.base_model, half=half)
-    pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
-    c = load_base(base, dtype=weight_dtype, device=str(acc.device), prediction_type=pred)
-    c.ref = cfg.base_model  # what the files' metadata name: the hub id, not the folder it was downloaded to
-    from ..formats.metadata import bucket_info
 
-    method.run = RunInfo(cfg=cfg, run_dir=run_dir, layout=layout, dataset_hash=dataset_hash(layout),
-                         tag_frequency=tag_frequency(layout), started=time.time(), mixed_precision=acc.mixed_precision,
-                         world=acc.num_processes, batches_per_epoch=pre.data.batches_per_epoch,
-                         bucket_info=bucket_info(pre.data))
-    # One training per run folder, across processes: a second is refused, never run on top (rank 0 writes).
-    with run_lock(run_dir) if acc.is_main_process else contextlib.nullcontext():
-        return run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir,
-                        resume_from=pre.checkpoint, publish=publish)
+def _train_locked(cfg, method, pre, run_dir, layout, emit, commands, resume, home, publish, rank0):
+    """train() from loading on, under the run's lock."""
+    from ..data.dataset import dataset_hash, tag_frequency
+    from ..devices import pick_device
+    from ..models.loading import load_base
+    from ..models.refs import Places
+
+    # From here on the run exists: its status.json says running, paused, stopped, failed (and why) or finished.
+    status = RunStatus(run_dir, cfg.max_steps, enabled=rank0)
+    status.set("running", step=_logged_steps(run_dir) if resume else 0)
+    emit = _status_tracking(emit, status)
+    try:
+        device = pick_device(cfg.device)
+        check_speed_settings(cfg, device)
+        acc, weight_dtype = _make_accelerator(cfg, device)
+        commands.check()
+
+        # 2. Load the base (a hub id is downloaded into the workspace first, by the main process, with progress)
+        #    and let the method attach what trains.
+        emit(Status(f"loading {cfg.base_model}", stage="load"))
+        places = Places.cli(home)
+        half = weight_dtype in (torch.float16, torch.bfloat16)
+        if acc.is_main_process:
+            base = places.local_model(cfg.base_model, half=half, emit=emit, check=commands.check)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            base = places.local_model(cfg.base_model, half=half)
+        pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
+        c = load_base(base, dtype=weight_dtype, device=str(acc.device), prediction_type=pred)
+        c.ref = cfg.base_model  # what the files' metadata name: the hub id, not the folder it was downloaded to
+        from ..formats.metadata import bucket_info
+
+        method.run = RunInfo(cfg=cfg, run_dir=run_dir, layout=layout, dataset_hash=dataset_hash(layout),
+                             tag_frequency=tag_frequency(layout), started=time.time(), mixed_precision=acc.mixed_precision,
+                             world=acc.num_processes, batches_per_epoch=pre.data.batches_per_epoch,
+                             bucket_info=bucket_info(pre.data))
+        outputs = run_loop(method, c, pre.data, cfg, emit, commands, acc=acc, run_dir=run_dir,
+                           resume_from=pre.checkpoint, publish=publish)
+    except Stopped:
+        status.set("stopped", step=_logged_steps(run_dir))
+        raise
+    except BaseException as exc:
+        status.set("failed", step=_logged_steps(run_dir), reason=_failure_reason(exc))
+        raise
+    status.set("finished", step=_logged_steps(run_dir))
+    return outputs
+
+
+def _status_tracking(emit, status: "RunStatus"):
+    """`emit`, also keeping status.json's paused/running in step with the loop's pause."""
+    def tracked(ev: Event) -> None:
+        if isinstance(ev, Status) and ev.stage == "paused":
+            status.set("paused")
+        elif status.state == "paused" and isinstance(ev, (Step, Status)):
+            status.set("running")
+        emit(ev)
+    return tracked
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The sentence a runs table shows for a failed run."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory: lower the batch size or resolution, or turn on gradient checkpointing"
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
+def _logged_steps(run_dir: Path) -> int:
+    """The last step in log.jsonl (0 without one), read from the end of the file."""
+    return int(last_log_line(Path(run_dir) / "log.jsonl").get("step", 0))
 
 
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     import tomllib
 
+    from .config import run_workspace, workspace_paths
+
     p = run_dir / "config.toml"
     if not p.is_file():
         return
-    old = tomllib.loads(p.read_text(encoding="utf-8"))
+    old = workspace_paths(tomllib.loads(p.read_text(encoding="utf-8")), run_workspace(p))
     new = cfg.to_dict()
+
+    def same(a, b) -> bool:  # one folder written two ways (relative to the workspace, absolute) is the same
+        if a == b:
+            return True
+        return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+
     for key in RESUME_FIXED:
-        if key in old and old[key] != new.get(key):
+        if key in old and not same(old[key], new.get(key)):
             raise UserError(f"{key} changed from {old[key]!r} to {new.get(key)!r} since the run started: resume with "
                             f"the same {key}, or start a new run.")
 
@@ -245,7 +301,8 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clear_leftovers(run_dir)  # what earlier kills of this run left half-written
-        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+        # Workspace-relative paths when the run lives in a workspace: the file never holds this machine's folders.
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml(run_workspace(run_dir / "config.toml")))
 
     # 3. What trains. Same seed on every rank, so adapters start identical everywhere.
     torch.manual_seed(cfg.seed)
@@ -336,7 +393,9 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
     def elapsed() -> float:
         return elapsed0 + (time.time() - t0)
 
-    def checkpoint() -> None:
+    def checkpoint(numbered: bool = False) -> None:
+        """A resumable checkpoint; `numbered` (the periodic saves and Save now) also writes the artefacts as
+        name-000020.safetensors beside the run, as kohya's save_every_n_steps does."""
         nonlocal last_saved
         if not main or step == last_saved:
             return
@@ -346,6 +405,11 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
                                      scheduler=scheduler, ema=ema, scaler=scaler, keep=cfg.keep_checkpoints)
         last_saved = step
         emit(Saved(path=str(folder), kind="checkpoint", step=step))
+        if numbered:
+            method.run.step = step
+            with (ema.swapped() if ema else contextlib.nullcontext()):
+                for p in save_artefacts(method, c, run_dir, step, cfg.output_name, numbered=True):
+                    emit(Saved(path=str(p), kind=cfg.method, step=step))
 
     def preview() -> None:
         if not main:
@@ -369,7 +433,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             if commands.take("sample"):
                 preview()
             if commands.take("save"):
-                checkpoint()
+                checkpoint(numbered=True)
             t_step = time.time()
             micro_losses = []
             for k in range(cfg.gradient_accumulation):
@@ -411,7 +475,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             emit(Step(step=step, total=cfg.max_steps, loss=loss_f, lr=lr, it_per_s=rate,
                       eta_s=(cfg.max_steps - step) / rate if rate else None, elapsed_s=elapsed(), extra=report))
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                checkpoint()
+                checkpoint(numbered=True)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
                 preview()
 
@@ -424,11 +488,14 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             method.run.step = step
             emit(Status("saving", stage="save"))
             with (ema.swapped() if ema else contextlib.nullcontext()):
-                outputs = list(method.save(c, run_dir))
+                outputs = save_artefacts(method, c, run_dir, step, cfg.output_name, numbered=False)
             for p in outputs:
                 emit(Saved(path=str(p), kind=detect_kind(p), step=step))
             if publish:
-                for p in publish(outputs):
+                published = publish(outputs)
+                if published:
+                    mark_published(run_dir, step)  # pruning keeps the checkpoint these files came from
+                for p in published:
                     emit(Saved(path=str(p), kind=detect_kind(p), step=step, published=True))
             clear_leftovers(run_dir)
         acc.wait_for_everyone()
@@ -470,6 +537,37 @@ def _free_after_oom(optimizer) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def save_artefacts(method, c, run_dir: Path, step: int, stem: str, *, numbered: bool) -> list[Path]:
+    """`method.save` into a scratch folder, then into the run folder: as name-000020.* mid-run (`numbered`), or
+    under the final names at the end, where a previous final file (an earlier "Train again") is first kept
+    under its own step's number, never overwritten."""
+    import shutil
+
+    from ..formats.numbered import keep_previous, numbered_name
+
+    scratch = run_dir / f".saving-{step}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    out: list[Path] = []
+    try:
+        for p in map(Path, method.save(c, scratch)):
+            if p.parent.resolve() != scratch.resolve():  # a method that wrote elsewhere on purpose
+                out.append(p)
+                continue
+            dest = run_dir / (numbered_name(p.name, stem, step) if numbered else p.name)
+            if numbered:
+                shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
+            else:
+                keep_previous(dest, stem)
+                if dest.exists():  # the same step saved before (its numbered copy exists): replace it
+                    shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            os.replace(p, dest)
+            out.append(dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
 
 
 def _make_batch(c, data, cfg, g: int, latents, text_cache, device, dtype, seed: int) -> Batch:

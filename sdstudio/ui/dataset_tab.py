@@ -591,7 +591,8 @@ def build(ctx: AppContext) -> None:
         return gr.update(visible=bool(items)), items
 
     tick_outputs = [timer, progress, status, gallery, summary, *page_outputs]
-    timer.tick(on_tick, [ui["name"]], tick_outputs).then(show_pairs, [ui["name"]], [pairs_box, pairs])
+    timer.tick(on_tick, [ui["name"]], tick_outputs, show_progress="hidden").then(
+        show_pairs, [ui["name"]], [pairs_box, pairs], show_progress="hidden")
 
     # 6. Crop preview on the selected image (one image: fast enough to do in the handler).
     def on_select(evt: gr.SelectData):
@@ -616,8 +617,9 @@ def build(ctx: AppContext) -> None:
     gallery.select(on_select, None, [selected]).then(on_preview, crop_inputs, preview_outputs)
     for comp in (ui["crop"], ui["size"], use_manual, ui["condition"]):
         comp.change(on_preview, crop_inputs, preview_outputs)
+    # Every value a slider takes (dragged or typed) redraws the preview, so the box shown is the box kept.
     for comp in (man_x, man_y, man_side):
-        comp.release(on_preview, crop_inputs, preview_outputs)
+        comp.change(on_preview, crop_inputs, preview_outputs, trigger_mode="always_last", show_progress="hidden")
 
     def on_keep_manual(name, index, x, y, side, keep: bool):
         row = _selected_row(ctx, name, index)
@@ -629,12 +631,13 @@ def build(ctx: AppContext) -> None:
         mine = dict(crops.get(key, {}))
         if keep:
             with open_rgb(row["path"]) as img:
-                mine[row["source"]] = list(manual_box(img.size, x, y, side).tuple())
+                box = manual_box(img.size, x, y, side)
+            mine[row["source"]] = list(box.tuple())
         else:
             mine.pop(row["source"], None)
         _save_settings(ctx, {"manual_crops": {**crops, key: mine}})
-        gr.Info(("Manual crop kept for " if keep else "Manual crop cleared for ") + row["source"]
-                + ": it applies at the next Prepare.")
+        gr.Info((f"Manual crop {box.width}x{box.height} at ({box.left}, {box.top}) kept for " if keep
+                 else "Manual crop cleared for ") + row["source"] + ": it applies at the next Prepare.")
         return gr.update(value=keep)
 
     keep_manual.click(lambda *a: on_keep_manual(*a, True), [ui["name"], selected, man_x, man_y, man_side],
@@ -671,10 +674,48 @@ def build(ctx: AppContext) -> None:
         cur = _settings(ctx)
         job = ctx.jobs.latest(JOB_KIND)
         values = [str(cur[k]) if k == "size" else cur[k] for k in FORM]
-        return [*values, gr.Timer(active=bool(job and job.running)), gallery_items(ctx, cur["name"]),
-                summary_markdown(ctx, cur["name"]), *show_page(cur["name"], 0), *show_pairs(cur["name"])]
+        return [*values, cur["reg_count"], cur["reg_steps"], gr.Timer(active=bool(job and job.running)),
+                gallery_items(ctx, cur["name"]), summary_markdown(ctx, cur["name"]), *show_page(cur["name"], 0),
+                *show_pairs(cur["name"])]
 
-    ui["_load"] = (on_load, None, [*form_inputs, timer, gallery, summary, *page_outputs, pairs_box, pairs])
+    ui["_load"] = (on_load, None, [*form_inputs, reg_count, reg_steps, timer, gallery, summary, *page_outputs,
+                                   pairs_box, pairs])
+
+    def open_run(run: str) -> list:
+        """The dataset a Quick run made, with the settings that made it (dataset.toml), the captioner that really
+        ran and the photos it read (the run's quick.json): what "Open in Dataset tab" shows."""
+        import json
+        import tomllib
+
+        out = ctx.workspace.root / "datasets" / run
+        try:
+            settings = tomllib.loads((out / "dataset.toml").read_text("utf-8")).get("settings", {})
+        except (OSError, ValueError):
+            settings = {}
+        try:
+            quick = json.loads((ctx.workspace.root / "runs" / run / "quick.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            quick = {}
+        values = {k: settings[k] for k in FORM if k in settings and k not in ("name", "source")}
+        values["name"] = run
+        if quick.get("captioner"):
+            values["caption"] = quick["captioner"]
+        photos = quick.get("photos") or []
+        if photos:
+            values["source"] = photos[0]
+        if "size" in values:
+            values["size"] = str(values["size"])
+        tagger = settings.get("tagger") or {}
+        for key in ("general_threshold", "character_threshold", "keep_underscores"):
+            if key in tagger:
+                values[key] = tagger[key]
+        if isinstance(tagger.get("exclude"), list):
+            values["exclude_tags"] = ", ".join(tagger["exclude"])
+        _save_settings(ctx, values)  # a reload now shows this dataset too
+        return [values[k] if k in values else gr.skip() for k in FORM] + [
+            gallery_items(ctx, run), summary_markdown(ctx, run), *show_page(run, 0), *show_pairs(run)]
+
+    ui["open_run"] = (open_run, [*form_inputs, gallery, summary, *page_outputs, pairs_box, pairs])
 
 
 def wire(ctx: AppContext) -> None:
@@ -700,4 +741,4 @@ def wire(ctx: AppContext) -> None:
     fn, inputs, outs = ui["_load"]
     root = gr.context.Context.root_block
     if root is not None:
-        root.load(fn, inputs, outs)
+        root.load(fn, inputs, outs, show_progress="hidden")

@@ -124,4 +124,4 @@ def build(ctx: AppContext) -> None:
         text, frac = view(job)
         return gr.Timer(active=job.running), text, frac
 
-    timer.tick(on_tick, None, [timer, status, bar])
+    timer.tick(on_tick, None, [timer, status, bar], show_progress="hidden")

@@ -49,10 +49,37 @@ def _models_frame(ctx: AppContext, kind_filter: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=MODEL_COLUMNS)
 
 
-def _runs_frame(ctx: AppContext) -> pd.DataFrame:
-    rows = [[r.name, r.method, r.steps, None if r.last_loss is None else round(r.last_loss, 5), r.checkpoints,
-             ", ".join(r.artefacts)] for r in scan_runs(ctx.workspace)]
-    return pd.DataFrame(rows, columns=["run", "method", "steps", "last loss", "checkpoints", "files"])
+RUN_COLUMNS = ["run", "method", "status", "steps", "last loss", "checkpoints", "files"]
+STATE_COLOURS = {"running": "#4f46e5", "paused": "#d97706", "stopped": "#6b7280", "failed": "#dc2626",
+                 "finished": "#16a34a"}
+
+
+def runs_html(ctx: AppContext, loss_digits: int = 5) -> str:
+    """Every run with its state (running, paused, stopped, failed: why, finished), steps done of total and last
+    loss, as a plain HTML table: read-only, cheap for a browser to redraw while a run trains, and one row per run
+    (`data-run`, `data-state`) for tests and screen readers. The Train tab and the Library draw the same table."""
+    import html
+    from pathlib import Path
+
+    rows = []
+    for r in scan_runs(ctx.workspace):
+        state = r.state or "not started"
+        colour = STATE_COLOURS.get(r.state, "#9ca3af")
+        why = f'<div class="run-reason">{html.escape(r.reason)}</div>' if r.reason else ""
+        steps = f"{r.steps}/{r.total}" if r.total else str(r.steps)
+        loss = "" if r.last_loss is None else f"{r.last_loss:.{loss_digits}f}"
+        files = ", ".join(Path(a).name for a in r.artefacts)
+        rows.append(f'<tr data-run="{html.escape(r.name)}" data-state="{html.escape(state)}">'
+                    f"<td>{html.escape(r.name)}</td><td>{html.escape(r.method)}</td>"
+                    f'<td><b style="color:{colour}">{html.escape(state)}</b>{why}</td><td>{steps}</td>'
+                    f"<td>{loss}</td><td>{r.checkpoints}</td><td>{html.escape(files)}</td></tr>")
+    head = "".join(f"<th>{c}</th>" for c in RUN_COLUMNS)
+    body = "".join(rows) or f'<tr><td colspan="{len(RUN_COLUMNS)}">No runs yet.</td></tr>'
+    return f'<table class="runs-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _runs_frame(ctx: AppContext) -> str:
+    return runs_html(ctx)
 
 
 def build(ctx: AppContext) -> None:
@@ -72,7 +99,7 @@ def build(ctx: AppContext) -> None:
             meta = gr.JSON(label="Metadata (ss_* and modelspec keys)", elem_id="library-meta")
             use_base = gr.Button("Use as base", elem_id="library-use-base")
     gr.Markdown("### Runs")
-    runs = gr.Dataframe(_runs_frame(ctx), interactive=False, elem_id="library-runs")
+    runs = gr.HTML(_runs_frame(ctx), elem_id="library-runs")
     gr.Markdown("### Outputs")
     outputs = gr.Gallery([str(p) for p in scan_outputs(ctx.workspace, 48)], columns=8, height=240,
                          elem_id="library-outputs", label="Recent outputs")
@@ -83,6 +110,14 @@ def build(ctx: AppContext) -> None:
                 [str(p) for p in scan_outputs(ctx.workspace, 48)])
 
     refresh.click(on_refresh, [kind], [base, models, runs, outputs])
+    # Live: whatever is published, imported, trained or generated shows without a click (Refresh stays for files
+    # copied in by hand, which do not bump the change counter).
+    ctx.components["workspace.token"].change(on_refresh, [kind], [base, models, runs, outputs],
+                                             show_progress="hidden")
+    ctx.components["runs.token"].change(lambda: _runs_frame(ctx), None, [runs], show_progress="hidden")
+    if "tab.tab-library" in ctx.components:
+        ctx.components["tab.tab-library"].select(on_refresh, [kind], [base, models, runs, outputs],
+                                                  show_progress="hidden")
     kind.change(lambda k: _models_frame(ctx, k), [kind], [models])
 
     def on_select(frame: pd.DataFrame, evt: gr.SelectData):

@@ -29,6 +29,7 @@ from .context import AppContext
 from .library_tab import base_model_choices, current_base, current_base_family
 
 MAX_ITEMS = 8
+ICONS = Path(__file__).resolve().parent / "icons"
 KINDS = {"LoRA / LyCORIS": "lora", "Embedding": "embedding", "ControlNet": "controlnet", "T2I-Adapter": "t2i_adapter"}
 KIND_LABEL = {v: k for k, v in KINDS.items()}
 DETECTED = {"lora": "lora", "lycoris": "lora", "embedding": "embedding", "controlnet": "controlnet",
@@ -37,6 +38,9 @@ DETECTED = {"lora": "lora", "lycoris": "lora", "embedding": "embedding", "contro
 CARD_FIELDS = ("enabled", "weight", "te_weight", "start", "end", "blocks", "token", "preprocessor")
 FORM_FIELDS = ("base_model", "prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height",
                "batch", "clip_skip", "init_image", "mask_image", "strength")
+# The image editor stands for init_image + mask_image on the page: its background is the img2img image and what
+# is painted on it is the inpaint mask (white = repaint). FORM_FIELDS keeps the recipe's names.
+EDITOR_FIELDS = ("init_image", "mask_image")
 _SESSIONS: dict[int, Playground] = {}
 
 
@@ -133,30 +137,39 @@ def build(ctx: AppContext) -> None:
 
     with gr.Row():
         # 1. Left: prompt and sampler settings
-        with gr.Column(scale=3, min_width=300):
+        with gr.Column(scale=4, min_width=380):
             base = gr.Dropdown(base_model_choices(ctx), value=d.base_model, label="Base model", allow_custom_value=True,
                                elem_id="playground-base")
             prompt = gr.Textbox(d.prompt, label="Prompt", lines=3, elem_id="playground-prompt",
                                 info="(word:1.2) to emphasise, <lora:name:0.8> to add a LoRA from models/lora")
             negative = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=2, elem_id="playground-negative")
+            sampler = gr.Dropdown(list(SAMPLERS), value=d.sampler, label="Sampler", elem_id="playground-sampler")
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value=d.sampler, label="Sampler", elem_id="playground-sampler")
                 steps = gr.Slider(1, 150, value=d.steps, step=1, label="Steps", elem_id="playground-steps")
-            with gr.Row():
                 cfg = gr.Slider(0, 30, value=d.cfg, step=0.5, label="CFG", elem_id="playground-cfg")
-                seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="playground-seed")
+            with gr.Row(equal_height=True, elem_id="playground-seed-row"):
+                seed = gr.Number(d.seed, precision=0, label="Seed (-1: random)", elem_id="playground-seed",
+                                 minimum=-1, scale=4, min_width=120)
+                dice = gr.Button("", icon=str(ICONS / "dice.svg"), elem_id="playground-seed-random", scale=0,
+                                 min_width=44, elem_classes=["seed-button"])
+                recycle = gr.Button("", icon=str(ICONS / "recycle.svg"), elem_id="playground-seed-reuse", scale=0,
+                                    min_width=44, elem_classes=["seed-button"])
             with gr.Row():
                 width = gr.Slider(64, 2048, value=d.width, step=8, label="Width", elem_id="playground-width")
                 height = gr.Slider(64, 2048, value=d.height, step=8, label="Height", elem_id="playground-height")
+            with gr.Accordion("img2img / inpaint", open=bool(d.init_image), elem_id="playground-img2img"):
+                editor = gr.ImageEditor(
+                    value=_editor_value(ws, d.init_image, d.mask_image), type="pil", image_mode="RGBA",
+                    sources=["upload", "clipboard"], format="png", layers=False, transforms=(),
+                    brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed", default_size=24),
+                    label="Init image: drop one for img2img, then paint where to repaint (inpaint)", height=300,
+                    elem_id="playground-editor")
+                strength = gr.Slider(0.05, 1.0, value=d.strength, step=0.05, label="Denoising strength",
+                                     elem_id="playground-strength")
             with gr.Accordion("Advanced", open=False):
                 batch = gr.Slider(1, 16, value=d.batch, step=1, label="Batch (image i uses seed + i)",
                                   elem_id="playground-batch")
                 clip_skip = gr.Slider(1, 4, value=d.clip_skip, step=1, label="CLIP skip", elem_id="playground-clip-skip")
-                init_image = gr.Textbox(d.init_image, label="Init image (img2img / inpaint), a workspace path",
-                                        elem_id="playground-init")
-                mask_image = gr.Textbox(d.mask_image, label="Inpaint mask (white = repaint)", elem_id="playground-mask")
-                strength = gr.Slider(0.05, 1.0, value=d.strength, step=0.05, label="Denoising strength",
-                                     elem_id="playground-strength")
                 fuse = gr.Checkbox(True, label="Fuse the LoRA stack for speed (not with step ranges)",
                                    elem_id="playground-fuse")
 
@@ -164,7 +177,7 @@ def build(ctx: AppContext) -> None:
         with gr.Column(scale=4, min_width=360):
             gr.Markdown("#### Stack")
             with gr.Row():
-                add_kind = gr.Dropdown(list(KINDS), value="LoRA / LyCORIS", label="Kind", scale=1,
+                add_kind = gr.Dropdown(list(KINDS), value="LoRA / LyCORIS", label="Kind", scale=1, min_width=200,
                                        elem_id="playground-add-kind")
                 add_file = gr.Dropdown(model_choices(ctx, "lora"), label="File", allow_custom_value=True, scale=2,
                                        elem_id="playground-add-file")
@@ -206,7 +219,7 @@ def build(ctx: AppContext) -> None:
             boxes = grounding_panel.build(ctx, width, height, lambda: session_for(ctx).live_preview)
 
         # 3. Right: run, preview, gallery, grid, recipes
-        with gr.Column(scale=4, min_width=320):
+        with gr.Column(scale=3, min_width=320):
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="playground-generate")
                 stop = gr.Button("Stop", elem_id="playground-stop")
@@ -231,8 +244,7 @@ def build(ctx: AppContext) -> None:
     ctx.components["playground.inbox"] = inbox
     timer = gr.Timer(0.5, active=False)
 
-    form = [base, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip, init_image,
-            mask_image, strength]
+    form = [base, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip, editor, strength]
     form_in = form + boxes.inputs  # the recipe's fields: the form, then the Boxes panel (grounding_panel.py)
     card_inputs = [cards[i][f] for i in range(MAX_ITEMS) for f in CARD_FIELDS]
     card_outputs = [cards[i][f] for i in range(MAX_ITEMS) for f in
@@ -270,13 +282,26 @@ def build(ctx: AppContext) -> None:
         return ups
 
     def form_values(*vals) -> dict:
-        f = dict(zip(FORM_FIELDS, vals))
+        f = dict(zip(PAGE_FIELDS, vals))
         f["base_model"] = (f["base_model"] or "tiny").strip()
         for k in ("steps", "seed", "width", "height", "batch", "clip_skip"):
             f[k] = int(f[k] or 0)
         for k in ("cfg", "strength"):
             f[k] = float(f[k])
+        f["init_image"], f["mask_image"] = editor_files(ws, f.pop("editor"), f["width"], f["height"])
         return f
+
+    def page_values(recipe: Recipe) -> list:
+        """The recipe's settings in the order of `form` (the editor shows its init image and mask)."""
+        out = []
+        for name in PAGE_FIELDS:
+            if name == "base_model":
+                out.append(recipe.base_model if recipe.base_model in ("tiny", "tiny-sdxl") else ws.relative(recipe.base_model))
+            elif name == "editor":
+                out.append(_editor_value(ws, recipe.init_image, recipe.mask_image))
+            else:
+                out.append(getattr(recipe, name))
+        return out
 
     # -- stack editing ----------------------------------------------------------------------------------
     def on_kind(kind_label):
@@ -404,7 +429,10 @@ def build(ctx: AppContext) -> None:
         except UserError as exc:
             gr.Warning(str(exc))
             return items, gr.update(), gr.update(active=False), gr.update(), gr.update()
-        ctx.settings.save("playground", {"form": form_values(*form_vals), "items": items})
+        # What a reload restores: the form as it ran (seed -1 stays -1 in the form; the drawn seed is in the PNG)
+        # and the stack, grid axes and recipe name.
+        ctx.settings.save("playground", {"form": recipe.to_dict(), "items": items, "grid_x": gx or "",
+                                         "grid_y": gy or "", "last_seed": work.recipe.seed})
         return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml(), job.id
 
     run_inputs = [items_state, fuse, grid_x, grid_y]
@@ -435,27 +463,64 @@ def build(ctx: AppContext) -> None:
                 gr.Warning(end.message)
                 text = f"failed: {end.message}"
             else:
-                text = end.message
+                text = "stopped" if getattr(end, "stopped", False) else end.message
+                ws.note_change()  # new outputs: the Library's gallery redraws
             return gr.update(active=False), text, session.live_preview, gallery_update, shown
         return gr.update(active=True), text, session.live_preview, gallery_update, shown
 
     shown_state = gr.State({})
-    timer.tick(tick, [shown_state, job_id], [timer, status, live, gallery, shown_state])
+    timer.tick(tick, [shown_state, job_id], [timer, status, live, gallery, shown_state], show_progress="hidden")
 
     def on_stop(mine):
         job = (ctx.jobs.get(mine) if mine else None) or ctx.jobs.latest("generate")
         if job is not None and job.running:
             job.stop()
+            gr.Info("Stopping after this denoising step.")
             return "stopping..."
+        gr.Info("Nothing is generating: nothing to stop.")
         return gr.update()
 
-    stop.click(on_stop, [job_id], [status])
+    stop.click(on_stop, [job_id], [status], show_progress="hidden")
+
+    # -- seed: A1111's dice (random, -1) and recycle (the seed of the last image) ---------------------------
+    dice.click(lambda: -1, None, [seed], show_progress="hidden")
+
+    def on_reuse():
+        job = ctx.jobs.latest("generate")
+        last = getattr(job.work, "recipe", None) if job is not None else None
+        if last is None:
+            last_seed = ctx.settings.load("playground").get("last_seed")
+            if last_seed is None:
+                gr.Info("Generate an image first: ♻️ reuses the seed of the last one.")
+                return gr.skip()
+            return int(last_seed)
+        return int(last.seed)
+
+    recycle.click(on_reuse, None, [seed], show_progress="hidden")
+
+    # -- img2img: an uploaded image sets the output's shape (same long side) ------------------------------
+    def on_editor_upload(value, w, h):
+        bg = (value or {}).get("background") if isinstance(value, dict) else None
+        if bg is None:
+            return gr.skip(), gr.skip()
+        iw, ih = bg.size
+        long = max(int(w or 512), int(h or 512))
+        return _round8(long * iw / max(iw, ih)), _round8(long * ih / max(iw, ih))
+
+    editor.upload(on_editor_upload, [editor, width, height], [width, height], show_progress="hidden")
+
+    # -- the lists follow the workspace: a LoRA published anywhere shows here without "Refresh files" --------
+    def redraw_lists(kind_label):
+        return gr.update(choices=model_choices(ctx, KINDS[kind_label])), gr.update(choices=base_model_choices(ctx))
+
+    ctx.components["workspace.token"].change(redraw_lists, [add_kind], [add_file, base], show_progress="hidden")
+    if "tab.tab-playground" in ctx.components:
+        ctx.components["tab.tab-playground"].select(redraw_lists, [add_kind], [add_file, base],
+                                                     show_progress="hidden")
 
     # -- recipes and PNGs ---------------------------------------------------------------------------------
     def show_recipe(recipe: Recipe) -> list:
-        vals = [recipe.base_model if recipe.base_model in ("tiny", "tiny-sdxl") else ws.relative(recipe.base_model)]
-        vals += [getattr(recipe, f) for f in FORM_FIELDS[1:]]
-        return vals + boxes.show(recipe, ws) + [recipe.to_toml()] + draw(recipe_to_items(recipe, ws))
+        return page_values(recipe) + boxes.show(recipe, ws) + [recipe.to_toml()] + draw(recipe_to_items(recipe, ws))
 
     def save_recipe(name, items, *vals):
         n, m = len(form), len(boxes.inputs)
@@ -494,12 +559,98 @@ def build(ctx: AppContext) -> None:
 
     png_drop.upload(drop_png, [png_drop], form_in + [recipe_text] + redraw)
 
-    # On page load, draw the last-used stack (a reload loses nothing).
+    # On page load, the last-used form, grid axes and stack (a reload loses nothing; component defaults were fixed
+    # when the app started). A generation still running reconnects through the timer.
     def on_load():
-        items = ctx.settings.load("playground").get("items", [])[:MAX_ITEMS]
-        return draw([it for it in items if isinstance(it, dict) and it.get("kind") in KIND_LABEL])
+        saved = ctx.settings.load("playground")
+        items = saved.get("items", [])[:MAX_ITEMS]
+        try:
+            recipe = Recipe.from_dict({k: v for k, v in saved.get("form", {}).items() if k in FORM_FIELDS})
+            page = page_values(recipe)
+        except (UserError, TypeError, ValueError):
+            page = [gr.skip()] * len(form)
+        job = ctx.jobs.latest("generate")
+        return (page + [saved.get("grid_x", gr.skip()), saved.get("grid_y", gr.skip()),
+                        gr.update(active=bool(job and job.running))]
+                + draw([it for it in items if isinstance(it, dict) and it.get("kind") in KIND_LABEL]))
 
-    gr.on(None, on_load, None, redraw)
+    gr.on(None, on_load, None, form + [grid_x, grid_y, timer] + redraw, show_progress="hidden")
+
+
+# The form's components in order: FORM_FIELDS with the editor in place of init_image and mask_image.
+PAGE_FIELDS = tuple("editor" if f == EDITOR_FIELDS[0] else f for f in FORM_FIELDS if f != EDITOR_FIELDS[1])
+
+
+def _round8(v: float) -> int:
+    return int(min(2048, max(64, round(v / 8) * 8)))
+
+
+def _editor_value(ws, init_image: str, mask_image: str):
+    """The editor's value for a recipe's init image and mask: the image as background, the mask as a painted
+    layer (white where it repaints, transparent elsewhere)."""
+    if not init_image:
+        return None
+    try:
+        init = ws.resolve(init_image, must_exist=True)
+    except UserError:
+        return None
+    layers = []
+    if mask_image:
+        try:
+            from PIL import Image
+
+            mask = ws.resolve(mask_image, must_exist=True)
+            layer = mask.with_name(mask.stem + "-layer.png")
+            if not layer.is_file():
+                m = Image.open(mask).convert("L")
+                rgba = Image.new("RGBA", m.size, (255, 255, 255, 0))
+                rgba.putalpha(m)
+                rgba.save(layer)
+            layers.append(str(layer))
+        except (UserError, OSError):
+            pass
+    return {"background": str(init), "layers": layers, "composite": None}
+
+
+def editor_files(ws, value, width: int, height: int) -> tuple[str, str]:
+    """(init_image, mask_image) as workspace paths from the editor: the background cropped to the output's shape
+    and resized (A1111's "crop and resize"), and the painted strokes as a white-on-black mask (empty: no mask,
+    plain img2img). Files are named by content, so generating again writes nothing new."""
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    if not isinstance(value, dict) or value.get("background") is None:
+        return "", ""
+    bg = value["background"]
+    bg = bg if isinstance(bg, Image.Image) else Image.open(bg)
+    size = (int(width), int(height))
+    init = ImageOps.fit(bg.convert("RGB"), size, Image.Resampling.LANCZOS)
+    alpha = None
+    for layer in value.get("layers") or []:
+        layer = layer if isinstance(layer, Image.Image) else Image.open(layer)
+        a = layer.convert("RGBA").getchannel("A")
+        alpha = a if alpha is None else Image.fromarray(np.maximum(np.asarray(alpha), np.asarray(a)))
+    folder = ws.root / "inputs" / "playground"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(img, kind: str) -> str:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        path = folder / f"{kind}-{hashlib.sha1(buf.getvalue()).hexdigest()[:12]}.png"
+        if not path.is_file():
+            from ..formats.safe_io import atomic_write_bytes
+
+            atomic_write_bytes(path, buf.getvalue())
+        return ws.relative(path)
+
+    mask = ""
+    if alpha is not None and alpha.getextrema()[1] > 0:
+        m = ImageOps.fit(alpha.resize(bg.size, Image.Resampling.NEAREST), size, Image.Resampling.NEAREST)
+        mask = save(m.point(lambda v: 255 if v > 127 else 0).convert("RGB"), "mask")
+    return save(init, "init"), mask
 
 
 def _recipe_files(ctx: AppContext) -> list[str]:

@@ -15,14 +15,21 @@ from ..errors import UserError
 from ..events import Failed, Finished, Progress, Saved, Status
 from .context import AppContext
 from .widgets import fmt_eta as _eta
-from .widgets import progress_html
+from .widgets import PageMemory, only_changed, progress_html
 from .widgets import loss_frame as _loss_frame
 from .library_tab import base_model_choices, current_base
 
 JOB_KIND = "quick"
+# A run's page polls once a second: every update walks Gradio's whole component tree in the browser, and on
+# a busy 2-core machine a faster poll left the page (and its Stop button) seconds behind.
+POLL_SECONDS = 1.0
+PLOT_SECONDS = 2.0  # the loss plot redraws at most this often while training
 ICONS = {"pending": "○", "running": "◐", "done": "✓", "skipped": "–", "failed": "✗", "stopped": "■"}
 COLOURS = {"pending": "#9ca3af", "running": "#6366f1", "done": "#16a34a", "skipped": "#9ca3af", "failed": "#dc2626",
            "stopped": "#d97706"}
+
+
+MEMORY_RADIO = [(f"{m}", m) for m in wizard.MEMORY_CHOICES] + [("CPU", wizard.CPU_MEMORY)]
 
 
 def _memory_default() -> int:
@@ -33,7 +40,7 @@ def _memory_default() -> int:
     except Exception:
         total = 0
     if not total:
-        return 8
+        return wizard.CPU_MEMORY  # no GPU: the CPU choice, which the plan then times from a measured step
     return max([m for m in wizard.MEMORY_CHOICES if m <= total + 0.5] or [6])
 
 
@@ -87,9 +94,14 @@ def job_view(ctx: AppContext, job) -> dict:
         else:
             note = snap["status"] if running["id"] == "train" and snap["status"] else running["note"]
             progress = _progress(0, 1, f"{running['label']}: {note}")
+    elif isinstance(end, Failed):
+        progress = _progress(last.step if last else 0, last.total if last else 1, f"failed: {end.message}")
+    elif isinstance(end, Finished) and end.stopped:
+        progress = _progress(last.step if last else 0, last.total if last else 1,
+                             f"stopped at step {last.step}/{last.total}: the checkpoint is kept" if last
+                             else "stopped before training started")
     else:
-        progress = _progress(1 if end is not None and not isinstance(end, Failed) else 0, 1,
-                                  "done" if isinstance(end, Finished) and not end.stopped else "")
+        progress = _progress(1 if end is not None else 0, 1, "done" if end is not None else "starting")
     grid = next((s.path for s in reversed(snap["saved"]) if isinstance(s, Saved) and s.kind == "grid"), None)
     previews = [(p, f"step {ev.step}: {c}") for ev in reversed(snap["previews"]) if "final grid" not in ev.captions
                 for p, c in zip(ev.paths, ev.captions or [""] * len(ev.paths))]
@@ -103,10 +115,16 @@ def job_view(ctx: AppContext, job) -> dict:
         status = f"**{job.name}**: {running['label'] + ' - ' + running['note'] if running else 'starting'}"
     if warnings:
         status += "\n\n" + "\n".join(f"- ⚠ {html.escape(w)}" for w in warnings[-6:])
-    summary = job.result if isinstance(job.result, dict) else {}
+    # A stopped "Train again" has no new summary: the run's last finished result stays on the page.
+    summary = job.result if isinstance(job.result, dict) else _finished_summary(ctx, job.name)
     return {"stages": _stages_html(rows), "progress": progress, "status": status, "frame": _loss_frame(snap["steps"]),
             "previews": previews, "grid": grid, "result": result_markdown(ctx, summary), "ended": end is not None,
             "lora": summary.get("lora", ""), "run": summary.get("run", job.name)}
+
+
+def _finished_summary(ctx: AppContext, run: str) -> dict:
+    summary = wizard._read_summary(ctx.workspace.root / "runs" / run) if run else {}
+    return summary if summary.get("lora") else {}
 
 
 def _copy_uploads(ctx: AppContext, files) -> list[Path]:
@@ -155,7 +173,7 @@ def build(ctx: AppContext) -> None:
             with gr.Row():
                 base = gr.Dropdown(base_model_choices(ctx), value=current_base(ctx), label="Base model",
                                    allow_custom_value=True, elem_id="quick-base")
-                memory = gr.Radio(list(wizard.MEMORY_CHOICES), value=s.get("memory", _memory_default()),
+                memory = gr.Radio(MEMORY_RADIO, value=s.get("memory", _memory_default()),
                                   label="GPU memory (GB)", elem_id="quick-memory")
             reg = gr.Checkbox(bool(s.get("reg", False)), label="Class images (prior preservation: slower, keeps the "
                               "class looking normal)", elem_id="quick-reg")
@@ -195,7 +213,7 @@ def build(ctx: AppContext) -> None:
         open_train = gr.Button("Open in Train tab", elem_id="quick-open-train")
     lora_path = gr.State("")
     run_name = gr.State("")
-    timer = gr.Timer(0.5, active=False)
+    timer = gr.Timer(POLL_SECONDS, active=False)
     inputs = [photos, name, cls, base, memory, reg, steps, res, sample_steps, captioner, preset]
 
     def on_estimate(*args):
@@ -211,9 +229,10 @@ def build(ctx: AppContext) -> None:
         notes = "".join(f"\n- {n}" for n in p.notes)
         return f"**Plan:** {p.summary()}{notes}{warn}"
 
-    for comp in (photos, memory, cls, base, preset, reg, steps, res):
-        comp.change(on_estimate, inputs, [estimate])
-    name.blur(on_estimate, inputs, [estimate])
+    # The plan redraws quietly (no loading overlay over the form: the first one on a CPU measures a step).
+    for comp in (photos, memory, cls, base, preset, reg, steps, res, sample_steps, captioner):
+        comp.change(on_estimate, inputs, [estimate], show_progress="hidden", trigger_mode="always_last")
+    name.blur(on_estimate, inputs, [estimate], show_progress="hidden", trigger_mode="always_last")
 
     def on_start(*args):
         qc = _config(ctx, None, *args[1:])
@@ -236,7 +255,12 @@ def build(ctx: AppContext) -> None:
         except UserError as exc:
             gr.Warning(str(exc))
             return gr.Timer(active=False), gr.skip(), gr.skip()
-        ctx.settings.save("quick", {"name": qc.name, "class": qc.class_word, "memory": qc.memory_gb, "reg": qc.regularization})
+        # Everything the form shows, for a reload (the photos as the workspace copies the run reads).
+        ctx.settings.save("quick", {"name": qc.name, "class": qc.class_word, "memory": qc.memory_gb,
+                                    "reg": qc.regularization, "base": args[3] or "tiny", "steps": qc.max_steps,
+                                    "res": qc.resolution, "sample_steps": qc.sample_steps,
+                                    "captioner": qc.captioner, "preset": qc.preset,
+                                    "photos": [ctx.workspace.relative(f) for f in wizard._image_files(qc.photos)]})
         return gr.Timer(active=True), f"**{job.name}**: starting - {p.summary()}", _stages_html(wizard.stage_states([]))
 
     start.click(on_start, inputs, [timer, status, stages])
@@ -246,21 +270,60 @@ def build(ctx: AppContext) -> None:
         if job is not None and job.running:
             job.stop()
             gr.Info("Stopping after the current step (a checkpoint is kept).")
+            return "**Stopping** after the current step…"
+        gr.Info("Nothing is running: nothing to stop.")
+        return gr.skip()
 
-    stop.click(on_stop, None, None)
+    stop.click(on_stop, None, [status], show_progress="hidden")
 
     tick_outputs = [timer, stages, progress, status, loss, previews, grid, result, lora_path, run_name]
+    page_memory = PageMemory()
 
-    def on_tick():
+    def on_page_load(request: gr.Request):
+        return on_tick(request, fresh_page=True)
+
+    def on_tick(request: gr.Request, fresh_page: bool = False):
+        """Only what changed goes to the page (and the loss plot at most every PLOT_SECONDS): every update walks
+        the page's whole component tree, and a busy machine's browser must stay responsive."""
+        if fresh_page:
+            page_memory.forget(request)
+        seen = page_memory.of(request)
         job = ctx.jobs.latest(JOB_KIND)
         if job is None:
             return gr.Timer(active=False), *[gr.skip()] * (len(tick_outputs) - 1)
         v = job_view(ctx, job)
         ended = v["ended"] and not job.running
-        return (gr.Timer(active=not ended), v["stages"], v["progress"], v["status"], v["frame"], v["previews"],
-                v["grid"], v["result"], v["lora"], v["run"])
+        fresh = seen.get("job") != job.id
+        if fresh:
+            seen.clear()
+            seen["job"] = job.id
+        draw = v["frame"] is not None and (fresh or ended or time.time() - seen.get("plot_t", 0) >= PLOT_SECONDS)
+        if draw:
+            seen["plot_t"] = time.time()
+        changed, seen["d"] = only_changed(seen.get("d"), {
+            "stages": v["stages"], "progress": v["progress"], "status": v["status"], "previews": v["previews"],
+            "grid": v["grid"], "result": v["result"], "lora": v["lora"], "run": v["run"]})
+        timer_update = gr.Timer(active=not ended) if fresh or ended else gr.skip()
+        return (timer_update, *changed[:3], v["frame"] if draw else gr.skip(), *changed[3:])
 
-    timer.tick(on_tick, None, tick_outputs)
+    timer.tick(on_tick, None, tick_outputs, show_progress="hidden")
+    ctx.components["workspace.token"].change(lambda: gr.update(choices=base_model_choices(ctx)), None, [base],
+                                             show_progress="hidden")
+
+    def on_load():
+        """A reload shows the form as it was started (component defaults were fixed when the app started), the
+        plan for it, and reconnects to the running (or last) job through the tick registered in wire()."""
+        s = ctx.settings.load("quick")
+        if not s:
+            return [gr.skip()] * (len(inputs) + 1)
+        photos_on_disk = [str(ctx.workspace.root / f) for f in s.get("photos", [])
+                          if (ctx.workspace.root / f).is_file()]
+        values = [photos_on_disk or None, s.get("name", ""), s.get("class", "person"), s.get("base", current_base(ctx)),
+                  s.get("memory", _memory_default()), bool(s.get("reg", False)), s.get("steps", 0), s.get("res", 0),
+                  s.get("sample_steps", 0), s.get("captioner", "auto"), s.get("preset", "")]
+        return values + [on_estimate(*values)]
+
+    ui_load = (on_load, inputs + [estimate])
 
     def on_more(run, n):
         if not run:
@@ -275,8 +338,10 @@ def build(ctx: AppContext) -> None:
         return gr.Timer(active=True)
 
     again.click(on_more, [run_name, more], [timer])
-    ctx.components["quick._ui"] = {"open_pg": open_pg, "open_train": open_train, "open_dataset": open_dataset, "lora": lora_path, "run": run_name,
-                                   "tick": (on_tick, tick_outputs)}
+    ctx.components["quick._ui"] = {"open_pg": open_pg, "open_train": open_train, "open_dataset": open_dataset,
+                                   "lora": lora_path, "run": run_name,
+                                   "tick": (on_page_load, tick_outputs),
+                                   "load": ui_load}
 
 
 def wire(ctx: AppContext) -> None:
@@ -299,47 +364,50 @@ def wire(ctx: AppContext) -> None:
     ui["open_pg"].click(on_open, [ui["lora"]], [inbox if inbox is not None else ui["lora"],
                                                 tabs if tabs is not None else ui["lora"]])
 
-    def on_train(run):
-        if not run:
-            gr.Warning("Start a Quick run first: its prepared dataset then opens in the Train tab.")
-            return gr.skip(), gr.skip()
-        ds = ctx.workspace.root / "datasets" / run
-        return ctx.workspace.relative(ds), gr.Tabs(selected="tab-train")
+    train_ui = ctx.components.get("train._ui")
+    if train_ui is not None and tabs is not None:
+        load_run, load_outputs = train_ui["load_run"]
 
-    if train_dataset is not None:
-        ui["open_train"].click(on_train, [ui["run"]], [train_dataset, tabs if tabs is not None else ui["run"]])
+        def on_train(run):
+            """The Train tab with every field of the run's own config.toml (what really trained), not defaults."""
+            if not run:
+                gr.Warning("Start a Quick run first: its settings then open in the Train tab.")
+                return [gr.skip()] * (len(load_outputs) + 1)
+            if not (ctx.workspace.root / "runs" / run / "config.toml").is_file():
+                gr.Warning("This run has not reached training yet: open it in the Train tab once it trains.")
+                return [gr.skip()] * (len(load_outputs) + 1)
+            return [*load_run(run), gr.Tabs(selected="tab-train")]
+
+        ui["open_train"].click(on_train, [ui["run"]], [*load_outputs, tabs]).then(
+            train_ui["on_method"], [train_ui["method"]], train_ui["groups"])
+    elif train_dataset is not None:
+        ui["open_train"].click(lambda run: ctx.workspace.relative(ctx.workspace.root / "datasets" / run) if run
+                               else gr.skip(), [ui["run"]], [train_dataset])
     else:
         ui["open_train"].click(lambda: gr.Info("The Train tab is not available in this build."), None, None)
 
     ds_ui = ctx.components.get("dataset._ui") or {}
-    keys = [k for k in ("name", "crop", "caption", "trigger", "class_word", "size") if k in ds_ui]
+    if "open_run" in ds_ui and tabs is not None:
+        open_run, ds_outputs = ds_ui["open_run"]
 
-    def on_dataset(run):
-        """The Dataset tab with the wizard's choices: the run's dataset name, crop, captioner, trigger, class."""
-        import tomllib
+        def on_dataset(run):
+            """The Dataset tab as the wizard left it: the run's dataset and sources, its crop, size, repeats,
+            captioner, trigger and class (from its dataset.toml and quick.json), with the gallery, captions and
+            summary drawn at once."""
+            if not run:
+                gr.Warning("Start a Quick run first: its dataset then opens in the Dataset tab.")
+                return [gr.skip()] * (len(ds_outputs) + 1)
+            return [*open_run(run), gr.Tabs(selected="tab-dataset")]
 
-        if not run:
-            gr.Warning("Start a Quick run first: its dataset then opens in the Dataset tab.")
-            return [gr.skip()] * (len(keys) + 1)
-        try:
-            done = tomllib.loads((ctx.workspace.root / "datasets" / run / "dataset.toml").read_text("utf-8"))
-            settings = done.get("settings", {})
-        except (OSError, ValueError):
-            settings = {}
-        values = {"name": run, "crop": settings.get("crop"), "caption": settings.get("caption"),
-                  "trigger": settings.get("trigger"), "class_word": settings.get("class_word"),
-                  "size": str(settings["size"]) if settings.get("size") else None}
-        return [gr.update(value=values[k]) if values.get(k) is not None else gr.skip() for k in keys] + [
-            gr.Tabs(selected="tab-dataset")]
+        ui["open_dataset"].click(on_dataset, [ui["run"]], [*ds_outputs, tabs])
 
-    if keys and tabs is not None:
-        ui["open_dataset"].click(on_dataset, [ui["run"]], [ds_ui[k] for k in keys] + [tabs])
-
-    # A page reload reconnects to the running (or last) Quick job.
+    # A page reload restores the form and reconnects to the running (or last) Quick job.
     root = gr.context.Context.root_block
     if root is not None:
+        fn, outs = ui["load"]
+        root.load(fn, None, outs, show_progress="hidden")
         fn, outs = ui["tick"]
-        root.load(fn, None, outs)
+        root.load(fn, None, outs, show_progress="hidden")
 
 
 def _progress(done: float, total: float, text: str) -> str:

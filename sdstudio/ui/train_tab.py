@@ -19,7 +19,7 @@ from ..methods.registry import all_methods
 from ..train.config import TrainConfig, list_presets, load_config, preset_header, read_toml, user_fields
 from .context import AppContext
 from .widgets import fmt_eta as _fmt_eta
-from .widgets import progress_html
+from .widgets import PageMemory, only_changed, progress_html
 from .widgets import loss_frame as _loss_frame
 
 TAB = "train"
@@ -135,12 +135,19 @@ def job_view(job) -> dict:
     end = snap["end"]
     if last is not None:
         progress = _progress(last.step, last.total, f"step {last.step}/{last.total} · ETA {_fmt_eta(last.eta_s)}")
-        stats = f"loss **{last.loss:.4f}** · lr **{last.lr:.2e}** · **{last.it_per_s:.2f}** it/s"
+        stats = f"loss <b>{last.loss:.4f}</b> · lr <b>{last.lr:.2e}</b> · <b>{last.it_per_s:.2f}</b> it/s"
     elif snap["progress"]:
         done, total, stage, msg = snap["progress"]
         progress, stats = _progress(done, total, msg if stage == "download" else f"{msg} {done}/{total}"), ""
     else:
         progress, stats = _progress(0, 1, snap["status"] or "starting"), ""
+    if isinstance(end, Failed):  # the bar must not stay on "loading tiny" after a failure
+        done = last.step if last is not None else 0
+        progress = _progress(done, last.total if last is not None else 1, f"failed at step {done}")
+    elif isinstance(end, Finished) and end.stopped:
+        done = last.step if last is not None else 0
+        progress = _progress(done, last.total if last is not None else 1,
+                             f"stopped at step {done}/{last.total}" if last is not None else "stopped before step 1")
     gallery = []
     for ev in reversed(snap["previews"]):
         conds = ev.conditions or ("",) * len(ev.paths)
@@ -155,10 +162,11 @@ def job_view(job) -> dict:
                   else f"**Finished.** {', '.join(Path(p).name for p in end.outputs)}")
     else:
         status = f"**{job.name}**: {snap['status'] or 'starting'}"
+    progress += f'<div id="train-stats" class="train-stats">{stats}</div>'
     ranks, budget = adalora_frames(last.extra if last is not None else {}, last.step if last is not None else 0)
     return {"frame": _loss_frame(snap["steps"]), "progress": progress, "stats": stats, "gallery": gallery,
             "status": status, "ended": end is not None, "failed": isinstance(end, Failed),
-            "ranks": ranks, "budget": budget}
+            "total": last.total if last is not None else None, "ranks": ranks, "budget": budget}
 
 
 def short_layer(path: str) -> str:
@@ -184,12 +192,10 @@ def adalora_frames(extra: dict, step: int) -> tuple[pd.DataFrame | None, pd.Data
     return ranks, pd.DataFrame(rows, columns=["step", "total rank", "series"])
 
 
-def _runs_frame(ctx: AppContext) -> pd.DataFrame:
-    from ..library import scan_runs
+def _runs_frame(ctx: AppContext) -> str:
+    from .library_tab import runs_html
 
-    rows = [[r.name, r.method, r.steps, None if r.last_loss is None else round(r.last_loss, 4), r.checkpoints,
-             ", ".join(Path(a).name for a in r.artefacts)] for r in scan_runs(ctx.workspace)]
-    return pd.DataFrame(rows, columns=["run", "method", "steps", "last loss", "checkpoints", "files"])
+    return runs_html(ctx, loss_digits=4)
 
 
 def _run_names(ctx: AppContext) -> list[str]:
@@ -207,23 +213,24 @@ def _publisher(ctx: AppContext):
     return lambda paths: publish(ctx.workspace, paths)
 
 
-def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = False):
-    """Validate (in a second, before any model loads) and start the run as a Job. Raises UserError. Paths and
-    the base model follow the one rule (models/refs.py), confined to the workspace."""
+def config_from_form(ctx: AppContext, values: dict, preset: str | None, *, check_paths: bool = True):
+    """The TrainConfig the form describes (the preset under it). Paths and the base model follow the one rule
+    (models/refs.py), confined to the workspace. `check_paths=False` (the machine note before Start) leaves the
+    dataset and base model as typed. Raises UserError."""
     from ..models.refs import Places
     from ..train.config import apply_places
-    from ..train.loop import preflight, train
 
     ws = ctx.workspace
     values = dict(values)
-    if not str(values.get("dataset") or "").strip():
+    if check_paths and not str(values.get("dataset") or "").strip():
         raise UserError("Choose a dataset folder first (make one in the Dataset tab, or put images in "
                         "workspace/datasets/).")
     values["base_model"] = str(values.get("base_model") or "tiny").strip()
+    values["dataset"] = str(values.get("dataset") or "")
     values["output_dir"] = str(ws.run_dir(values.get("output_name") or "run"))
-    if values.get("sample_conditions"):  # preview control images: files in the workspace
+    if check_paths and values.get("sample_conditions"):  # preview control images: files in the workspace
         values["sample_conditions"] = [str(ws.resolve(p, must_exist=True)) for p in values["sample_conditions"]]
-    if str(values.get("class_data") or "").strip():  # the form's other folder: confined like the dataset
+    if check_paths and str(values.get("class_data") or "").strip():  # the form's other folder: confined too
         values["class_data"] = str(ws.resolve(values["class_data"], must_exist=True))
     tables: dict = {}
     flat = {}
@@ -238,14 +245,88 @@ def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = 
     base_vals = read_toml(preset_path) if preset_path else {}
     # The form shows every field, so only the chosen method's table and the top-level keys go in.
     base_vals = {k: v for k, v in base_vals.items() if not isinstance(v, dict) or k == flat.get("method")}
-    cfg = apply_places(load_config(None, extra={**base_vals, **flat, **tables}), Places.app(ws))
+    cfg = load_config(None, extra={**base_vals, **flat, **tables})
+    return apply_places(cfg, Places.app(ws)) if check_paths else cfg
+
+
+def machine_note(ctx: AppContext, values: dict, preset: str | None) -> str:
+    """What this machine changes in the form's settings (8-bit Adam without CUDA, ...) and how long the run should
+    take here: shown before Start, and applied by Start."""
+    from ..train.estimate import cpu_estimate, estimate, gpu_class
+    from ..train.machine import describe_changes, detect, fit_to_machine
+
+    try:
+        cfg = config_from_form(ctx, values, preset, check_paths=False)
+        machine = detect(cfg.device)
+        fitted, changes = fit_to_machine(cfg, machine)
+        est = (estimate(fitted, gpu=gpu_class(machine.gpu_name, machine.memory_gb)) if machine.cuda
+               else cpu_estimate(fitted))
+    except UserError as exc:
+        return f"⚠ {exc}"
+    except Exception as exc:  # an estimate must never break the form
+        return f"⚠ no estimate ({type(exc).__name__})"
+    text = f"**On this machine:** {est.summary()}."
+    if changes:
+        text += "\n\n" + describe_changes(changes, machine).replace("On ", "Changed for ", 1)
+    return text
+
+
+def start_run(ctx: AppContext, values: dict, preset: str | None, resume: bool = False):
+    """Validate (in a second, before any model loads) and start the run as a Job. Raises UserError."""
+    from ..train.checkpoint import latest_checkpoint
+    from ..train.loop import preflight, train
+    from ..train.machine import fit_to_machine
+
+    ws = ctx.workspace
+    cfg = config_from_form(ctx, values, preset)
+    cfg, _changes = fit_to_machine(cfg)  # the same changes the note above the form showed
+    if resume and latest_checkpoint(cfg.run_dir(ws.root)) is None:
+        raise UserError(f"'{cfg.output_name}' stopped before it saved a checkpoint, so there is nothing to resume: "
+                        f"press Start to train it again from the beginning.")
     pre = preflight(cfg, resume=resume, home=ws.root)
     return ctx.jobs.start(cfg.output_name, JOB_KIND, lambda jc: train(cfg, jc.emit, jc.commands, resume=resume,
                                                                       checked=pre, home=ws.root,
                                                                       publish=_publisher(ctx)))
 
 
+def form_from_run(ctx: AppContext, name: str) -> tuple[dict, str | None]:
+    """(flat form values, preset path or None) of a run, from its own config.toml: what "Open in Train tab" and
+    "Load its settings" fill in. Paths inside the workspace are shown workspace-relative."""
+    import json
+
+    from ..train.config import PRESETS_DIR
+
+    run = ctx.workspace.run_dir(name)
+    if not (run / "config.toml").is_file():
+        raise UserError(f"'{name}' has no config.toml yet: it has not started training.")
+    values = {**_defaults(), **_flatten(read_toml(run / "config.toml"))}
+    for key in ("dataset", "base_model", "class_data"):
+        if values.get(key) and Path(str(values[key])).is_absolute():
+            values[key] = ctx.workspace.relative(values[key])
+    preset = None
+    try:
+        quick = json.loads((run / "quick.json").read_text(encoding="utf-8"))
+        if quick.get("preset") and (PRESETS_DIR / f"{quick['preset']}.toml").is_file():
+            preset = str(PRESETS_DIR / f"{quick['preset']}.toml")
+    except (OSError, ValueError):
+        pass
+    return values, preset
+
+
 # -- the tab --------------------------------------------------------------------------------------------
+
+# A run's page polls once a second: every update walks Gradio's whole component tree in the browser, and on
+# a busy 2-core machine a faster poll left the page (and its Stop button) seconds behind.
+POLL_SECONDS = 1.0
+PLOT_SECONDS = 2.0  # the loss plot redraws at most this often while a run trains
+
+MACHINE_KEYS = ("optimizer", "precision", "attention", "batch_size", "gradient_accumulation", "resolution",
+                "max_steps", "gradient_checkpointing", "sample_every", "sample_steps")  # what the note depends on
+
+
+def _preset_header(preset: str | None) -> str:
+    return preset_header(Path(preset).stem) if preset and preset != NO_PRESET else ""
+
 
 def build(ctx: AppContext) -> None:
     from .library_tab import base_model_choices, current_base
@@ -270,8 +351,8 @@ def build(ctx: AppContext) -> None:
                                    info="A folder in the workspace: a kohya dataset (img/) or images with captions.")
         ui["output_name"] = gr.Textbox(value=vals.get("output_name", "my-lora"), label="Run name",
                                        elem_id="train-output-name", scale=2)
-    preset_info = gr.Markdown(preset_header(Path(preset_value).stem) if preset_value != NO_PRESET else "",
-                              elem_id="train-preset-info")
+    preset_info = gr.Markdown(_preset_header(preset_value), elem_id="train-preset-info")
+    machine = gr.Markdown("", elem_id="train-machine")
     ctx.components["train.dataset"] = ui["dataset"]
 
     fields = _form_fields()
@@ -300,8 +381,8 @@ def build(ctx: AppContext) -> None:
                 save = gr.Button("Save now", elem_id="train-save")
             status = gr.Markdown("No run yet.", elem_id="train-status")
             progress = gr.HTML(_progress(0, 1, ""), elem_id="train-progress")
-            stats = gr.Markdown("", elem_id="train-stats")
-            plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260, color_map={"raw": "#a5b4fc", "smoothed": "#4338ca"},
+            plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260,
+                               color_map={"raw": "#a5b4fc", "smoothed": "#4338ca"}, x_axis_format="d",
                                elem_id="train-loss")
             with gr.Group(visible=vals["method"] == "adalora", elem_id="train-adalora") as ada_box:
                 gr.Markdown("**AdaLoRA**: each layer's rank now, and the total-rank budget over the run")
@@ -314,19 +395,23 @@ def build(ctx: AppContext) -> None:
             gallery = gr.Gallery([], label="Previews", columns=4, height=280, elem_id="train-previews")
     gr.Markdown("### Runs")
     with gr.Row():
-        runs_table = gr.Dataframe(_runs_frame(ctx), interactive=False, elem_id="train-runs", scale=4)
+        runs_table = gr.HTML(_runs_frame(ctx), elem_id="train-runs", scale=4)
         with gr.Column(scale=1):
             run_pick = gr.Dropdown(_run_names(ctx), label="Run", elem_id="train-run-pick", allow_custom_value=True)
+            resume_to = gr.Number(None, precision=0, minimum=0, label="Resume up to step", elem_id="train-resume-steps",
+                                  info="Empty or 0: the run's own total. Higher: train longer.")
             resume_btn = gr.Button("Resume", elem_id="train-resume")
+            load_btn = gr.Button("Load its settings", elem_id="train-run-load")
             open_pg = gr.Button("Open in Playground", elem_id="train-open-playground")
             refresh = gr.Button("Refresh", elem_id="train-runs-refresh")
-    timer = gr.Timer(0.5, active=False)
+    timer = gr.Timer(POLL_SECONDS, active=False)
 
     keys = list(widgets)
     form = [widgets[k] for k in keys]
     top_keys = ["method", "base_model", "dataset", "output_name"]
     top = [ui[k] for k in top_keys]
     field_of = {k: f for k, f, _g in fields}
+    all_inputs = [ui["preset"], *top, *form]
 
     def collect(args) -> tuple[dict, str]:
         preset, *rest = args
@@ -348,29 +433,38 @@ def build(ctx: AppContext) -> None:
             return gr.Timer(active=False), f"**Not started:** {exc}"
         return gr.Timer(active=True), f"**{job.name}**: starting"
 
-    start.click(on_start, [ui["preset"], *top, *form], [timer, status])
+    start.click(on_start, all_inputs, [timer, status])
 
-    def on_resume(name):
+    def on_resume(name, up_to):
+        """Continue a run with its own settings (config.toml), up to `up_to` steps when given (train longer, as
+        the Quick tab's "Train again with more steps" does)."""
         if not name:
             gr.Warning("Pick a run to resume.")
             return gr.Timer(active=False), gr.update()
         try:
-            run = ctx.workspace.run_dir(name)
-            values = _flatten(read_toml(run / "config.toml"))
+            values, _preset = form_from_run(ctx, name)
             values["output_name"] = name
+            if up_to:
+                from ..train.status import last_log_line
+
+                done = int(last_log_line(ctx.workspace.run_dir(name) / "log.jsonl").get("step", 0))
+                if int(up_to) <= done:
+                    raise UserError(f"'{name}' is already at step {done}: resume up to a higher step.")
+                values["max_steps"] = int(up_to)
             job = start_run(ctx, values, None, resume=True)
         except UserError as exc:
             gr.Warning(str(exc))
             return gr.Timer(active=False), f"**Not resumed:** {exc}"
         return gr.Timer(active=True), f"**{job.name}**: resuming"
 
-    resume_btn.click(on_resume, [run_pick], [timer, status])
+    resume_btn.click(on_resume, [run_pick, resume_to], [timer, status])
 
     def command(what):
         def fn():
             job = ctx.jobs.latest(JOB_KIND)
             if job is None or not job.running:
-                gr.Warning("No run is in progress.")
+                gr.Info("No run is in progress: nothing to " + {"stop": "stop", "pause": "pause", "continue": "continue",
+                                                               "sample": "sample", "save": "save"}[what] + ".")
                 return
             {"stop": job.commands.stop, "pause": job.commands.pause, "continue": job.commands.resume,
              "sample": lambda: job.commands.request("sample"), "save": lambda: job.commands.request("save")}[what]()
@@ -380,50 +474,121 @@ def build(ctx: AppContext) -> None:
         return fn
 
     for btn, what in ((stop, "stop"), (pause, "pause"), (cont, "continue"), (sample, "sample"), (save, "save")):
-        btn.click(command(what), None, None)
+        btn.click(command(what), None, None, show_progress="hidden")
 
-    def on_tick():
+    # What the page already shows (a digest per output, the job it belongs to, when the plot was drawn): a tick
+    # sends only what changed, and the plot at most every PLOT_SECONDS, so a browser on a busy machine stays
+    # responsive (Stop must always answer) while the step counter still moves every tick.
+    memory = PageMemory()
+
+    def on_page_load(request: gr.Request):
+        return on_tick(request, fresh_page=True)
+
+    def on_tick(request: gr.Request, fresh_page: bool = False):
+        import time
+
+        if fresh_page:
+            memory.forget(request)
+        seen = memory.of(request)
         job = ctx.jobs.latest(JOB_KIND)
         if job is None:
-            return gr.Timer(active=False), *[gr.skip()] * 10
+            return gr.Timer(active=False), *[gr.skip()] * 9
         v = job_view(job)
-        ada = (gr.update(visible=v["ranks"] is not None), v["ranks"], v["budget"]) if v["ranks"] is not None else \
-            (gr.skip(),) * 3
+        fresh = seen.get("job") != job.id
+        if fresh:
+            seen.clear()
+            seen["job"] = job.id
+        draw = v["frame"] is not None and (fresh or v["ended"] or time.time() - seen.get("plot_t", 0) >= PLOT_SECONDS)
+        plot_update = gr.update(value=v["frame"], x_lim=[0, max(10, v["total"] or 0)]) if draw else gr.skip()
+        if draw:
+            seen["plot_t"] = time.time()
+        changed, seen["d"] = only_changed(seen.get("d"), {"status": v["status"], "progress": v["progress"],
+                                                          "gallery": v["gallery"]})
+        timer_update = gr.Timer(active=not v["ended"]) if fresh or v["ended"] else gr.skip()
+        # AdaLoRA's rank per layer and budget (shown only for an AdaLoRA run).
+        ada = (gr.update(visible=True), v["ranks"], v["budget"]) if v["ranks"] is not None else (gr.skip(),) * 3
         if v["ended"]:
-            return (gr.Timer(active=False), v["status"], v["progress"], v["stats"], v["frame"], v["gallery"],
-                    _runs_frame(ctx), gr.update(choices=_run_names(ctx), value=job.name), *ada)
-        return (gr.Timer(active=True), v["status"], v["progress"], v["stats"], v["frame"], v["gallery"], gr.skip(),
-                gr.skip(), *ada)
+            return (timer_update, *changed, plot_update, _runs_frame(ctx),
+                    gr.update(choices=_run_names(ctx), value=job.name), *ada)
+        return (timer_update, *changed, plot_update, gr.skip(), gr.skip(), *ada)
 
-    tick_outputs = [timer, status, progress, stats, plot, gallery, runs_table, run_pick, ada_box, ranks_plot,
+    tick_outputs = [timer, status, progress, gallery, plot, runs_table, run_pick, ada_box, ranks_plot,
                     budget_plot]
-    timer.tick(on_tick, None, tick_outputs)
-    refresh.click(lambda: (_runs_frame(ctx), gr.update(choices=_run_names(ctx))), None, [runs_table, run_pick])
+    timer.tick(on_tick, None, tick_outputs, show_progress="hidden")
+
+    def redraw_runs():
+        return _runs_frame(ctx), gr.update(choices=_run_names(ctx))
+
+    refresh.click(redraw_runs, None, [runs_table, run_pick])
+    # Live: a run written, published or finished anywhere (the Quick tab, the CLI) shows without a click.
+    ctx.components["workspace.token"].change(
+        lambda: (*redraw_runs(), gr.update(choices=base_model_choices(ctx))), None,
+        [runs_table, run_pick, ui["base_model"]], show_progress="hidden")
+    ctx.components["runs.token"].change(lambda: _runs_frame(ctx), None, [runs_table], show_progress="hidden")
+    if "tab.tab-train" in ctx.components:
+        ctx.components["tab.tab-train"].select(redraw_runs, None, [runs_table, run_pick], show_progress="hidden")
 
     def on_method(method):
         return [gr.update(visible=name == method) for name in sorted(groups)] + [gr.update(visible=method == "adalora")]
 
     ui["method"].change(on_method, [ui["method"]], [groups[n] for n in sorted(groups)] + [ada_box])
 
-    def on_preset(preset):
-        v = _preset_values(preset)
-        header = preset_header(Path(preset).stem) if preset and preset != NO_PRESET else ""
-        return [header, v["method"], v["output_name"], *[_to_widget(field_of[k], v.get(k)) for k in keys]]
+    def note(*args):
+        values, preset = collect(args)
+        return machine_note(ctx, values, preset)
 
-    ui["preset"].input(on_preset, [ui["preset"]], [preset_info, ui["method"], ui["output_name"], *form])
+    def on_preset(*args):
+        preset = args[0]
+        v = _preset_values(preset)
+        values, _ = collect(args)
+        values.update({k: v.get(k) for k in keys}, method=v["method"], output_name=v["output_name"])
+        return [_preset_header(preset), machine_note(ctx, values, preset), v["method"], v["output_name"],
+                *[_to_widget(field_of[k], v.get(k)) for k in keys]]
+
+    ui["preset"].input(on_preset, all_inputs, [preset_info, machine, ui["method"], ui["output_name"], *form])
+    for k in MACHINE_KEYS:
+        if k in widgets:
+            widgets[k].input(note, all_inputs, [machine], show_progress="hidden", trigger_mode="always_last")
+    ui["base_model"].input(note, all_inputs, [machine], show_progress="hidden", trigger_mode="always_last")
+
+    restore_outputs = [ui["preset"], preset_info, machine, *top, *form]
+
+    def fill(values: dict, preset: str | None) -> list:
+        """Updates that put `values` (flat) and `preset` into the form, the preset's description and the machine
+        note included."""
+        preset = preset or NO_PRESET
+        return [preset, _preset_header(preset), machine_note(ctx, values, preset),
+                *[values[k] if k in values else gr.skip() for k in top_keys],
+                *[_to_widget(field_of[k], values[k]) if k in values else gr.skip() for k in keys]]
 
     def on_load_settings():
         """A reload shows the last-used settings (component defaults were fixed when the app started)."""
         saved = ctx.settings.load(TAB)
-        if not saved:
-            return [gr.skip()] * (1 + len(top) + len(form))
-        v = {**_preset_values(saved.get("_preset")), **saved}
-        return [saved.get("_preset") or gr.skip(), *[v.get(k, gr.skip()) for k in top_keys],
-                *[_to_widget(field_of[k], v[k]) if k in v else gr.skip() for k in keys]]
+        preset = saved.get("_preset") or preset_value
+        v = {**_preset_values(preset), **{k: x for k, x in saved.items() if not k.startswith("_")}}
+        return fill(v, preset)
+
+    def load_run(name):
+        """A run's own settings, from its config.toml, into the form ("Load its settings", "Open in Train tab")."""
+        if not name:
+            gr.Warning("Pick a run first.")
+            return [gr.skip()] * len(restore_outputs)
+        try:
+            values, preset = form_from_run(ctx, name)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return [gr.skip()] * len(restore_outputs)
+        return fill(values, preset)
+
+    load_btn.click(load_run, [run_pick], restore_outputs).then(on_method, [ui["method"]],
+                                                                [groups[n] for n in sorted(groups)])
 
     ctx.components["train._ui"] = {"open_pg": open_pg, "run_pick": run_pick, "timer": timer,
-                                   "tick": (on_tick, tick_outputs),
-                                   "restore": (on_load_settings, [ui["preset"], *top, *form])}
+                                   "tick": (on_page_load, tick_outputs),
+                                   "method": ui["method"],
+                                   "groups": [groups[n] for n in sorted(groups)], "on_method": on_method,
+                                   "restore": (on_load_settings, restore_outputs),
+                                   "load_run": (load_run, restore_outputs)}
 
 
 def _run_artefact(ctx: AppContext, name: str) -> str | None:
@@ -435,7 +600,9 @@ def _run_artefact(ctx: AppContext, name: str) -> str | None:
     if not name:
         return None
     run = ctx.workspace.run_dir(name)
-    found = sorted(run.glob("*.safetensors")) + sorted(d for d in run.iterdir() if d.is_dir()) if run.is_dir() else []
+    every = sorted(run.glob("*.safetensors")) if run.is_dir() else []
+    files = [f for f in every if not _is_numbered(f)] or every  # the final file, not a numbered save
+    found = files + (sorted(d for d in run.iterdir() if d.is_dir() and not _is_numbered(d)) if run.is_dir() else [])
     for p in found:
         kind = detect_kind(p)
         if p.is_dir() and kind not in ("controlnet", "t2i_adapter"):
@@ -469,9 +636,16 @@ def wire(ctx: AppContext) -> None:
     root = gr.context.Context.root_block
     if root is not None:
         fn, outs = ui["restore"]
-        root.load(fn, None, outs)
+        root.load(fn, None, outs, show_progress="hidden").then(ui["on_method"], [ui["method"]], ui["groups"],
+                                                               show_progress="hidden")
         fn, outs = ui["tick"]
-        root.load(fn, None, outs)
+        root.load(fn, None, outs, show_progress="hidden")  # a fresh page: everything is drawn
+
+
+def _is_numbered(path: Path) -> bool:
+    import re
+
+    return re.search(r"-\d{6}$", path.name.split(".")[0]) is not None
 
 
 def _progress(done: float, total: float, text: str) -> str:

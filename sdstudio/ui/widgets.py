@@ -37,3 +37,64 @@ def fmt_eta(seconds) -> str:
         return "?"
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def only_changed(seen: dict | None, values: dict) -> tuple[list, dict]:
+    """A poll's outputs, each replaced by gr.skip() when the page already shows it; and the new `seen` (a
+    digest per output, kept in a gr.State). Every update costs the browser a walk of the whole component tree,
+    so a 0.5 s poll that resends unchanged values makes a busy machine's page lag by seconds (Stop then answers
+    late)."""
+    import gradio as gr
+
+    seen = dict(seen or {})
+    out = []
+    for name, value in values.items():
+        digest = _digest(value)
+        if digest is not None and seen.get(name) == digest:
+            out.append(gr.skip())
+        else:
+            out.append(value)
+            if digest is not None:
+                seen[name] = digest
+    return out, seen
+
+
+def _digest(value) -> str | None:
+    """A short fingerprint of an output value; None for what cannot be compared (always sent)."""
+    import hashlib
+
+    if isinstance(value, pd.DataFrame):
+        text = value.to_json()
+    elif isinstance(value, (str, int, float, bool, list, tuple, type(None))):
+        text = repr(value)
+    else:
+        return None
+    return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+class PageMemory:
+    """What each open page already shows, kept on the server by the page's session (a gr.State output would
+    cost the browser a walk of its whole component tree on every poll). Bounded: old sessions fall out."""
+
+    def __init__(self, max_pages: int = 64) -> None:
+        import collections
+        import threading
+
+        self._pages: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._max = max_pages
+
+    def of(self, request) -> dict:
+        key = getattr(request, "session_hash", None) or "-"
+        with self._lock:
+            page = self._pages.pop(key, None)
+            page = {} if page is None else page
+            self._pages[key] = page
+            while len(self._pages) > self._max:
+                self._pages.popitem(last=False)
+            return page
+
+    def forget(self, request) -> None:
+        """A fresh page (loaded or reloaded): draw everything again."""
+        with self._lock:
+            self._pages.pop(getattr(request, "session_hash", None) or "-", None)
