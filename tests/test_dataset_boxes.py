@@ -47,13 +47,13 @@ def test_bad_lines_are_one_sentence_with_the_line_number(tmp_path, line, message
                                                 ((60, 100), (64, 128), True), ((64, 64), (64, 64), False)])
 def test_the_training_cut_moves_boxes_with_the_pixels(size, bucket, flip):
     """Draw the box into an image, cut it like the trainer cuts pixels, and find the box again."""
-    from sdstudio.data.dataset import _cover_crop
+    from sdstudio.data.conditioning import Cut
 
     w, h = size
     box = (0.45, 0.25, 0.8, 0.7)
     img = np.zeros((h, w), np.uint8)
     img[round(box[1] * h):round(box[3] * h), round(box[0] * w):round(box[2] * w)] = 255
-    cut = np.asarray(_cover_crop(Image.fromarray(img), bucket, Image.Resampling.NEAREST, flip)) > 127
+    cut = np.asarray(Cut(size, bucket, flip).image(Image.fromarray(img), Image.Resampling.NEAREST)) > 127
     ys, xs = np.nonzero(cut)
     found = (xs.min() / bucket[0], ys.min() / bucket[1], (xs.max() + 1) / bucket[0], (ys.max() + 1) / bucket[1])
     (got,) = crop_objects([GroundedObject("a thing", box)], size, bucket, flip)

@@ -4,7 +4,8 @@ PeftLoraLoaderMixinTests). A new method joins automatically by being in methods/
 Each method runs 2 steps on tiny through the one loop, emits Step and Preview events, and saves something
 that a fresh diffusers pipeline loads (through the method's `load_output` hook) with a visible effect. The
 dataset carries control images, which methods that declare `conditioning = ("control",)` train on (and are
-generated with) and the others ignore."""
+generated with) and the others ignore; likewise a boxes.jsonl, which GLIGEN (`conditioning = ("boxes",)`) trains
+on and is generated with."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def _image(pipe, prompt, **kw):
 
 @pytest.mark.parametrize("name", sorted(all_methods()))
 def test_every_method_trains_previews_and_saves_a_loadable_file(name, tmp_path, tiny_dir):
-    ds = make_kohya_dataset(tmp_path / "ds", n=2, with_reg=True, with_cond=True)
+    ds = make_kohya_dataset(tmp_path / "ds", n=2, with_reg=True, with_cond=True, with_boxes=True)
     method_cls = all_methods()[name]
     # A method may name settings it needs on tiny (e.g. its placeholder token) as `contract_settings`.
     extra = dict(getattr(method_cls, "contract_settings", {}))
@@ -58,5 +59,8 @@ def test_every_method_trains_previews_and_saves_a_loadable_file(name, tmp_path, 
             from PIL import Image
 
             kw["image"] = Image.open(previews[0].conditions[0]).convert("RGB").resize((64, 64))
+        if "boxes" in getattr(method_cls, "conditioning", ()):  # GLIGEN: objects in boxes, grounded on every step
+            kw.update(gligen_phrases=["a red hat"], gligen_boxes=[[0.1, 0.05, 0.5, 0.4]],
+                      gligen_scheduled_sampling_beta=1.0)
         tuned = _image(loaded, prompt, **kw)
     assert (tuned - base).abs().max() > 1e-4, f"{name}: the saved file has no visible effect in diffusers"

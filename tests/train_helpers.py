@@ -40,15 +40,35 @@ def make_conditions(folder: Path) -> list[Path]:
     return out
 
 
+def make_boxes(root: Path) -> Path:
+    """DS/boxes.jsonl for GLIGEN: each instance image but the last gets one to three objects at its own places
+    (the last has none, as an unannotated image may)."""
+    import json
+
+    from sdstudio.data.folder import list_images
+
+    objects = [("a red hat", [0.1, 0.05, 0.5, 0.4]), ("a dog", [0.45, 0.4, 0.95, 0.95]),
+               ("a blue ball", [0.0, 0.6, 0.3, 0.9])]
+    lines = []
+    images = [p for d in sorted((root / "img").iterdir()) for p in list_images(d)]
+    for i, p in enumerate(images[:-1]):
+        objs = [{"phrase": ph, "box": box} for ph, box in objects[:1 + i % 3]]
+        lines.append(json.dumps({"file_name": p.relative_to(root).as_posix(), "objects": objs}))
+    (root / "boxes.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "boxes.jsonl"
+
+
 def make_kohya_dataset(root: Path, n: int = 4, repeats: int = 2, with_reg: bool = False,
-                       with_cond: bool = False) -> Path:
-    """DS/img/<repeats>_sks person/ with n images (and reg/1_person/ class images, and name.cond.png control
-    images beside the instance images)."""
+                       with_cond: bool = False, with_boxes: bool = False) -> Path:
+    """DS/img/<repeats>_sks person/ with n images (and reg/1_person/ class images, name.cond.png control
+    images beside the instance images, a boxes.jsonl with grounding objects)."""
     make_images(root / "img" / f"{repeats}_sks person", n)
     if with_reg:
         make_images(root / "reg" / "1_person", 2, captions=False, seed=7)
     if with_cond:
         make_conditions(root / "img" / f"{repeats}_sks person")
+    if with_boxes:
+        make_boxes(root)
     return root
 
 

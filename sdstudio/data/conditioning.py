@@ -1,4 +1,4 @@
-"""Named conditioning that travels with a training image: a control image, a loss mask, later boxes.
+"""Named conditioning that travels with a training image: a control image, a loss mask, grounding boxes.
 
 A method says what it needs with a class attribute, `conditioning = ("control",)` (methods/base.py). The
 dataset then finds each name's source for every item (`Condition.locate`), checks them all before any model
@@ -203,7 +203,49 @@ class LossMask(Condition):
         return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
 
 
-CONDITIONS: dict[str, Condition] = {c.name: c for c in (ControlImage(), LossMask())}
+class GroundingBoxes(Condition):
+    """GLIGEN's grounding objects from the dataset's boxes.jsonl (data/boxes.py): each item's boxes cut with its
+    image, as {"boxes": (30, 4) x0, y0, x1, y1 fractions of the sample, "masks": (30,) 1 for a real box,
+    "phrases": [one per slot in use]}. A box the crop cut away (under 1% of the sample on a side) keeps its slot
+    with mask 0, as padding has. An image without a line in the file has no objects (all masks 0)."""
+
+    name = "boxes"
+    label = "box file"
+    required = False
+    stacked = False  # phrases are text: the batch holds each item's dict
+
+    def locate_all(self, layout, images: list[Path]) -> list:
+        from .boxes import FILE, boxes_file, objects_for, read_boxes
+
+        path = boxes_file(layout.root)
+        if path is None:
+            raise UserError(f"{Path(layout.root).name} has no {FILE}: draw boxes in the Dataset tab (Boxes), or write "
+                            f"{FILE} beside img/ with one line per image, before training GLIGEN.")
+        table = read_boxes(path)  # a box outside [0, 1] or of zero area is one sentence naming its line
+        found = [tuple(objects_for(table, p, path.parent)) for p in images]
+        if images and not any(found):
+            raise UserError(f"{path.name} names none of the {len(images)} images of {Path(layout.root).name}: its "
+                            f"file_name entries must be paths relative to {path.parent.name}/ (e.g. "
+                            f"img/10_dog/0001.png).")
+        return found
+
+    def locate(self, layout, image: Path):
+        return self.locate_all(layout, [image])[0]
+
+    def read(self, source, cut):
+        from .boxes import MAX_OBJECTS, MIN_SIDE
+
+        objects = list(source or ())[:MAX_OBJECTS]
+        boxes, masks = torch.zeros(MAX_OBJECTS, 4), torch.zeros(MAX_OBJECTS)
+        if objects:
+            b = cut.boxes(torch.tensor([o.box for o in objects], dtype=torch.float32))
+            n = len(objects)
+            boxes[:n] = b
+            masks[:n] = (((b[:, 2] - b[:, 0]) >= MIN_SIDE) & ((b[:, 3] - b[:, 1]) >= MIN_SIDE)).float()
+        return {"boxes": boxes, "masks": masks, "phrases": [o.phrase for o in objects]}
+
+
+CONDITIONS: dict[str, Condition] = {c.name: c for c in (ControlImage(), LossMask(), GroundingBoxes())}
 
 
 def get_condition(name: str) -> Condition:

@@ -151,11 +151,13 @@ def checkpoint_has_gligen(path: Path | str) -> bool:
         return False
 
 
-def save_module(unet, path: Path | str, metadata: dict[str, str] | None = None) -> Path:
-    """Write the GLIGEN part of a gated diffusers UNet as a module file ComfyUI's GLIGEN loader reads."""
+def save_module(unet, path: Path | str, metadata: dict[str, str] | None = None, dtype=None) -> Path:
+    """Write the GLIGEN part of a gated diffusers UNet as a module file ComfyUI's GLIGEN loader reads (in `dtype`,
+    e.g. torch.float16, when given)."""
     from .safe_io import save_safetensors
 
-    sd = unet_to_module({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, unet.config)
+    sd = unet_to_module({k: v.detach().to(dtype or v.dtype).contiguous() for k, v in unet.state_dict().items()
+                         if k.startswith(POSITION_PREFIX) or FUSER in k}, unet.config)
     if not is_gligen_keys(sd):
         raise UserError("This UNet has no GLIGEN layers to save.")
     meta = {"sdstudio.kind": "gligen", "gligen.feature_type": "text-only"}

@@ -26,7 +26,8 @@ ARCH_SD2_V = "stable-diffusion-v2-768-v"
 IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 ADAPTER_KINDS = {"lora": "lora", "lycoris": "lora", "edlora": "lora", "textual-inversion": "textual-inversion",
-                 "controlnet": "controlnet"}  # the model spec's architecture suffix ("stable-diffusion-v1/controlnet")
+                 "controlnet": "controlnet", "gligen": "gligen"}  # the model spec's architecture suffix
+# ("stable-diffusion-v1/controlnet")
 
 # The optimizer classes train/optim.py builds, by setting (sd-scripts writes module + "." + class name).
 OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",

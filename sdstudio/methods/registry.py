@@ -16,6 +16,7 @@ from . import controlnet  # noqa: F401,E402
 from . import t2i_adapter  # noqa: F401,E402
 from . import lycoris  # noqa: F401,E402
 from . import adalora  # noqa: F401,E402
+from . import gligen  # noqa: F401,E402  (trains the gated layers on batch.cond["boxes"])
 
 
 def get_method(name: str) -> type:

@@ -188,6 +188,30 @@ def phrase_tokens(tokenizer, phrase: str) -> int:
     return len(tokenizer.tokenize(phrase)) + 2
 
 
+def phrase_limit(tokenizer) -> int:
+    """Tokens a phrase may have, start and end tokens included (77 for CLIP)."""
+    n = tokenizer.model_max_length
+    return n if n and n < 10_000 else 77
+
+
+def check_phrase(tokenizer, phrase: str, text: str | None = None) -> None:
+    """One sentence when a grounding phrase (read by the text encoder as `text`) is too long for it."""
+    limit = phrase_limit(tokenizer)
+    n = phrase_tokens(tokenizer, phrase if text is None else text)
+    if n > limit:
+        short = phrase if len(phrase) <= 40 else phrase[:37] + "..."
+        raise UserError(f"The grounding phrase {short!r} is {n - 2} tokens; GLIGEN reads at most {limit - 2}: "
+                        f"shorten it.")
+
+
+def encode_phrases(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    """(n, dim) phrase features: the text encoder's pooled (end-token, unprojected) output, what GLIGEN's position
+    net reads (diffusers' GLIGEN pipeline and ComfyUI's GLIGENTextBoxApply use the same)."""
+    ids = tokenizer(texts, padding="max_length", max_length=phrase_limit(tokenizer), truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device)).pooler_output
+
+
 def recipe_grounding(comps, recipe, expand, batch: int, use_cfg: bool) -> Grounding:
     """The grounding inputs for a recipe's enabled `[[grounding]]` items, or an inactive Grounding.
 
@@ -203,20 +227,13 @@ def recipe_grounding(comps, recipe, expand, batch: int, use_cfg: bool) -> Ground
     if len(items) > MAX_OBJECTS:
         raise UserError(f"{len(items)} grounding boxes: GLIGEN places at most {MAX_OBJECTS}; remove some.")
     tok, te = comps.tokenizers[0], comps.text_encoders[0]
-    limit = tok.model_max_length if tok.model_max_length and tok.model_max_length < 10_000 else 77
     texts = []
     for it in items:
         text = expand(it.phrase)
-        n = phrase_tokens(tok, text)
-        if n > limit:
-            short = it.phrase if len(it.phrase) <= 40 else it.phrase[:37] + "..."
-            raise UserError(f"The grounding phrase {short!r} is {n - 2} tokens; GLIGEN reads at most {limit - 2}: "
-                            f"shorten it.")
+        check_phrase(tok, it.phrase, text)
         texts.append(text)
     device, dtype = unet.device, unet.dtype
-    ids = tok(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
-    # The pooled (unprojected) output, as diffusers' GLIGEN pipeline and ComfyUI's GLIGENTextBoxApply use it.
-    pooled = te(ids.to(te.device)).pooler_output.to(device=device, dtype=dtype)
+    pooled = encode_phrases(tok, te, texts).to(device=device, dtype=dtype)
     key_dim = unet.position_net.positive_len
     if pooled.shape[-1] != key_dim:
         raise UserError(f"This base's text encoder gives {pooled.shape[-1]}-wide phrases, its GLIGEN layers read "
