@@ -3,28 +3,16 @@ outputs; and, read-only, the models of other apps given with --models-from (A111
 The Library tab draws this; every model picker lists its choices through `list_models`."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .formats.kinds import ModelInfo, identify
+from .models.folders import FOREIGN_DIRS, _walk, foreign_dirs
 from .workspace import Workspace
 
-MODEL_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 HELPER_DIRS = ("annotators", "rembg", "captioners")  # helper models, not something to mix or train from
 
-# The folders other apps keep each kind in, matched case-insensitively under DIR, DIR/models and (when DIR is
-# itself a models folder) its parent: A1111/Forge use models/Stable-diffusion, models/Lora, models/LyCORIS,
-# embeddings/ beside models/, models/ControlNet, models/VAE; ComfyUI uses models/checkpoints, models/loras,
-# models/embeddings, models/controlnet (and t2i_adapter), models/vae, models/diffusers.
-FOREIGN_DIRS = {
-    "checkpoint": ("stable-diffusion", "checkpoints", "diffusers"),
-    "lora": ("lora", "lycoris", "loras"),
-    "embedding": ("embeddings",),
-    "controlnet": ("controlnet", "t2i_adapter"),
-    "vae": ("vae",),
-}
 # A picker of one kind also lists the kinds it loads the same way.
 PICKER_KINDS = {"checkpoint": ("checkpoint",), "lora": ("lora", "lycoris", "edlora"), "embedding": ("embedding",),
                 "controlnet": ("controlnet",), "t2i_adapter": ("t2i_adapter",), "vae": ("vae",)}
@@ -111,39 +99,6 @@ def _describe(p: Path) -> tuple[str, dict, str]:
     return _DETECTED[key]
 
 
-def _walk(root: Path):
-    """Model files and model folders under root, a diffusers folder counting as one; hidden entries (partial
-    downloads, temporary files) skipped."""
-    try:
-        children = sorted(root.iterdir())
-    except OSError:
-        return
-    for p in children:
-        if p.name.startswith("."):
-            continue
-        if p.is_dir():
-            if identify(p).kind != "unknown":
-                yield p
-            else:
-                yield from _walk(p)
-        elif p.suffix in MODEL_SUFFIXES:
-            yield p
-
-
-def foreign_dirs(root: Path, kind: str) -> list[Path]:
-    """The folders of `kind` in another app's models folder (see FOREIGN_DIRS)."""
-    root = Path(root)
-    bases = [root, root / "models"] + ([root.parent] if root.name.lower() == "models" else [])
-    out: list[Path] = []
-    for base in bases:
-        try:
-            children = sorted(base.iterdir())
-        except OSError:
-            continue
-        for child in children:
-            if child.is_dir() and child.name.lower() in FOREIGN_DIRS.get(kind, ()) and child.resolve() not in out:
-                out.append(child.resolve())
-    return out
 
 
 def _entry(p: Path, kind: str, meta: dict, family: str, path: str, source: str) -> ModelEntry:
@@ -186,18 +141,19 @@ def list_models(ws: Workspace, kind: str, roots=None) -> list[ModelEntry]:
     return [m for m in scan_models(ws, roots) if m.kind in kinds]
 
 
-def list_model_paths(workspace_root, kind: str, roots=()) -> list[Path]:
-    """The paths of the models of `kind` in the workspace and in `roots`, found by folder without reading any
-    file: what a model reference by name is looked up in (models/refs.py)."""
-    from .workspace import MODEL_DIRS
+def model_choices(workspace=None) -> list[tuple[str, str]]:
+    """(label, ref) pairs for a base-model picker: tiny first, then the checkpoints in the workspace and in the
+    --models-from folders (list_models, the one source every picker uses)."""
+    from .models.loading import TINY
+    from .models.tiny import TINY_LABEL
 
-    folders = [Path(workspace_root) / MODEL_DIRS[kind]] if workspace_root is not None and kind in MODEL_DIRS else []
-    for froot in roots:
-        folders += foreign_dirs(froot, kind)
-    out: list[Path] = []
-    for folder in folders:
-        out += [p for p in _walk(folder) if p.suffix in (".safetensors", "") or p.is_dir()]
+    out = [(TINY_LABEL, TINY)]
+    if workspace is not None:
+        for m in list_models(workspace, "checkpoint"):
+            label = m.name if m.source == "workspace" else f"{m.name} ({Path(m.source).name})"
+            out.append((label, str(workspace.root / m.path) if m.source == "workspace" else m.path))
     return out
+
 
 
 @dataclass(frozen=True)

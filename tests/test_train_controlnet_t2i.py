@@ -233,7 +233,7 @@ def test_estimate_asks_the_method():
     # Published sizes: SD 1.5 ControlNet 361 M parameters, TencentARC's full SD 1.x adapter 77 M, light ~19 M.
     assert controlnet_parameters("sd1") == 361_279_120
     assert adapter_parameters("sd1", "full", False) == 77_369_280 and adapter_parameters("sd1", "light", False) < 2e7
-    sets = ["base_model=runwayml/stable-diffusion-v1-5", "resolution=512", "batch_size=2"]
+    sets = ["base_model=stable-diffusion-v1-5/stable-diffusion-v1-5", "resolution=512", "batch_size=2"]
     est = {m: estimate(load_config(None, sets + [f"method={m}"])) for m in ("lora", "t2i_adapter", "controlnet")}
     assert est["lora"].vram_gb < est["t2i_adapter"].vram_gb < est["controlnet"].vram_gb
     assert est["lora"].minutes < est["t2i_adapter"].minutes < est["controlnet"].minutes

@@ -26,7 +26,6 @@ from typing import Callable
 from urllib.parse import quote, urlparse
 
 from ..errors import UserError
-from .refs import HubId
 
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocab/merges, sentencepiece models
 SKIP_COMPONENTS = {"safety_checker"}  # pipelines load with safety_checker=None
@@ -34,6 +33,21 @@ SOURCE_FILE = ".sdstudio-source.json"  # where a downloaded folder came from, wr
 CHUNK = 1 << 20
 DISK_MARGIN = 64 << 20  # bytes kept free beyond what the download needs
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+@dataclass(frozen=True)
+class HubId:
+    repo: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo + (f"@{self.revision}" if self.revision else "")
+
+    @property
+    def folder_name(self) -> str:
+        """The folder a download of this id goes into under models/<kind>/: org--name[@revision]."""
+        return self.repo.replace("/", "--") + (f"@{self.revision.replace('/', '--')}" if self.revision else "")
+
 
 
 def endpoint() -> str:

@@ -259,21 +259,6 @@ def _is_tiny_checkpoint(sd: dict) -> bool:
     return w is not None and w.shape[0] == 32
 
 
-def model_choices(workspace=None) -> list[tuple[str, str]]:
-    """(label, ref) pairs for a base-model picker: tiny first, then the checkpoints in the workspace and in the
-    --models-from folders (library.list_models, the one source every picker uses)."""
-    from .tiny import TINY_LABEL
-
-    out = [(TINY_LABEL, TINY)]
-    if workspace is not None:
-        from ..library import list_models
-
-        for m in list_models(workspace, "checkpoint"):
-            label = m.name if m.source == "workspace" else f"{m.name} ({Path(m.source).name})"
-            out.append((label, str(workspace.root / m.path) if m.source == "workspace" else m.path))
-    return out
-
-
 def family_of_ref(ref: str) -> ModelFamily:
     """The family of a ref without loading weights where possible (a hub id: the catalog's word for it)."""
     if ref in TINY_REFS:

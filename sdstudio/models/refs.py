@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from .hub import HubId  # noqa: F401 (defined beside the downloader; parse_hub_id makes them)
 
 TINY = "tiny"
 TINY_SDXL = "tiny-sdxl"
@@ -38,20 +39,6 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx") 
 ALIASES = {
     "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
-
-
-@dataclass(frozen=True)
-class HubId:
-    repo: str
-    revision: str | None = None
-
-    def __str__(self) -> str:
-        return self.repo + (f"@{self.revision}" if self.revision else "")
-
-    @property
-    def folder_name(self) -> str:
-        """The folder a download of this id goes into under models/<kind>/: org--name[@revision]."""
-        return self.repo.replace("/", "--") + (f"@{self.revision.replace('/', '--')}" if self.revision else "")
 
 
 def parse_hub_id(text: str) -> HubId | None:
@@ -187,7 +174,7 @@ class Places:
     # -- model references ------------------------------------------------------------------------------
     def known_models(self, kind: str = "checkpoint") -> list[Path]:
         """Models of `kind` in the workspace's models/ folder and in the --models-from folders."""
-        from ..library import list_model_paths
+        from .folders import list_model_paths
 
         return list_model_paths(self.workspace, kind, self.read_only)
 

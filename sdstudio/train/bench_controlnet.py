@@ -20,7 +20,7 @@ VARIANTS = ("reference", "ours", "ours-cached")
 
 
 def run_bench(args) -> int:
-    from .bench import _make_dataset, print_table, run_rounds
+    from .bench_rounds import _make_dataset, print_table, run_rounds
 
     with tempfile.TemporaryDirectory(prefix="sdstudio-bench-cn-") as tmp:
         ds = _make_pairs(_make_dataset(Path(tmp) / "ds", args.images))
@@ -150,7 +150,7 @@ def _ours(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, device:
 
 
 def main(argv: list[str]) -> None:
-    from .bench import run_variant
+    from .bench_rounds import run_variant
 
     run_variant(argv, _reference, _ours)
 

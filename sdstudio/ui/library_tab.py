@@ -8,7 +8,8 @@ import pandas as pd
 
 from ..errors import UserError
 from ..library import scan_models, scan_outputs, scan_runs
-from ..models.loading import TINY, TINY_REFS, model_choices
+from ..library import model_choices
+from ..models.loading import TINY, TINY_REFS
 from .context import AppContext
 
 KIND_LABELS = {"lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding", "edlora": "EDLoRA",
@@ -20,7 +21,7 @@ MODEL_COLUMNS = ["name", "type", "family", "size (MB)", "A1111 hash", "path"]
 
 def base_model_choices(ctx: AppContext) -> list[tuple[str, str]]:
     """The base-model picker's choices: tiny first, then the checkpoints in the workspace and the --models-from
-    folders (library.list_models, through models.loading.model_choices)."""
+    folders (library.list_models, through library.model_choices)."""
     return [(label, ref if ref in TINY_REFS else ctx.workspace.relative(ref)) for label, ref in model_choices(ctx.workspace)]
 
 
