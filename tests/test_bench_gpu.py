@@ -160,5 +160,6 @@ def test_a_cuda_out_of_memory_ends_the_job_as_failed_with_advice(dataset, tmp_pa
     job = JobManager().start("oom", "train", lambda ctx: train(cfg, ctx.emit, ctx.commands, method=Oom())).join(300)
     end = job.log.snapshot()["end"]
     assert isinstance(end, Failed)
-    assert end.message.startswith("The GPU ran out of memory:") and "batch size" in end.message
-    assert "\n" not in end.message and "Tried to allocate" in end.details  # the details keep torch's words
+    # The loop's own sentence (train.loop.OutOfMemory): what to change, and where Resume starts.
+    assert end.message.startswith("Out of memory at step 1:") and "batch_size" in end.message
+    assert "\n" not in end.message and "Resume" in end.message
