@@ -68,6 +68,14 @@ class Cut:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return im if size is None or im.size == size else im.resize(size, resample)
 
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the training sample in the resized image, in the flipped image's coordinates when
+        flipped: what SDXL's crop micro-conditioning says (diffusers' train_text_to_image_sdxl.py flips, then
+        crops)."""
+        (nw, _nh), (left, top), (bw, _bh) = self.scaled, self.offset, self.bucket
+        return top, (nw - bw - left) if self.flip else left
+
     def boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """Boxes (N, 4) as x0, y0, x1, y1 fractions of the whole image -> fractions of the training sample,
         clipped to it and flipped with it. Boxes left with no area keep their row (zero width or height), so
@@ -203,7 +211,28 @@ class LossMask(Condition):
         return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
 
 
-CONDITIONS: dict[str, Condition] = {c.name: c for c in (ControlImage(), LossMask())}
+class TimeIds(Condition):
+    """SDXL's micro-conditioning (Podell et al. 2023, 2.2), float (6,): original height and width, crop top and
+    left, target height and width, in pixels, as the UNet's added `time_ids` take them. The original size is the
+    image's own (upright); the crop is where the bucket's sample sits in the cover-resized image; the target is the
+    bucket. The loop adds it on SDXL bases; it needs no file."""
+
+    name = "time_ids"
+    label = "size conditioning"
+    required = False
+
+    def locate(self, layout, image: Path) -> None:
+        return None
+
+    def read(self, source, cut):
+        (w, h), (top, left), (bw, bh) = cut.size, cut.crop_top_left, cut.bucket
+        return torch.tensor([h, w, top, left, bh, bw], dtype=torch.float32)
+
+    def fingerprint(self, source) -> str:
+        return "time_ids"  # a pure function of the cut, which the latent key already names
+
+
+CONDITIONS: dict[str, Condition] = {c.name: c for c in (ControlImage(), LossMask(), TimeIds())}
 
 
 def get_condition(name: str) -> Condition:
