@@ -69,6 +69,37 @@ def test_micro_conditioning_follows_bucket_crop_and_flip():
     assert t.read(None, Cut((131, 64), (64, 64), flip=True)).tolist() == [64, 131, 0, 34, 64, 64]
 
 
+def test_random_crops_move_the_pixels_and_the_time_ids_together(tmp_path):
+    """random_crop: each (epoch, position) cuts the 64x96 image at its own height, and the time ids' crop top is
+    exactly the row the pixels start at; the crop is a pure function of the seed (resume repeats it)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdstudio.data.dataset import TrainDataset
+    from sdstudio.data.folder import read_dataset
+
+    ds = make_kohya_dataset(tmp_path / "ds", n=2)
+    cfg = load_config(None, fast_sets(ds, tmp_path / "run", base_model="tiny-sdxl", random_crop="true"))
+    data = TrainDataset(read_dataset(ds), cfg, conditioning=("time_ids",))
+    i = next(k for k, it in enumerate(data.items) if it.size == (64, 96))
+    full = np.asarray(Image.open(data.items[i].path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    tops = set()
+    for epoch in range(3):
+        for pos in range(4):
+            shift = data.crop_shift(i, epoch, pos)
+            assert shift == data.crop_shift(i, epoch, pos)
+            ids = data.cond(i, "time_ids", False, shift).tolist()
+            top = int(ids[2])
+            assert ids[:2] == [96, 64] and ids[3] == 0 and ids[4:] == [64, 64] and 0 <= top <= 32
+            pix = data.pixels(i, False, shift).permute(1, 2, 0).numpy()
+            np.testing.assert_allclose(pix, full[top:top + 64], atol=1e-6)
+            tops.add(top)
+    assert len(tops) > 3  # it really moves
+    off = TrainDataset(read_dataset(ds), load_config(None, fast_sets(ds, tmp_path / "r2", base_model="tiny-sdxl")),
+                       conditioning=("time_ids",))
+    assert off.crop_shift(i, 0, 0) is None and off.cond(i, "time_ids").tolist()[2] == 16  # centred
+
+
 @pytest.mark.parametrize("cache", ["off", "memory"])
 def test_the_loop_feeds_the_unet_each_items_time_ids_and_pooled_text(tmp_path, cache):
     """What reaches the UNet: added_cond_kwargs with the dataset's time ids for each item of the batch (flipped

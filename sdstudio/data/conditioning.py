@@ -37,11 +37,12 @@ METADATA_COLUMNS = ("conditioning_image", "conditioning_file_name")  # metadata.
 @dataclass(frozen=True)
 class Cut:
     """How an upright image of `size` (w, h) becomes a training sample of `bucket` (w, h): resize to cover the
-    bucket, centre-crop to it, then flip left-right if asked. `data.dataset` cuts the pixels this way too."""
+    bucket, crop to it (centred, or at `shift` for random crops), then flip left-right if asked. `data.dataset` cuts the pixels this way too."""
 
     size: tuple[int, int]
     bucket: tuple[int, int]
     flip: bool = False
+    shift: tuple[float, float] = (0.5, 0.5)  # where the crop sits in the slack, x and y in [0, 1]: 0.5 is centred
 
     @property
     def scaled(self) -> tuple[int, int]:
@@ -52,8 +53,8 @@ class Cut:
 
     @property
     def offset(self) -> tuple[int, int]:
-        (nw, nh), (bw, bh) = self.scaled, self.bucket
-        return (nw - bw) // 2, (nh - bh) // 2
+        (nw, nh), (bw, bh), (sx, sy) = self.scaled, self.bucket, self.shift
+        return int((nw - bw) * sx), int((nh - bh) * sy)
 
     def image(self, im, resample, size: tuple[int, int] | None = None):
         """Cut a PIL image. `size` (w, h) cuts at another resolution (a mask at latent size): the same

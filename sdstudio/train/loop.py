@@ -323,8 +323,9 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             commands.check()
             text_cache.get(caps[i:i + 16])
             emit(Progress(done=min(i + 16, len(caps)), total=len(caps), stage="cache", message="caching captions"))
-    if cfg.flip and latents is not None:
-        emit(Status("flip is off while latents are cached (cached latents are not flipped)", stage="cache"))
+    if (cfg.flip or cfg.random_crop) and latents is not None:
+        emit(Status("flip and random_crop are off while latents are cached (cached latents are cut once, centred)",
+                    stage="cache"))
     sample_conditions = preview_conditions(cfg, data, run_dir) if main else []  # control images for previews
 
     # 7. Training.
@@ -486,13 +487,17 @@ def _make_batch(c, data, cfg, g: int, latents, text_cache, device, dtype, seed: 
     gen = torch.Generator(device=device).manual_seed(seed)
     batch = Batch(captions=captions, generator=gen, index=list(idxs),
                   is_class=torch.tensor([data.items[i].is_class for i in idxs], device=device))
-    flips = [False if latents is not None else data.flip(i, epoch, pos) for i in idxs]  # cached latents: no flips
+    # Cached latents were cut once (centred, unflipped); otherwise each item gets this step's flip and crop.
+    flips = [False if latents is not None else data.flip(i, epoch, pos) for i in idxs]
+    shifts = [None if latents is not None else data.crop_shift(i, epoch, pos) for i in idxs]
     if latents is not None:
         batch.latents = torch.stack([latents.get(i) for i in idxs]).to(device)
     else:
-        batch.pixel_values = torch.stack([data.pixels(i, f) for i, f in zip(idxs, flips)]).to(device, dtype)
-    for name, cond in data.conditions.items():  # control images, masks...: cut like the images (or cached)
-        values = [latents.cond[i][name] if latents is not None else data.cond(i, name, f) for i, f in zip(idxs, flips)]
+        batch.pixel_values = torch.stack([data.pixels(i, f, s) for i, f, s in zip(idxs, flips, shifts)]).to(device,
+                                                                                                             dtype)
+    for name, cond in data.conditions.items():  # control images, masks, SDXL's time ids: cut like the images
+        values = [latents.cond[i][name] if latents is not None else data.cond(i, name, f, s)
+                  for i, f, s in zip(idxs, flips, shifts)]
         batch.cond[name] = to_batch(cond, values, device)
     if text_cache is not None:
         text = text_cache.get(captions)
