@@ -33,6 +33,9 @@ MIN_PHOTOS, MAX_PHOTOS, GOOD_PHOTOS = 5, 50, 10
 MIN_SIDE = 256  # photos smaller than this are refused by the check stage for real models (tiny: 64)
 GRID_WEIGHTS = (0.4, 0.6, 0.8, 1.0)
 PRESET_FOR_MEMORY = ((6, "character-lora-sd15-6gb"), (8, "character-lora-sd15-8gb"), (12, "character-lora-sd15-12gb"))
+# An SDXL base (and its fine-tunes) gets the SDXL ladder: 1024 px, its own memory advice.
+PRESET_FOR_MEMORY_XL = ((8, "character-lora-sdxl-8gb"), (12, "character-lora-sdxl-12gb"),
+                        (24, "character-lora-sdxl-24gb"))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
 
 STAGES = (
@@ -134,11 +137,12 @@ def check_class(class_word: str) -> str:
     return c
 
 
-def pick_preset(memory_gb: float) -> str:
-    fits = [name for gb, name in PRESET_FOR_MEMORY if gb <= memory_gb]
+def pick_preset(memory_gb: float, xl: bool = False) -> str:
+    ladder = PRESET_FOR_MEMORY_XL if xl else PRESET_FOR_MEMORY
+    fits = [name for gb, name in ladder if gb <= memory_gb]
     if not fits:
-        raise UserError(f"{memory_gb:g} GB of GPU memory is too little to train an SD 1.5 LoRA: the smallest preset "
-                        f"({PRESET_FOR_MEMORY[0][1]}) needs a 6 GB card.")
+        raise UserError(f"{memory_gb:g} GB of GPU memory is too little to train an {'SDXL' if xl else 'SD 1.5'} LoRA: "
+                        f"the smallest preset ({ladder[0][1]}) is for a {ladder[0][0]} GB card.")
     return fits[-1]
 
 
@@ -198,12 +202,12 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
     except (TypeError, ValueError):
         raise UserError(f"GPU memory {qc.memory_gb!r} is not a number: choose 6, 8, 12 or 24 GB.") from None
     base = (qc.base_model or TINY).strip()
-    if family_of_ref(base).is_xl:
-        raise UserError("SDXL is not supported by the wizard yet: choose an SD 1.5 base model.")
-    picked = pick_preset(memory)
+    xl = family_of_ref(base).is_xl
+    ladder = PRESET_FOR_MEMORY_XL if xl else PRESET_FOR_MEMORY
+    picked = pick_preset(memory, xl)
     preset = (qc.preset or picked).strip()
     if not (PRESETS_DIR / f"{preset}.toml").is_file():
-        raise UserError(f"There is no preset {preset!r}: use one of {', '.join(n for _, n in PRESET_FOR_MEMORY)}.")
+        raise UserError(f"There is no preset {preset!r}: use one of {', '.join(n for _, n in ladder)}.")
     if device_is_cuda is None:
         import torch
 
@@ -223,13 +227,13 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None) -> Plan:
     values, notes, real = resolved(preset)
     if not qc.preset and not estimate(real, gpu=gpu, device_is_cuda=True).fits(memory):
         # Class images double each step's images: step down the ladder to a preset that fits.
-        for _gb, smaller in reversed([x for x in PRESET_FOR_MEMORY if x[1] != preset and x[0] < memory]):
+        for _gb, smaller in reversed([x for x in ladder if x[1] != preset and x[0] < memory]):
             v2, n2, r2 = resolved(smaller)
             if estimate(r2, gpu=gpu, device_is_cuda=True).fits(memory):
                 notes = n2 + [f"Class images double each step's images: using {smaller} to fit {memory:g} GB."]
                 preset, values, real = smaller, v2, r2
                 break
-    alternatives = {n: resolved(n)[2] for _, n in PRESET_FOR_MEMORY if n != preset}
+    alternatives = {n: resolved(n)[2] for _, n in ladder if n != preset}
     est = check_fits(real, memory, alternatives=alternatives, gpu=gpu, device_is_cuda=True)
     if qc.preset and qc.preset != picked:
         notes.append(f"Using {qc.preset} as asked (the wizard would pick {picked} for {memory:g} GB).")
@@ -335,7 +339,9 @@ def run_quick(p: Plan, ws, emit, commands, *, cache=None) -> dict:
     name, cls = check_name(qc.name), check_class(qc.class_word)
     check = commands.check
     device = pick_device(qc.device)
-    min_side = qc.min_side or (64 if qc.base_model in ("", "tiny") else MIN_SIDE)
+    from .models.refs import TINY_REFS
+
+    min_side = qc.min_side or (64 if qc.base_model in ("", *TINY_REFS) else MIN_SIDE)
     size = int(p.values.get("resolution", 512))
     for w in p.warnings:
         emit(Status(f"warning: {w}", stage="quick.warning"))

@@ -262,9 +262,9 @@ def _is_tiny_checkpoint(sd: dict) -> bool:
 def model_choices(workspace=None) -> list[tuple[str, str]]:
     """(label, ref) pairs for a base-model picker: tiny first, then the checkpoints in the workspace and in the
     --models-from folders (library.list_models, the one source every picker uses)."""
-    from .tiny import TINY_LABEL
+    from .tiny import TINY_LABEL, TINY_SDXL_LABEL
 
-    out = [(TINY_LABEL, TINY)]
+    out = [(TINY_LABEL, TINY), (TINY_SDXL_LABEL, TINY_SDXL)]
     if workspace is not None:
         from ..library import list_models
 
