@@ -134,17 +134,22 @@ class TextualInversion(MethodBase):
     def prompt(self, caption: str) -> str:
         return ensure_token(caption, self.o.token.strip(), self.expanded)
 
-    def encode(self, c, captions: list[str]):
-        """The captions (with the word) as the UNet's text conditioning, a train.text.TextCond."""
+    def text(self, c, captions: list[str]):
+        """The captions (with the word) as the UNet's text conditioning, a train.text.TextCond (hidden states and,
+        on SDXL, the pooled embedding)."""
         from ..train.text import encode_prompt, tokenize_prompt
 
         ids = tokenize_prompt(c, [self.prompt(x) for x in captions], c.text_encoder.device)
         return encode_prompt(c, ids, self.o.clip_skip)
 
+    def encode(self, c, captions: list[str]) -> torch.Tensor:
+        """The captions' encoder hidden states (with the word)."""
+        return self.text(c, captions).hidden
+
     def loss(self, c, batch, step: int) -> torch.Tensor:
         from ..train.noise import denoising_loss
 
-        text = self.encode(c, batch.captions)
+        text = self.text(c, batch.captions)
         loss = denoising_loss(c, batch, self.cfg, encoder_hidden_states=text.hidden, pooled_embeds=text.pooled)
         if self.o.norm_decay:
             for rows, target in zip(self.all_rows(), self.target_norms):
