@@ -144,10 +144,10 @@ def list_models(ws: Workspace, kind: str, roots=None) -> list[ModelEntry]:
 def model_choices(workspace=None) -> list[tuple[str, str]]:
     """(label, ref) pairs for a base-model picker: tiny first, then the checkpoints in the workspace and in the
     --models-from folders (list_models, the one source every picker uses)."""
-    from .models.loading import TINY
-    from .models.tiny import TINY_LABEL
+    from .models.loading import TINY, TINY_SDXL
+    from .models.tiny import TINY_LABEL, TINY_SDXL_LABEL
 
-    out = [(TINY_LABEL, TINY)]
+    out = [(TINY_LABEL, TINY), (TINY_SDXL_LABEL, TINY_SDXL)]
     if workspace is not None:
         for m in list_models(workspace, "checkpoint"):
             label = m.name if m.source == "workspace" else f"{m.name} ({Path(m.source).name})"

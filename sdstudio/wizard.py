@@ -35,6 +35,9 @@ MIN_PHOTOS, MAX_PHOTOS, GOOD_PHOTOS = 5, 50, 10
 MIN_SIDE = 256  # photos smaller than this are refused by the check stage for real models (tiny: 64)
 GRID_WEIGHTS = (0.4, 0.6, 0.8, 1.0)
 PRESET_FOR_MEMORY = ((6, "character-lora-sd15-6gb"), (8, "character-lora-sd15-8gb"), (12, "character-lora-sd15-12gb"))
+# An SDXL base (and its fine-tunes) gets the SDXL ladder: 1024 px, its own memory advice.
+PRESET_FOR_MEMORY_XL = ((8, "character-lora-sdxl-8gb"), (12, "character-lora-sdxl-12gb"),
+                        (24, "character-lora-sdxl-24gb"))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
 
 STAGES = (
@@ -138,15 +141,16 @@ def check_class(class_word: str) -> str:
     return c
 
 
-def pick_preset(memory_gb: float) -> str:
-    """The character preset for a card of `memory_gb`; 0 means no GPU: the CPU trains the 8 GB preset (plain
-    AdamW, no gradient checkpointing, which only slows a CPU down)."""
+def pick_preset(memory_gb: float, xl: bool = False) -> str:
+    """The character preset for a card of `memory_gb` (the SDXL ladder on an SDXL base); 0 means no GPU: the CPU
+    trains the 8 GB preset (plain AdamW, no gradient checkpointing, which only slows a CPU down)."""
+    ladder = PRESET_FOR_MEMORY_XL if xl else PRESET_FOR_MEMORY
     if memory_gb == CPU_MEMORY:
-        return CPU_PRESET
-    fits = [name for gb, name in PRESET_FOR_MEMORY if gb <= memory_gb]
+        return ladder[0][1] if xl else CPU_PRESET
+    fits = [name for gb, name in ladder if gb <= memory_gb]
     if not fits:
-        raise UserError(f"{memory_gb:g} GB of GPU memory is too little to train an SD 1.5 LoRA: the smallest preset "
-                        f"({PRESET_FOR_MEMORY[0][1]}) needs a 6 GB card.")
+        raise UserError(f"{memory_gb:g} GB of GPU memory is too little to train an {'SDXL' if xl else 'SD 1.5'} LoRA: "
+                        f"the smallest preset ({ladder[0][1]}) is for a {ladder[0][0]} GB card.")
     return fits[-1]
 
 
@@ -208,8 +212,8 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None, machine=Non
     except (TypeError, ValueError):
         raise UserError(f"GPU memory {qc.memory_gb!r} is not a number: choose 6, 8, 12 or 24 GB.") from None
     base = (qc.base_model or TINY).strip()
-    if family_of_ref(base).is_xl:
-        raise UserError("SDXL is not supported by the wizard yet: choose an SD 1.5 base model.")
+    xl = family_of_ref(base).is_xl
+    ladder = PRESET_FOR_MEMORY_XL if xl else PRESET_FOR_MEMORY
     if machine is None:
         if device_is_cuda is None:
             machine = detect(qc.device)
@@ -218,10 +222,10 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None, machine=Non
 
             machine = Machine("cuda", bitsandbytes=_has_bitsandbytes()) if device_is_cuda else Machine("cpu")
     on_cpu = not machine.cuda
-    picked = pick_preset(memory)
+    picked = pick_preset(memory, xl)
     preset = (qc.preset or picked).strip()
     if not (PRESETS_DIR / f"{preset}.toml").is_file():
-        raise UserError(f"There is no preset {preset!r}: use one of {', '.join(n for _, n in PRESET_FOR_MEMORY)}.")
+        raise UserError(f"There is no preset {preset!r}: use one of {', '.join(n for _, n in ladder)}.")
     run_name = unique_run_name(ws, f"{name}-{cls.replace(' ', '-')}")
     run_dir, dataset = ws.root / "runs" / run_name, ws.root / "datasets" / run_name
     gpu = _detected_gpu(memory)
@@ -244,13 +248,13 @@ def plan(qc: QuickConfig, ws, *, device_is_cuda: bool | None = None, machine=Non
     else:
         if not qc.preset and not estimate(real, gpu=gpu, device_is_cuda=True).fits(memory):
             # Class images double each step's images: step down the ladder to a preset that fits.
-            for _gb, smaller in reversed([x for x in PRESET_FOR_MEMORY if x[1] != preset and x[0] < memory]):
+            for _gb, smaller in reversed([x for x in ladder if x[1] != preset and x[0] < memory]):
                 v2, n2, r2 = resolved(smaller)
                 if estimate(r2, gpu=gpu, device_is_cuda=True).fits(memory):
                     notes = n2 + [f"Class images double each step's images: using {smaller} to fit {memory:g} GB."]
                     preset, values, real = smaller, v2, r2
                     break
-        alternatives = {n: resolved(n)[2] for _, n in PRESET_FOR_MEMORY if n != preset}
+        alternatives = {n: resolved(n)[2] for _, n in ladder if n != preset}
         est = check_fits(real, memory, alternatives=alternatives, gpu=gpu, device_is_cuda=True)
     if qc.preset and qc.preset != picked:
         notes.append(f"Using {qc.preset} as asked (the wizard would pick {picked} for "
@@ -368,7 +372,9 @@ def run_quick(p: Plan, ws, emit, commands, *, cache=None) -> dict:
     name, cls = check_name(qc.name), check_class(qc.class_word)
     check = commands.check
     device = pick_device(qc.device)
-    min_side = qc.min_side or (64 if qc.base_model in ("", "tiny") else MIN_SIDE)
+    from .models.refs import TINY_REFS
+
+    min_side = qc.min_side or (64 if qc.base_model in ("", *TINY_REFS) else MIN_SIDE)
     size = int(p.values.get("resolution", 512))
     for w in p.warnings:
         emit(Status(f"warning: {w}", stage="quick.warning"))

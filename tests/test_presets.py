@@ -22,7 +22,11 @@ def test_every_preset_trains_two_steps_on_tiny(name, tmp_path, tiny_dir):
     assert "VRAM" in header and "per 1,000 steps" in header, name
     # ControlNet/T2I presets need pairs, the GLIGEN preset boxes
     ds = make_kohya_dataset(tmp_path / "ds", n=2, with_reg=True, with_cond=True, with_boxes=True)
-    sets = fast_sets(ds, tmp_path / "run", max_steps=2)
+    from sdstudio.models.loading import family_of_ref
+
+    # SDXL presets run on the tiny SDXL, the others on the tiny SD 1.5.
+    tiny = "tiny-sdxl" if family_of_ref(str(raw.get("base_model", ""))).is_xl else "tiny"
+    sets = fast_sets(ds, tmp_path / "run", max_steps=2, base_model=tiny)
     # adamw8bit needs CUDA + bitsandbytes, out of reach here: the CPU run uses AdamW, the rest of the preset as is.
     if raw.get("optimizer") == "adamw8bit":
         sets.append("optimizer=adamw")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 from PIL import Image
 
 from sdstudio.errors import UserError
@@ -172,3 +173,25 @@ def test_cli_refuses_before_training_and_exits_2(tmp_path):
         assert r.stderr.strip().startswith("error: ") and match in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert not list((home / "runs").glob("*"))
+
+
+def test_sdxl_base_picks_the_sdxl_ladder_and_runs_from_photos_to_a_grid(ws, tmp_path):
+    """An SDXL base switches the wizard to the SDXL presets (1024 px, their memory advice); on tiny-sdxl the whole
+    run goes from photos to a LoRA in models/lora and a grid, as `sdstudio quick photos/ --base tiny-sdxl` does."""
+    make_photos(tmp_path / "p", 5)
+    assert wizard.pick_preset(12, xl=True) == "character-lora-sdxl-12gb"
+    real = plan(QuickConfig(photos=[tmp_path / "p"], name="mira", class_word="woman", memory_gb=24,
+                            **{**FAST, "base_model": "tiny-sdxl", "resolution": 0}), ws)
+    assert real.preset == "character-lora-sdxl-24gb" and real.values["resolution"] == 1024
+    qc = QuickConfig(photos=[tmp_path / "p"], name="mira", class_word="woman", memory_gb=24,
+                     **{**FAST, "base_model": "tiny-sdxl", "max_steps": 2})
+    p = plan(qc, ws)
+    job = run_foreground(p.run_name, "quick", quick_work(p, ws))
+    snap = job.log.snapshot()
+    assert isinstance(snap["end"], Finished) and not snap["end"].stopped, snap["end"]
+    from sdstudio.formats.safe_io import read_safetensors_metadata
+
+    loras = list((ws.root / "models" / "lora").glob("*.safetensors"))
+    assert loras and read_safetensors_metadata(loras[0])["ss_base_model_version"] == "sdxl_base_v1-0"
+    summary = json.loads((p.run_dir / "quick.json").read_text())
+    assert any(Path(ws.root / g).is_file() or Path(g).is_file() for g in [summary.get("grid", "")] if g), summary

@@ -37,11 +37,12 @@ METADATA_COLUMNS = ("conditioning_image", "conditioning_file_name")  # metadata.
 @dataclass(frozen=True)
 class Cut:
     """How an upright image of `size` (w, h) becomes a training sample of `bucket` (w, h): resize to cover the
-    bucket, centre-crop to it, then flip left-right if asked. `data.dataset` cuts the pixels this way too."""
+    bucket, crop to it (centred, or at `shift` for random crops), then flip left-right if asked. `data.dataset` cuts the pixels this way too."""
 
     size: tuple[int, int]
     bucket: tuple[int, int]
     flip: bool = False
+    shift: tuple[float, float] = (0.5, 0.5)  # where the crop sits in the slack, x and y in [0, 1]: 0.5 is centred
 
     @property
     def scaled(self) -> tuple[int, int]:
@@ -52,8 +53,8 @@ class Cut:
 
     @property
     def offset(self) -> tuple[int, int]:
-        (nw, nh), (bw, bh) = self.scaled, self.bucket
-        return (nw - bw) // 2, (nh - bh) // 2
+        (nw, nh), (bw, bh), (sx, sy) = self.scaled, self.bucket, self.shift
+        return int((nw - bw) * sx), int((nh - bh) * sy)
 
     def image(self, im, resample, size: tuple[int, int] | None = None):
         """Cut a PIL image. `size` (w, h) cuts at another resolution (a mask at latent size): the same
@@ -67,6 +68,14 @@ class Cut:
         if self.flip:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return im if size is None or im.size == size else im.resize(size, resample)
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the training sample in the resized image, in the flipped image's coordinates when
+        flipped: what SDXL's crop micro-conditioning says (diffusers' train_text_to_image_sdxl.py flips, then
+        crops)."""
+        (nw, _nh), (left, top), (bw, _bh) = self.scaled, self.offset, self.bucket
+        return top, (nw - bw - left) if self.flip else left
 
     def boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """Boxes (N, 4) as x0, y0, x1, y1 fractions of the whole image -> fractions of the training sample,
@@ -245,7 +254,29 @@ class GroundingBoxes(Condition):
         return {"boxes": boxes, "masks": masks, "phrases": [o.phrase for o in objects]}
 
 
-CONDITIONS: dict[str, Condition] = {c.name: c for c in (ControlImage(), LossMask(), GroundingBoxes())}
+
+class TimeIds(Condition):
+    """SDXL's micro-conditioning (Podell et al. 2023, 2.2), float (6,): original height and width, crop top and
+    left, target height and width, in pixels, as the UNet's added `time_ids` take them. The original size is the
+    image's own (upright); the crop is where the bucket's sample sits in the cover-resized image; the target is the
+    bucket. The loop adds it on SDXL bases; it needs no file."""
+
+    name = "time_ids"
+    label = "size conditioning"
+    required = False
+
+    def locate(self, layout, image: Path) -> None:
+        return None
+
+    def read(self, source, cut):
+        (w, h), (top, left), (bw, bh) = cut.size, cut.crop_top_left, cut.bucket
+        return torch.tensor([h, w, top, left, bh, bw], dtype=torch.float32)
+
+    def fingerprint(self, source) -> str:
+        return "time_ids"  # a pure function of the cut, which the latent key already names
+
+
+CONDITIONS: dict[str, Condition] = {c.name: c for c in (ControlImage(), LossMask(), GroundingBoxes(), TimeIds())}
 
 
 def get_condition(name: str) -> Condition:

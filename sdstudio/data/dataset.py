@@ -148,24 +148,24 @@ class TrainDataset:
         return epoch, self._cached_batches[pos]
 
     # -- one sample -----------------------------------------------------------------------------------
-    def cut(self, i: int, flip: bool = False) -> Cut:
+    def cut(self, i: int, flip: bool = False, shift: tuple[float, float] | None = None) -> Cut:
         """How item i becomes a sample: the one cut its pixels and all of its conditioning share."""
         item = self.items[i]
-        return Cut(item.size, item.bucket, flip)
+        return Cut(item.size, item.bucket, flip, shift or (0.5, 0.5))
 
-    def pixels(self, i: int, flip: bool = False) -> torch.Tensor:
-        """The image resized to cover its bucket, centre-cropped, as (3, H, W) in [-1, 1]."""
+    def pixels(self, i: int, flip: bool = False, shift: tuple[float, float] | None = None) -> torch.Tensor:
+        """The image resized to cover its bucket, cropped (centred, or at `shift`), as (3, H, W) in [-1, 1]."""
         from PIL import Image
 
         from .images import open_rgb
 
-        im = self.cut(i, flip).image(open_rgb(self.items[i].path), Image.Resampling.LANCZOS)
+        im = self.cut(i, flip, shift).image(open_rgb(self.items[i].path), Image.Resampling.LANCZOS)
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
-    def cond(self, i: int, name: str, flip: bool = False) -> torch.Tensor:
-        """Item i's conditioning `name`, cut exactly like `pixels(i, flip)`."""
-        return self.conditions[name].read(self.sources[name][i], self.cut(i, flip))
+    def cond(self, i: int, name: str, flip: bool = False, shift: tuple[float, float] | None = None) -> torch.Tensor:
+        """Item i's conditioning `name`, cut exactly like `pixels(i, flip, shift)`."""
+        return self.conditions[name].read(self.sources[name][i], self.cut(i, flip, shift))
 
     def mask(self, i: int, flip: bool = False) -> torch.Tensor:
         """The loss mask in latent space, (1, H/8, W/8) in [0, 1], cut exactly like `pixels`; all ones when the
@@ -181,6 +181,13 @@ class TrainDataset:
 
     def flip(self, i: int, epoch: int, pos: int) -> bool:
         return bool(self.cfg.flip) and _rng(self.cfg.seed, "flip", epoch, pos, i).random() < 0.5
+
+    def crop_shift(self, i: int, epoch: int, pos: int) -> tuple[float, float] | None:
+        """Where item i is cropped this time (x, y in [0, 1] of the slack) with random_crop on; None: centred."""
+        if not getattr(self.cfg, "random_crop", False):
+            return None
+        rng = _rng(self.cfg.seed, "crop", epoch, pos, i)
+        return rng.random(), rng.random()
 
     def all_captions(self) -> list[str]:
         """The captions the text cache should hold up front (dropout adds the empty one)."""

@@ -183,8 +183,16 @@ BUNDLE_PREFIX = "bundle_emb."
 
 
 def bundle_state_dict(embeddings: dict) -> dict:
-    """{token: rows (n, dim)} -> the keys A1111 reads from a LoRA file that carries its word."""
-    return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": rows for token, rows in embeddings.items()}
+    """{token: rows (n, dim), or [clip_l, clip_g] rows for SDXL} -> the keys A1111 reads from a LoRA file that
+    carries its word (its network loader hands `bundle_emb.<token>.*` to the embedding reader, which takes
+    string_to_param or SDXL's clip_l/clip_g)."""
+    out = {}
+    for token, rows in embeddings.items():
+        if isinstance(rows, (list, tuple)):
+            out[f"{BUNDLE_PREFIX}{token}.clip_l"], out[f"{BUNDLE_PREFIX}{token}.clip_g"] = rows
+        else:
+            out[f"{BUNDLE_PREFIX}{token}.string_to_param.*"] = rows
+    return out
 
 
 def without_bundle(sd: dict) -> dict:

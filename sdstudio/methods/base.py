@@ -34,8 +34,9 @@ class Batch:
     `encoder_hidden_states` (the latter when the text-encoder cache is on and the text encoder is frozen).
 
     `cond` holds the named conditioning the method asked for with its `conditioning` attribute, cut like the
-    images (data/conditioning.py): "control" (B, 3, H, W) in [0, 1], "mask" (B, 1, H/8, W/8) in [0, 1], and
-    whatever a new `Condition` adds; a variable-length one (boxes) is a list with one tensor per item.
+    images (data/conditioning.py): "control" (B, 3, H, W) in [0, 1], "mask" (B, 1, H/8, W/8) in [0, 1], on SDXL
+    "time_ids" (B, 6): original size, crop top-left and target size, and whatever a new `Condition` adds; a
+    variable-length one (boxes) is a list with one tensor per item.
     """
 
     captions: list[str]
@@ -43,6 +44,7 @@ class Batch:
     latents: "torch.Tensor | None" = None  # (B, 4, H/8, W/8), already scaled by vae.config.scaling_factor
     input_ids: "torch.Tensor | None" = None  # (B, 77) per text encoder: list for SDXL
     encoder_hidden_states: "torch.Tensor | None" = None
+    pooled_embeds: "torch.Tensor | None" = None  # SDXL: the second encoder's pooled projection, with the above
     is_class: "torch.Tensor | None" = None  # (B,) bool: prior-preservation (class) images
     cond: dict = field(default_factory=dict)  # name -> (B, ...) tensor, or a list of per-item tensors
     index: list = field(default_factory=list)  # each item's index in the dataset (TrainDataset.items)
@@ -137,6 +139,8 @@ class MethodBase:
       `load_lora_weights`, embedding -> `load_textual_inversion`, diffusers folder -> `from_pretrained`).
     - `check_settings(cfg)`: checks of the method's own settings that need no model (e.g. a new token is not
       a known word), run in the preflight so a mistake is refused in seconds. Raise UserError. Default: none.
+    - `unsupported_families` (class attribute, {family name: sentence}): base-model families the method does
+      not train, refused by the preflight with that sentence. Default: none (SD1.x, SD2.x and SDXL all train).
     - `contract_settings` (class attribute, dict of `--set` keys to values): what the contract test adds to
       its fast tiny-model settings for this method, e.g. {"textual_inversion.token": "<sks>"}. Default: none.
     - `run_defaults` (class attribute, dict of top-level setting names to values): this method's own defaults
@@ -145,6 +149,9 @@ class MethodBase:
     """
 
     run: RunInfo | None = None
+    # Families this method refuses, each with the one sentence a user reads ({"sdxl": "... pick an SD 1.5 base."}).
+    # The preflight says it in seconds; the contract test checks the refusal is this deliberate one.
+    unsupported_families: ClassVar[dict] = {}
     contract_settings: ClassVar[dict] = {}
     run_defaults: ClassVar[dict] = {}
     conditioning: ClassVar[tuple[str, ...]] = ()
@@ -195,6 +202,17 @@ class MethodBase:
         # Embeddings and other small methods: a LoRA-sized upper bound.
         return Footprint(trainable=arch["unet_lora"],
                          text_encoder_trains=bool(getattr(cfg.options, "train_text_encoder", False)))
+
+
+TE2_LR_HELP = "Learning rate of SDXL's second text encoder (OpenCLIP bigG); 0: the same as text_encoder_lr."
+
+
+def text_encoder_groups(per_encoder: list[list], lr: float, lr2: float = 0.0) -> list[ParamGroup]:
+    """Parameter groups for what trains in each text encoder, each at its own lr: "text_encoder" (CLIP-L) at `lr`
+    and, on SDXL, "text_encoder_2" (bigG) at `lr2` (0: `lr`), as sd-scripts' --text_encoder_lr takes two values."""
+    names = ("text_encoder", "text_encoder_2")
+    return [ParamGroup(names[i], params, lr if i == 0 or not lr2 else lr2)
+            for i, params in enumerate(per_encoder) if params]
 
 
 def hook(method: Any, name: str):

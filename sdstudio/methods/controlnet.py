@@ -102,7 +102,8 @@ class ControlNet(MethodBase):
 
         def residuals(x):
             down, mid = self.controlnet(x.latents, x.timesteps, encoder_hidden_states=x.encoder_hidden_states,
-                                        controlnet_cond=control.to(x.dtype), return_dict=False)
+                                        controlnet_cond=control.to(x.dtype), return_dict=False,
+                                        added_cond_kwargs=x.added_cond_kwargs)  # SDXL: text_embeds, time_ids
             return {"down_block_additional_residuals": [d.to(x.dtype) for d in down],
                     "mid_block_additional_residual": mid.to(x.dtype)}
 
@@ -128,26 +129,34 @@ class ControlNet(MethodBase):
 
     # Previews: the base pipeline with this very ControlNet (no copy); the loop passes each control image.
     def preview_pipeline(self, c):
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
+        from diffusers import DPMSolverMultistepScheduler
 
-        return _quiet(StableDiffusionControlNetPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, controlnet=self.controlnet,
-            scheduler=DPMSolverMultistepScheduler.from_config(c.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False))
+        return controlnet_pipeline(c.pipeline(), self.controlnet,
+                                   DPMSolverMultistepScheduler.from_config(c.scheduler.config))
 
     def load_output(self, pipe, paths: list[Path]):
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+        from diffusers import ControlNetModel
 
         folder = next(p for p in paths if Path(p).is_dir())
-        net = ControlNetModel.from_pretrained(str(folder), local_files_only=True)
-        return _quiet(StableDiffusionControlNetPipeline(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=net,
-            scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+        return controlnet_pipeline(pipe, ControlNetModel.from_pretrained(str(folder), local_files_only=True))
 
     def footprint(self, cfg, arch, family):
         # The ControlNet is about half a UNet that trains fully; its activations come on top of the UNet's,
         # which the backward pass goes through to reach the residuals.
         return Footprint(trainable=controlnet_parameters(family.name), activations=1.5, time=1.6)
+
+
+def controlnet_pipeline(pipe, controlnet, scheduler=None):
+    """The ControlNet pipeline of `pipe`'s family (SD or SDXL) over `pipe`'s very modules and `controlnet`."""
+    import diffusers
+
+    parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                 controlnet=controlnet, scheduler=scheduler or pipe.scheduler)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return _quiet(diffusers.StableDiffusionXLControlNetPipeline(
+            text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, **parts))
+    return _quiet(diffusers.StableDiffusionControlNetPipeline(safety_checker=None, feature_extractor=None,
+                                                              requires_safety_checker=False, **parts))
 
 
 def _quiet(pipe):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fields import setting
-from .base import MethodBase, ParamGroup, register
+from .base import TE2_LR_HELP, MethodBase, ParamGroup, register
 from .full import full_footprint, prepare_full, save_full
 
 
@@ -21,6 +21,7 @@ class DreamBoothConfig:
 
     train_text_encoder: bool = setting(False, "Also fine-tune the text encoder (better likeness, more memory).")
     text_encoder_lr: float = setting(2e-6, "Learning rate of the text encoder.", min=0.0, max=1.0, advanced=True)
+    text_encoder_2_lr: float = setting(0.0, TE2_LR_HELP, min=0.0, max=1.0, advanced=True)
     save_precision: str = setting("fp16", "Precision of the saved model.", choices=("fp16", "bf16", "fp32"),
                                   advanced=True)
     single_file: bool = setting(True, "Also save one .safetensors in the original (A1111/ComfyUI) layout.",
@@ -35,7 +36,7 @@ class DreamBooth(MethodBase):
     def prepare(self, c, cfg) -> list[ParamGroup]:
         self.cfg = cfg
         o: DreamBoothConfig = cfg.options
-        return prepare_full(c, cfg, o.train_text_encoder, o.text_encoder_lr)
+        return prepare_full(c, cfg, o.train_text_encoder, o.text_encoder_lr, o.text_encoder_2_lr)
 
     def footprint(self, cfg, arch, family):
         return full_footprint(arch, cfg.options.train_text_encoder)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fields import setting
-from .base import MethodBase, ParamGroup, register
+from .base import TE2_LR_HELP, MethodBase, ParamGroup, register, text_encoder_groups
 
 
 @dataclass
@@ -18,20 +18,22 @@ class FullConfig:
 
     train_text_encoder: bool = setting(False, "Also fine-tune the text encoder (more memory; at its own lr).")
     text_encoder_lr: float = setting(5e-6, "Learning rate of the text encoder.", min=0.0, max=1.0, advanced=True)
+    text_encoder_2_lr: float = setting(0.0, TE2_LR_HELP, min=0.0, max=1.0, advanced=True)
     save_precision: str = setting("fp16", "Precision of the saved model.", choices=("fp16", "bf16", "fp32"),
                                   advanced=True)
     single_file: bool = setting(True, "Also save one .safetensors in the original (A1111/ComfyUI) layout.",
                                 advanced=True)
 
 
-def prepare_full(c, cfg, train_text_encoder: bool, text_encoder_lr: float) -> list[ParamGroup]:
+def prepare_full(c, cfg, train_text_encoder: bool, text_encoder_lr: float,
+                 text_encoder_2_lr: float = 0.0) -> list[ParamGroup]:
     c.unet.requires_grad_(True)
     groups = [ParamGroup("unet", list(c.unet.parameters()), cfg.learning_rate)]
     if train_text_encoder:
         for te in c.text_encoders:
             te.requires_grad_(True)
-        groups.append(ParamGroup("text_encoder", [p for te in c.text_encoders for p in te.parameters()],
-                                 text_encoder_lr))
+        groups += text_encoder_groups([list(te.parameters()) for te in c.text_encoders], text_encoder_lr,
+                                      text_encoder_2_lr)
     return groups
 
 
@@ -65,8 +67,9 @@ def save_full(c, cfg, run, out: Path, save_precision: str, single_file: bool, ki
             save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, f,
                              {"format": "pt"})
     outputs = [folder]
-    if single_file and c.family.name in ("sd1", "sd2"):
-        sd = pipeline_to_ldm(c.unet, c.vae, c.text_encoder, c.family.name)
+    if single_file and c.family.name in ("sd1", "sd2", "sdxl"):
+        sd = pipeline_to_ldm(c.unet, c.vae, c.text_encoder, c.family.name,
+                             text_encoder_2=c.text_encoders[1] if c.family.is_xl else None)
         outputs.append(save_safetensors({k: v.to(dtype) for k, v in sd.items()}, Path(out) /
                                         f"{cfg.output_name}.safetensors", meta))
     return outputs
@@ -80,7 +83,7 @@ class Full(MethodBase):
     def prepare(self, c, cfg) -> list[ParamGroup]:
         self.cfg = cfg
         o: FullConfig = cfg.options
-        return prepare_full(c, cfg, o.train_text_encoder, o.text_encoder_lr)
+        return prepare_full(c, cfg, o.train_text_encoder, o.text_encoder_lr, o.text_encoder_2_lr)
 
     def footprint(self, cfg, arch, family):
         return full_footprint(arch, cfg.options.train_text_encoder)

@@ -163,6 +163,10 @@ class Gligen(MethodBase):
     conditioning = ("boxes",)  # batch.cond["boxes"]: per item {"boxes": (30, 4), "masks": (30,), "phrases": [...]}
     run_defaults = {"learning_rate": 5e-6, "caption_dropout": 0.5}
     contract_settings = {"gligen.new_layers": "true"}  # the tiny base has no GLIGEN layers
+    # GLIGEN exists for SD 1.x (the released gligen-1-4 models, ComfyUI's module files); nobody has published
+    # SDXL gated layers, and the Playground's GLIGEN runs on SD 1.x.
+    unsupported_families = {"sdxl": "GLIGEN trains on SD 1.x bases only (its released models and module files are "
+                                    "SD 1.4/1.5): pick an SD 1.5 base."}
 
     # 0. Before anything loads: where the gated layers come from, and every phrase fits the text encoder.
     def check_settings(self, cfg) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fields import setting
-from .base import MethodBase, ParamGroup, register
+from .base import TE2_LR_HELP, MethodBase, ParamGroup, register, text_encoder_groups
 
 # Which UNet modules get a LoRA, by name suffix (SD 1.x/2.x/XL share them).
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -41,6 +41,7 @@ class LoraConfig:
     train_text_encoder: bool = setting(False, "Also train a LoRA on the text encoder (at its own lr).")
     text_encoder_lr: float = setting(5e-5, "Learning rate of the text-encoder LoRA.", min=0.0, max=10.0,
                                      advanced=True)
+    text_encoder_2_lr: float = setting(0.0, TE2_LR_HELP, min=0.0, max=10.0, advanced=True)
     dropout: float = setting(0.0, "LoRA dropout.", min=0.0, max=0.9, advanced=True)
     save_format: str = setting("kohya", "File format: kohya (A1111/ComfyUI/diffusers) or diffusers (peft keys).",
                                choices=("kohya", "diffusers"), advanced=True)
@@ -105,12 +106,11 @@ class Lora(MethodBase):
             return new_lora(mod, o.rank, o.alpha, dropout=o.dropout)
 
         groups = [ParamGroup("unet", attach_adapters(c.unet, linear + conv, make), cfg.learning_rate)]
-        if o.train_text_encoder:
-            params = []
-            for te in c.text_encoders:
-                params += attach_adapters(te, te_target_names(te, o.targets),
-                                          lambda mod, path: new_lora(mod, o.rank, o.alpha, dropout=o.dropout))
-            groups.append(ParamGroup("text_encoder", params, o.text_encoder_lr))
+        if o.train_text_encoder:  # each text encoder its own group (SDXL's second at text_encoder_2_lr)
+            params = [attach_adapters(te, te_target_names(te, o.targets),
+                                      lambda mod, path: new_lora(mod, o.rank, o.alpha, dropout=o.dropout))
+                      for te in c.text_encoders]
+            groups += text_encoder_groups(params, o.text_encoder_lr, o.text_encoder_2_lr)
         return groups
 
     # For the VRAM/time estimate: the LoRA on the UNet, and on the text encoder when it trains.

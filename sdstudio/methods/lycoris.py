@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import adapters
 from ..fields import setting
-from .base import MethodBase, ParamGroup, register
+from .base import TE2_LR_HELP, MethodBase, ParamGroup, register, text_encoder_groups
 from .lora import TARGETS, attach_adapters, te_target_names, unet_target_names
 
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
@@ -38,6 +38,7 @@ class AdapterSettings:
     train_text_encoder: bool = setting(False, "Also train the text encoder (at its own lr).", advanced=True)
     text_encoder_lr: float = setting(5e-5, "Learning rate of the text encoder's adapters.", min=0.0, max=10.0,
                                      advanced=True)
+    text_encoder_2_lr: float = setting(0.0, TE2_LR_HELP, min=0.0, max=10.0, advanced=True)
     save_precision: str = setting("fp16", "Precision of the saved file.", choices=SAVE_DTYPES, advanced=True)
 
 
@@ -109,11 +110,10 @@ class AdapterMethod(MethodBase):
 
         groups = [ParamGroup("unet", attach_adapters(c.unet, linear + conv, make), cfg.learning_rate)]
         if o.train_text_encoder:
-            params = []
-            for te in c.text_encoders:
-                params += attach_adapters(te, te_target_names(te, o.targets),
-                                          lambda mod, path: self.new_adapter(mod, o.rank, o.alpha))
-            groups.append(ParamGroup("text_encoder", params, o.text_encoder_lr))
+            params = [attach_adapters(te, te_target_names(te, o.targets),
+                                      lambda mod, path: self.new_adapter(mod, o.rank, o.alpha))
+                      for te in c.text_encoders]
+            groups += text_encoder_groups(params, o.text_encoder_lr, o.text_encoder_2_lr)
         return groups
 
     # For the VRAM/time estimate: a LoRA-sized adapter per layer (LoHa keeps two low-rank pairs; LoKr's factors
@@ -157,7 +157,10 @@ class AdapterMethod(MethodBase):
         Playground loads it."""
         from ..formats.lora import load_into
 
-        load_into({"unet": pipe.unet, "te0": pipe.text_encoder}, paths[0])
+        models = {"unet": pipe.unet, "te0": pipe.text_encoder}
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            models["te1"] = pipe.text_encoder_2
+        load_into(models, paths[0])
         return pipe
 
 

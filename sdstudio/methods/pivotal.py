@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from ..fields import setting
-from .base import MethodBase, ParamGroup, register
+from .base import TE2_LR_HELP, MethodBase, ParamGroup, register
 from .lora import TARGETS, Lora, LoraConfig
-from .textual_inversion import (TextualInversion, TextualInversionConfig, options, output_stem, save_embedding)
+from .textual_inversion import (TextualInversion, TextualInversionConfig, load_embedding_into, options, output_stem,
+                                save_embedding)
 
 ORDERS = ("ti_then_lora", "lora_then_ti", "joint")
 LORA_ONLY = ".lora-only.safetensors"  # the LoRA without the word (ComfyUI, diffusers, sd-scripts)
@@ -49,6 +50,7 @@ class PivotalConfig:
     train_text_encoder: bool = setting(False, "Also put a LoRA on the text encoder.", advanced=True)
     text_encoder_lr: float = setting(5e-5, "Learning rate of the text-encoder LoRA.", min=0.0, max=10.0,
                                      advanced=True)
+    text_encoder_2_lr: float = setting(0.0, TE2_LR_HELP, min=0.0, max=10.0, advanced=True)
     init_std: float = setting(0.017, "Spread of a random start.", min=0.0, max=1.0, advanced=True)
     norm_decay: float = setting(0.0, "Pull the vectors' length toward the vocabulary's (0: off).", min=0.0,
                                 max=100.0, advanced=True)
@@ -72,7 +74,8 @@ class Pivotal(MethodBase):
         # The two halves are the real LoRA and TI methods, each with its own table built from ours.
         lcfg = copy.copy(cfg)
         lcfg.options = LoraConfig(rank=o.rank, alpha=o.alpha, targets=o.targets,
-                                  train_text_encoder=o.train_text_encoder, text_encoder_lr=o.text_encoder_lr)
+                                  train_text_encoder=o.train_text_encoder, text_encoder_lr=o.text_encoder_lr,
+                                  text_encoder_2_lr=o.text_encoder_2_lr)
         tcfg = copy.copy(cfg)
         tcfg.options = TextualInversionConfig(token=o.token, num_vectors=o.num_vectors, init_word=o.init_word,
                                               init_std=o.init_std, norm_decay=o.norm_decay, clip_skip=o.clip_skip)
@@ -99,7 +102,7 @@ class Pivotal(MethodBase):
         if phase == self.phase:
             return
         self.phase = phase
-        self.ti.emb.frozen = phase == "lora"
+        self.ti.set_frozen(phase == "lora")
         for p in self.lora_params:
             p.requires_grad_(phase != "ti")
 
@@ -112,7 +115,8 @@ class Pivotal(MethodBase):
         out = {f"unet.{n}": p.detach() for n, p in c.unet.named_parameters() if "lora_" in n}
         for i, te in enumerate(c.text_encoders):
             out.update({f"te{i}.{n}": p.detach() for n, p in te.named_parameters() if "lora_" in n})
-        out["embedding"] = self.ti.emb.new.detach()
+        for i, emb in enumerate(self.ti.embs):  # "embedding" (CLIP-L), "embedding.1" (SDXL's bigG)
+            out["embedding" + (f".{i}" if i else "")] = emb.new.detach()
         out["pivotal.split"] = torch.tensor(self.split, dtype=torch.int64)
         return out
 
@@ -120,7 +124,8 @@ class Pivotal(MethodBase):
         if "pivotal.split" in sd:  # checkpoints from before the split was kept: the current setting's split
             self.split = int(sd["pivotal.split"])
         with torch.no_grad():
-            self.ti.emb.new.copy_(sd["embedding"])
+            for i, emb in enumerate(self.ti.embs):
+                emb.new.copy_(sd["embedding" + (f".{i}" if i else "")])
             for prefix, module in [("unet", c.unet)] + [(f"te{i}", te) for i, te in enumerate(c.text_encoders)]:
                 params = dict(module.named_parameters())
                 for k, v in sd.items():
@@ -135,7 +140,7 @@ class Pivotal(MethodBase):
         lora = next(p for p in paths if p.name.endswith(LORA_ONLY))
         emb = next(p for p in paths if p.name.endswith(EMBEDDING))
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-        pipe.load_textual_inversion(str(emb), token=read_safetensors_metadata(emb).get("sdstudio.token"))
+        load_embedding_into(pipe, emb, read_safetensors_metadata(emb).get("sdstudio.token"))
         return pipe
 
     def save(self, c, out: Path) -> list[Path]:
@@ -146,11 +151,13 @@ class Pivotal(MethodBase):
 
         stem = output_stem(self.cfg, out)
         name = stem.name
-        rows = self.ti.rows().detach().float().cpu()
+        rows = [r.detach().float().cpu() for r in self.ti.all_rows()]
         token = self.ti.o.token  # lowercased, as the tokenizer holds it
-        sd = kohya_state_dict(c.unet, "unet", dtype=torch.float16)
+        xl = c.family.is_xl
+        sd = kohya_state_dict(c.unet, "unet", xl=xl, dtype=torch.float16)
         if self.o.train_text_encoder:
-            sd.update(kohya_state_dict(c.text_encoder, "te", dtype=torch.float16))
+            for i, te in enumerate(c.text_encoders):
+                sd.update(kohya_state_dict(te, "te", index=i, xl=xl, dtype=torch.float16))
         word = self.ti.metadata(c) | {"sdstudio.method": self.name, "sdstudio.order": self.o.order,
                                       "sdstudio.token": token}
         meta = dict(word)
@@ -163,7 +170,7 @@ class Pivotal(MethodBase):
                                       clip_skip=self.o.clip_skip)
         meta["sdstudio.targets"] = self.o.targets
         # 1. A1111's bundle: the embedding rides inside the LoRA file under its prompt word.
-        bundle = save_safetensors({**sd, **bundle_state_dict({token: rows})},
+        bundle = save_safetensors({**sd, **bundle_state_dict({token: rows if xl else rows[0]})},
                                   stem.with_name(name + ".safetensors"),
                                   meta | {"modelspec.usage_hint": f"A1111/Forge: <lora:{name}:1> and write {token}; "
                                                                   "the word is inside this file."})
@@ -173,7 +180,7 @@ class Pivotal(MethodBase):
                                  meta | {"modelspec.usage_hint": f"ComfyUI/diffusers: load with {name}{EMBEDDING} "
                                                                  f"and write {token}.",
                                          "ss_output_name": name + LORA_ONLY[:-len(".safetensors")]})
-        emb = save_embedding(rows, stem.with_name(name + EMBEDDING[:-len(".safetensors")]), token, "a1111", word,
-                             step=self.run.step if self.run is not None else 0)
+        emb = save_embedding(rows if xl else rows[0], stem.with_name(name + EMBEDDING[:-len(".safetensors")]), token,
+                             "a1111", word, step=self.run.step if self.run is not None else 0)
         return [bundle, plain, *emb]
 

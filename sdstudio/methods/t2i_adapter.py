@@ -94,8 +94,8 @@ class T2IAdapterMethod(MethodBase):
             adapter = T2IAdapter.from_pretrained(str(path), local_files_only=True)
         else:
             adapter = T2IAdapter(**adapter_config(c.unet.config, c.family.is_xl, o.adapter_type, o.grey))
-        widths = list(c.unet.config.block_out_channels)
-        if list(adapter.config.channels) != widths[:len(adapter.config.channels)]:
+        widths, ch = list(c.unet.config.block_out_channels), list(adapter.config.channels)
+        if ch[:len(widths)] != widths[:len(ch)]:  # (SDXL's 4th feature, for the mid block, repeats the last width)
             raise UserError(f"The T2I-Adapter's widths {list(adapter.config.channels)} do not fit this base "
                             f"({widths}): continue an adapter made for this model family, or start a new one.")
         self.adapter = adapter.to(device=c.unet.device).requires_grad_(True)  # the loop keeps trained weights fp32
@@ -128,27 +128,33 @@ class T2IAdapterMethod(MethodBase):
         return [save_model_folder(self.adapter, Path(out) / self.cfg.output_name, dtype)]
 
     def preview_pipeline(self, c):
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionAdapterPipeline
+        from diffusers import DPMSolverMultistepScheduler
 
-        pipe = StableDiffusionAdapterPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, adapter=self.adapter,
-            scheduler=DPMSolverMultistepScheduler.from_config(c.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return adapter_pipeline(c.pipeline(), self.adapter, DPMSolverMultistepScheduler.from_config(c.scheduler.config))
 
     def load_output(self, pipe, paths: list[Path]):
-        from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+        from diffusers import T2IAdapter
 
-        adapter = T2IAdapter.from_pretrained(str(paths[0]), local_files_only=True)
-        out = StableDiffusionAdapterPipeline(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, adapter=adapter,
-            scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        out.set_progress_bar_config(disable=True)
-        return out
+        return adapter_pipeline(pipe, T2IAdapter.from_pretrained(str(paths[0]), local_files_only=True))
 
     def footprint(self, cfg, arch, family):
         o = cfg.options
         # The adapter is small; the backward pass still goes through the UNet's encoder to reach it.
         return Footprint(trainable=adapter_parameters(family.name, o.adapter_type, o.grey), activations=1.0,
                          time=1.05)
+
+
+def adapter_pipeline(pipe, adapter, scheduler=None):
+    """The T2I-Adapter pipeline of `pipe`'s family (SD or SDXL) over `pipe`'s very modules and `adapter`."""
+    import diffusers
+
+    parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                 adapter=adapter, scheduler=scheduler or pipe.scheduler)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        out = diffusers.StableDiffusionXLAdapterPipeline(text_encoder_2=pipe.text_encoder_2,
+                                                         tokenizer_2=pipe.tokenizer_2, **parts)
+    else:
+        out = diffusers.StableDiffusionAdapterPipeline(safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, **parts)
+    out.set_progress_bar_config(disable=True)
+    return out

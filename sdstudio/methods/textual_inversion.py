@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..fields import setting
 from ..formats.metadata import shareable
 from .base import MethodBase, ParamGroup, register
@@ -48,13 +49,14 @@ def norm_penalty(rows: torch.Tensor, target: float) -> torch.Tensor:
     return ((rows.float().norm(dim=-1) - target) ** 2).mean()
 
 
-def save_embedding(rows: torch.Tensor, out: Path, token: str, fmt: str, meta: dict | None = None,
+def save_embedding(rows, out: Path, token: str, fmt: str, meta: dict | None = None,
                    step: int = 0) -> list[Path]:
     """Write `rows` (n, dim) through formats/embeddings.py: A1111 (`<out>.safetensors`, key `emb_params`) and/or
     diffusers learned_embeds (`<out>.learned_embeds.safetensors`, key = the token). `step`: the steps trained."""
     from ..formats import embeddings
 
-    meta = {"sdstudio.token": token, "sdstudio.vectors": str(rows.shape[0]), **(meta or {})}
+    n = rows[0].shape[0] if isinstance(rows, (list, tuple)) else rows.shape[0]  # SDXL: [clip_l, clip_g]
+    meta = {"sdstudio.token": token, "sdstudio.vectors": str(n), **(meta or {})}
     written = []
     if fmt in ("a1111", "both"):
         written.append(embeddings.save_embedding(out.with_name(out.name + ".safetensors"), rows, token,
@@ -97,35 +99,62 @@ class TextualInversion(MethodBase):
     def prepare(self, c, cfg) -> list[ParamGroup]:
         o = options(cfg)
         self.cfg, self.o = cfg, o
-        te, tok = c.text_encoder, c.tokenizer
         o.token = o.token.strip().lower()  # CLIP lowercases prompts and added tokens alike
+        if c.family.is_xl and o.save_format != "a1111":
+            raise UserError("On SDXL an embedding is saved as one A1111/ComfyUI file with clip_l and clip_g (diffusers "
+                            "loads it too): set save_format to a1111.")
         self.names = vector_names(o.token, o.num_vectors)
         gen = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)))
-        init = tk.init_rows(te, tok, o.num_vectors, o.init_word, o.init_std, gen)
-        self.emb = tk.add_new_tokens(tok, te, self.names, init)
+        # The word gets rows in every text encoder (SDXL: CLIP-L and bigG, each started from init_word in its own
+        # table), trained together at one lr, as sd-scripts' sdxl_train_textual_inversion does.
+        self.embs, self.target_norms = [], []
+        for te, tok in zip(c.text_encoders, c.tokenizers):
+            init = tk.init_rows(te, tok, o.num_vectors, o.init_word, o.init_std, gen)
+            emb = tk.add_new_tokens(tok, te, self.names, init)
+            self.embs.append(emb)
+            self.target_norms.append(o.target_norm or float(emb.base.weight.detach().float().norm(dim=-1).mean()))
+        self.emb = self.embs[0]
         self.first = len(self.emb.new) - o.num_vectors  # our rows in emb.new (others may be other concepts')
         self.expanded = " ".join(self.names)
-        base_w = self.emb.base.weight.detach().float()
-        self.target_norm = o.target_norm or float(base_w.norm(dim=-1).mean())
-        return [ParamGroup("embedding", [self.emb.new], lr=float(getattr(cfg, "learning_rate", 5e-3)),
+        self.target_norm = self.target_norms[0]
+        return [ParamGroup("embedding", [e.new for e in self.embs], lr=float(getattr(cfg, "learning_rate", 5e-3)),
                            weight_decay=0.0)]
 
     def rows(self) -> torch.Tensor:
+        """The word's vectors in the first text encoder (n, dim)."""
         return self.emb.new[self.first:self.first + self.o.num_vectors]
+
+    def all_rows(self) -> list[torch.Tensor]:
+        """The word's vectors in every text encoder: [clip_l] or, on SDXL, [clip_l, clip_g]."""
+        return [e.new[self.first:self.first + self.o.num_vectors] for e in self.embs]
+
+    def set_frozen(self, frozen: bool) -> None:
+        for e in self.embs:
+            e.frozen = frozen
 
     def prompt(self, caption: str) -> str:
         return ensure_token(caption, self.o.token.strip(), self.expanded)
 
+    def text(self, c, captions: list[str]):
+        """The captions (with the word) as the UNet's text conditioning, a train.text.TextCond (hidden states and,
+        on SDXL, the pooled embedding)."""
+        from ..train.text import encode_prompt, tokenize_prompt
+
+        ids = tokenize_prompt(c, [self.prompt(x) for x in captions], c.text_encoder.device)
+        return encode_prompt(c, ids, self.o.clip_skip)
+
     def encode(self, c, captions: list[str]) -> torch.Tensor:
-        ids = tk.tokenize(c.tokenizer, [self.prompt(x) for x in captions], c.text_encoder.device)
-        return tk.encode_text(c.text_encoder, ids, self.o.clip_skip)
+        """The captions' encoder hidden states (with the word)."""
+        return self.text(c, captions).hidden
 
     def loss(self, c, batch, step: int) -> torch.Tensor:
         from ..train.noise import denoising_loss
 
-        loss = denoising_loss(c, batch, self.cfg, encoder_hidden_states=self.encode(c, batch.captions))
+        text = self.text(c, batch.captions)
+        loss = denoising_loss(c, batch, self.cfg, encoder_hidden_states=text.hidden, pooled_embeds=text.pooled)
         if self.o.norm_decay:
-            loss = loss + self.o.norm_decay * norm_penalty(self.rows(), self.target_norm)
+            for rows, target in zip(self.all_rows(), self.target_norms):
+                loss = loss + self.o.norm_decay * norm_penalty(rows, target)
         return loss
 
     def metadata(self, c) -> dict:
@@ -143,10 +172,26 @@ class TextualInversion(MethodBase):
         from ..formats.safe_io import read_safetensors_metadata
 
         for p in paths[:1]:
-            pipe.load_textual_inversion(str(p), token=read_safetensors_metadata(p).get("sdstudio.token"))
+            load_embedding_into(pipe, p, read_safetensors_metadata(p).get("sdstudio.token"))
         return pipe
 
     def save(self, c, out: Path) -> list[Path]:
-        """`<run>/<output_name>.safetensors` (A1111) and/or `<output_name>.learned_embeds.safetensors`."""
-        return save_embedding(self.rows(), output_stem(self.cfg, out), self.o.token.strip(), self.o.save_format,
-                              self.metadata(c), step=self.run.step if self.run is not None else 0)
+        """`<run>/<output_name>.safetensors` (A1111; SDXL: clip_l + clip_g) and/or
+        `<output_name>.learned_embeds.safetensors`."""
+        rows = self.all_rows()
+        return save_embedding(rows if len(rows) > 1 else rows[0], output_stem(self.cfg, out), self.o.token.strip(),
+                              self.o.save_format, self.metadata(c), step=self.run.step if self.run is not None else 0)
+
+
+def load_embedding_into(pipe, path: Path, token: str | None) -> None:
+    """Load an embedding file into a diffusers pipeline the documented way: one `load_textual_inversion` call, or
+    on SDXL two (clip_l into text_encoder, clip_g into text_encoder_2)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        pipe.load_textual_inversion(str(path), token=token)
+        return
+    from ..formats.safe_io import load_state_dict
+
+    sd = load_state_dict(path)
+    pipe.load_textual_inversion(sd["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(sd["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)

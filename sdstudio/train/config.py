@@ -106,6 +106,8 @@ class TrainConfig:
     buckets: bool = setting(True, "Aspect-ratio buckets: train non-square images without cropping them square.",
                             advanced=True)
     flip: bool = setting(False, "Random horizontal flips (off with the latent cache).", advanced=True)
+    random_crop: bool = setting(False, "Cut each image from a random place in its bucket each time instead of the "
+                                "centre (off with the latent cache); SDXL is told where the crop is.", advanced=True)
     masked_loss: bool = setting(False, "Learn only inside masks: a white-on-black <image>.mask.png beside an image "
                                 "(black is ignored); images without one count everywhere.", advanced=True)
     cache_latents: str = setting("memory", "Encode images once: memory, disk (in the run folder), or off.",

@@ -40,6 +40,7 @@ from .config import TrainConfig, run_workspace
 from .preview import check_sample_conditions, preview_conditions, render_previews
 from .speed import SpeedOptions, check_speed_settings
 from .status import RunStatus, last_log_line
+from .text import TextCond, encode_prompt, tokenize_prompt
 
 # Settings that must not change across a resume: they fix the data order and the shapes of what trains.
 RESUME_FIXED = ("method", "base_model", "dataset", "seed", "batch_size", "resolution", "gradient_accumulation",
@@ -95,25 +96,27 @@ class EMA:
 
 
 class TextCache:
-    """Text-encoder outputs by caption, for a frozen text encoder: computed once, reused every step."""
+    """Text-encoder outputs by caption, for frozen text encoders: computed once, reused every step. On SDXL it
+    holds both encoders' hidden states (side by side) and the pooled embedding (train/text.py)."""
 
     def __init__(self, c, device) -> None:
         self.c, self.device, self.memo = c, device, {}
 
-    def get(self, captions: list[str]) -> torch.Tensor:
+    def get(self, captions: list[str]) -> TextCond:
         missing = [t for t in dict.fromkeys(captions) if t not in self.memo]
         if missing:
-            ids = tokenize(self.c, missing).to(self.device)
             with torch.no_grad():
-                out = self.c.text_encoder(ids, return_dict=False)[0]
-            self.memo.update({t: out[i] for i, t in enumerate(missing)})
-        return torch.stack([self.memo[t] for t in captions])
+                out = encode_prompt(self.c, tokenize(self.c, missing, self.device))
+            self.memo.update({t: (out.hidden[i], None if out.pooled is None else out.pooled[i])
+                              for i, t in enumerate(missing)})
+        hidden = torch.stack([self.memo[t][0] for t in captions])
+        pooled = torch.stack([self.memo[t][1] for t in captions]) if self.c.family.is_xl else None
+        return TextCond(hidden, pooled)
 
 
-def tokenize(c, captions: list[str]) -> torch.Tensor:
-    tok = c.tokenizer
-    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
+def tokenize(c, captions: list[str], device=None):
+    """Token ids per tokenizer (a list of two on SDXL), as `encode_prompt` takes them."""
+    return tokenize_prompt(c, captions, device)
 
 
 def _make_accelerator(cfg: TrainConfig, device: str):
@@ -156,14 +159,18 @@ def preflight(cfg: TrainConfig, *, resume: bool = False, home: Path | None = Non
 
     method = method if method is not None else get_method(cfg.method)()
     hook(method, "check_settings")(cfg)
+    family = family_of_ref(cfg.base_model)
+    refusal = (getattr(method, "unsupported_families", None) or {}).get(family.name)
+    if refusal:
+        raise UserError(refusal)
     run_dir = cfg.run_dir(home)
     layout = read_dataset(cfg.dataset, default_caption=cfg.instance_prompt, need_class=cfg.prior_preservation,
                           class_root=cfg.class_data or None)
-    # Conditioning the method needs (control images...) is found and checked here: every bad pair at once.
-    data = TrainDataset(layout, cfg, conditioning=tuple(getattr(method, "conditioning", ())))
+    # Conditioning the method needs (control images...) is found and checked here: every bad pair at once. SDXL
+    # also takes each image's micro-conditioning (original size, crop, target size), cut like its pixels.
+    conditioning = tuple(getattr(method, "conditioning", ())) + (("time_ids",) if family.is_xl else ())
+    data = TrainDataset(layout, cfg, conditioning=conditioning)
     check_sample_conditions(cfg)
-    if family_of_ref(cfg.base_model).is_xl:
-        raise UserError("SDXL training is not supported yet: choose an SD 1.x or 2.x base model.")
     ckpt = None
     if resume:
         ckpt = latest_checkpoint(run_dir)
@@ -373,8 +380,9 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
             commands.check()
             text_cache.get(caps[i:i + 16])
             emit(Progress(done=min(i + 16, len(caps)), total=len(caps), stage="cache", message="caching captions"))
-    if cfg.flip and latents is not None:
-        emit(Status("flip is off while latents are cached (cached latents are not flipped)", stage="cache"))
+    if (cfg.flip or cfg.random_crop) and latents is not None:
+        emit(Status("flip and random_crop are off while latents are cached (cached latents are cut once, centred)",
+                    stage="cache"))
     sample_conditions = preview_conditions(cfg, data, run_dir) if main else []  # control images for previews
 
     # 7. Training.
@@ -577,18 +585,23 @@ def _make_batch(c, data, cfg, g: int, latents, text_cache, device, dtype, seed: 
     gen = torch.Generator(device=device).manual_seed(seed)
     batch = Batch(captions=captions, generator=gen, index=list(idxs),
                   is_class=torch.tensor([data.items[i].is_class for i in idxs], device=device))
-    flips = [False if latents is not None else data.flip(i, epoch, pos) for i in idxs]  # cached latents: no flips
+    # Cached latents were cut once (centred, unflipped); otherwise each item gets this step's flip and crop.
+    flips = [False if latents is not None else data.flip(i, epoch, pos) for i in idxs]
+    shifts = [None if latents is not None else data.crop_shift(i, epoch, pos) for i in idxs]
     if latents is not None:
         batch.latents = torch.stack([latents.get(i) for i in idxs]).to(device)
     else:
-        batch.pixel_values = torch.stack([data.pixels(i, f) for i, f in zip(idxs, flips)]).to(device, dtype)
-    for name, cond in data.conditions.items():  # control images, masks...: cut like the images (or cached)
-        values = [latents.cond[i][name] if latents is not None else data.cond(i, name, f) for i, f in zip(idxs, flips)]
+        batch.pixel_values = torch.stack([data.pixels(i, f, s) for i, f, s in zip(idxs, flips, shifts)]).to(device,
+                                                                                                             dtype)
+    for name, cond in data.conditions.items():  # control images, masks, SDXL's time ids: cut like the images
+        values = [latents.cond[i][name] if latents is not None else data.cond(i, name, f, s)
+                  for i, f, s in zip(idxs, flips, shifts)]
         batch.cond[name] = to_batch(cond, values, device)
     if text_cache is not None:
-        batch.encoder_hidden_states = text_cache.get(captions)
+        text = text_cache.get(captions)
+        batch.encoder_hidden_states, batch.pooled_embeds = text.hidden, text.pooled
     else:
-        batch.input_ids = tokenize(c, captions).to(device)
+        batch.input_ids = tokenize(c, captions, device)
     return batch
 
 

@@ -45,6 +45,8 @@ class Noised:
     timesteps: torch.Tensor
     encoder_hidden_states: torch.Tensor  # in the compute dtype
     dtype: torch.dtype
+    # SDXL's added conditioning, {"text_embeds", "time_ids"} (None on SD1.x/2.x): a ControlNet takes it too.
+    added_cond_kwargs: dict | None = None
 
 
 def target_for(scheduler, prediction_type: str, latents, noise, timesteps):
@@ -79,7 +81,23 @@ def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
     return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
 
 
-def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None,
+def added_conditioning(c, batch, latents: torch.Tensor, pooled, dtype) -> dict | None:
+    """SDXL's `added_cond_kwargs`: the pooled text embedding and the six micro-conditioning numbers per image
+    (the batch's "time_ids", else an uncropped image at the training size). None for SD1.x/2.x."""
+    if not c.family.is_xl:
+        return None
+    if pooled is None:
+        raise ValueError("SDXL needs the pooled text embedding: pass pooled_embeds with encoder_hidden_states")
+    time_ids = batch.cond.get("time_ids")
+    if time_ids is None:
+        from .text import default_time_ids
+
+        h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+        time_ids = default_time_ids(latents.shape[0], h, w, latents.device)
+    return {"text_embeds": pooled.to(latents.device, dtype), "time_ids": time_ids.to(latents.device, dtype)}
+
+
+def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None, pooled_embeds=None,
                    unet_kwargs: dict | Callable[[Noised], dict] | None = None,
                    timesteps: Callable | None = None) -> torch.Tensor:
     """The standard noise-prediction loss for one batch, as a scalar.
@@ -91,6 +109,11 @@ def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None,
     residuals (`down_block_additional_residuals`, `mid_block_additional_residual`), T2I-Adapter features
     (`down_intrablock_additional_residuals`), GLIGEN's `cross_attention_kwargs`. `timesteps`: a sampler with
     `sample_timesteps`'s signature (e.g. `cubic_timesteps`); it must draw from the generator it is given.
+
+    SDXL: `pooled_embeds` (or `batch.pooled_embeds`, or the second encoder's when the loss encodes the captions)
+    and the batch's micro-conditioning `batch.cond["time_ids"]` (the dataset's original size, crop and target
+    size) go to the UNet as `added_cond_kwargs`. A method that passes `encoder_hidden_states` on SDXL passes
+    `pooled_embeds` with it (train/text.py's `encode_prompt` gives both).
     """
     gen = batch.generator
     unet = unet or c.unet
@@ -103,8 +126,12 @@ def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None,
     latents = latents.float()
     # 2. Text conditioning
     ehs = encoder_hidden_states if encoder_hidden_states is not None else batch.encoder_hidden_states
+    pooled = pooled_embeds if encoder_hidden_states is not None else batch.pooled_embeds
     if ehs is None:
-        ehs = encode_text(c.text_encoder, batch.input_ids)
+        from .text import encode_prompt
+
+        text = encode_prompt(c, batch.input_ids)
+        ehs, pooled = text.hidden, text.pooled
     # 3. Noise and timesteps
     noise = sample_noise(latents, gen, cfg.noise_offset)
     t = (timesteps or sample_timesteps)(latents.shape[0], sched, gen, latents.device)
@@ -115,7 +142,10 @@ def denoising_loss(c, batch, cfg, *, unet=None, encoder_hidden_states=None,
     # c.dtype, not unet.dtype: diffusers' .dtype walks every module (milliseconds per call on a LoRA UNet).
     dtype = c.dtype or unet.dtype
     noisy, ehs = noisy.to(dtype), ehs.to(dtype)
-    extra = unet_kwargs(Noised(noisy, t, ehs, dtype)) if callable(unet_kwargs) else (unet_kwargs or {})
+    added = added_conditioning(c, batch, latents, pooled, dtype)
+    extra = unet_kwargs(Noised(noisy, t, ehs, dtype, added)) if callable(unet_kwargs) else (unet_kwargs or {})
+    if added is not None:
+        extra = {"added_cond_kwargs": added, **extra}
     model_pred = unet(noisy, t, ehs, return_dict=False, **extra)[0]
     per_pixel = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     if batch.mask is not None:

@@ -186,7 +186,7 @@ def build(ctx: AppContext) -> None:
                 with gr.Row():
                     captioner = gr.Dropdown(["auto", "blip", "wd14", "none"], value="auto", label="Captioner",
                                             elem_id="quick-captioner")
-                    preset = gr.Dropdown([""] + [n for _, n in wizard.PRESET_FOR_MEMORY], value="", label="Preset "
+                    preset = gr.Dropdown([""] + [n for _, n in wizard.PRESET_FOR_MEMORY + wizard.PRESET_FOR_MEMORY_XL], value="", label="Preset "
                                          "(empty: picked for the memory)", elem_id="quick-preset")
             estimate = gr.Markdown("", elem_id="quick-estimate")
             with gr.Row():

@@ -313,6 +313,21 @@ def form_from_run(ctx: AppContext, name: str) -> tuple[dict, str | None]:
     return values, preset
 
 
+def base_resolution(ctx: AppContext, ref: str) -> int | None:
+    """The native training resolution of a base model (the built-in tiny ones: 64), or None when it cannot be
+    told without loading it."""
+    from ..models.loading import family_of_ref
+    from ..models.refs import TINY_REFS, Places
+
+    ref = str(ref or "").strip()
+    if ref in TINY_REFS:
+        return 64
+    try:
+        return family_of_ref(Places.app(ctx.workspace).model(ref).ref).resolution
+    except Exception:  # a half-typed name: the picker is for the user to fix, the form keeps its value
+        return None
+
+
 # -- the tab --------------------------------------------------------------------------------------------
 
 # A run's page polls once a second: every update walks Gradio's whole component tree in the browser, and on
@@ -560,6 +575,14 @@ def build(ctx: AppContext) -> None:
         return [preset, _preset_header(preset), machine_note(ctx, values, preset),
                 *[values[k] if k in values else gr.skip() for k in top_keys],
                 *[_to_widget(field_of[k], values[k]) if k in values else gr.skip() for k in keys]]
+
+    def on_base(ref):
+        """Picking a base sets the resolution to its native one (1024 for SDXL, 512 for SD 1.5)."""
+        size = base_resolution(ctx, ref)
+        return gr.update(value=size) if size else gr.skip()
+
+    if "resolution" in widgets:
+        ui["base_model"].input(on_base, [ui["base_model"]], [widgets["resolution"]])
 
     def on_load_settings():
         """A reload shows the last-used settings (component defaults were fixed when the app started)."""
