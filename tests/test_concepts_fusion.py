@@ -13,6 +13,7 @@ import pytest
 import torch
 from concepts_util import fake_batch, train_steps
 
+from sdstudio.adapters import AdapterLayer, adapter_layers
 from sdstudio.errors import UserError
 from sdstudio.models.loading import load_base
 from sdstudio.train.config import resolve
@@ -57,22 +58,20 @@ def test_fusion_beats_naive_average(two_concepts, tmp_path):
     assert any(getattr(e, "stage", "") == "fuse" and getattr(e, "total", 0) > 0 for e in events)
 
     # Each concept's prompt, answered by the fused model, is closer to that concept's own model (base + its
-    # EDLoRA) than the naive average's answer. Measured where the models differ: the UNet's noise prediction
-    # (text encoder, k/v and spatial layers all in the path) over 16 fixed (noise, timestep) pairs. A decoded
-    # 4-step image is one trajectory through a random VAE, and its L1 differences (about 0.002) flip with the
-    # machine's float rounding; this RMS keeps a margin of 15-30% (figures printed below).
+    # EDLoRA) than the naive average's answer, measured where the fusion promises it (closeness_to_own):
+    # the cross-attention keys/values of the concept tokens and the end token, through the whole text encoder,
+    # and the noise prediction through the fused spatial layers. On four concepts from two training draws (the
+    # old and new adapter runtimes draw the LoRA init and training noise differently): kv ratio 0.57-0.72;
+    # spatial 0.76-0.95 (random latents, not the recorded trajectories, so only the direction is asserted).
     average = load_base("tiny")
     average_into(average, files)
     for f in files:
-        prompt = f"photo of a {' '.join(f.tokens)}"  # the prompt the fusion recorded
-        own = load_base("tiny")
-        apply_edlora(own, f)
-        ref = _noise_predictions(own, prompt)
-        d_fused = float((_noise_predictions(fused, prompt) - ref).pow(2).mean().sqrt())
-        d_avg = float((_noise_predictions(average, prompt) - ref).pow(2).mean().sqrt())
-        print(f"CONCEPT {f.tokens[0]}: RMS distance of the noise prediction to its own EDLoRA model: fused "
-              f"{d_fused:.5f} vs naive average {d_avg:.5f} (ratio {d_fused / d_avg:.3f})")
-        assert d_fused < 0.95 * d_avg
+        m = closeness_to_own(f, fused, average)
+        for what, (d_fused, d_avg) in m.items():
+            print(f"CONCEPT {f.tokens[0]} {what}: RMS distance to its own EDLoRA model: fused {d_fused:.5f} vs "
+                  f"naive average {d_avg:.5f} (ratio {d_fused / d_avg:.3f})")
+        assert m["kv"][0] < 0.85 * m["kv"][1]
+        assert m["spatial"][0] < m["spatial"][1]
 
     # Saved: a diffusers folder that loads as a base (concept table restored) and gives the same picture.
     prompt = f"a photo of {' '.join(files[0].tokens)}"
@@ -86,6 +85,63 @@ def test_fusion_beats_naive_average(two_concepts, tmp_path):
     single = load_base(str(out[1]))  # the single file loads as an ordinary SD1.x checkpoint
     apply_edlora(single, out[2])  # ... and takes the concept tokens from the .concepts file
     np.testing.assert_allclose(generate(single, prompt, **KW), before, atol=1e-4)
+
+
+def closeness_to_own(f, fused, average) -> dict[str, tuple[float, float]]:
+    """{what: (RMS distance of `fused` to f's own model, same for `average`)} on f's fusion prompt.
+
+    - "kv": the cross-attention keys and values at the positions the k/v fusion reproduces (the concept tokens
+      and the end token: Mix-of-Show's category_embedding), computed end to end (each model's text encoder, then
+      its to_k/to_v), all layers;
+    - "spatial": the UNet's noise prediction over 16 fixed (noise, timestep) pairs with the spatial layers taken
+      from the model under test and everything else (text encoder, k/v) the concept's own;
+    - "whole": the noise prediction of the whole model (printed, not asserted).
+    The whole-model figure is not a measure of fusion: by Mix-of-Show's design (kv_inputs = "concept_tokens") the
+    template words, the start token and the ~70 padding positions keep the base's k/v, which the concept's own
+    LoRA also moved, and the UNet attends to all 77. Those positions dominate it (the k/v at all 77 positions
+    are 20-60% *further* from the own model after fusion than after averaging), so it swings with the concepts
+    drawn (ratio 0.69-0.98 on the same code). Measured on the tiny model, random weights."""
+    from sdstudio.concepts.layerwise import concept_table, cross_attention_layers
+    from sdstudio.methods.edlora import apply_edlora
+    from sdstudio.methods.fusion import kv_positions
+
+    prompt = f"photo of a {' '.join(f.tokens)}"  # the prompt the fusion recorded
+    cross = cross_attention_layers(fused.unet)
+    kv = {f"{name}.{s}" for name in cross for s in ("to_k", "to_v")}
+    own = load_base("tiny")
+    apply_edlora(own, f)
+    pos = kv_positions(own.tokenizer, prompt, concept_table(own), len(cross), "concept_tokens")
+    rms = lambda a, b: float((a - b).pow(2).mean().sqrt())  # noqa: E731
+    out = {}
+    ref = _kv_features(own, prompt, pos)
+    out["kv"] = (rms(_kv_features(fused, prompt, pos), ref), rms(_kv_features(average, prompt, pos), ref))
+    ref = _noise_predictions(own, prompt)
+    out["whole"] = (rms(_noise_predictions(fused, prompt), ref), rms(_noise_predictions(average, prompt), ref))
+    spatial = []
+    for src in (fused, average):
+        hybrid = load_base("tiny")
+        applied = apply_edlora(hybrid, f)
+        paths = [p for p, _ in adapter_layers(hybrid.unet) if p not in kv]
+        assert paths and all(isinstance(hybrid.unet.get_submodule(p), AdapterLayer) for p in paths)
+        for p in paths:
+            layer = hybrid.unet.get_submodule(p)
+            layer.remove(applied.name)  # this layer: the tested model's weight alone
+            with torch.no_grad():
+                layer.base_layer.weight.copy_(src.unet.get_submodule(p).weight)
+        spatial.append(rms(_noise_predictions(hybrid, prompt), ref))
+    out["spatial"] = tuple(spatial)
+    return out
+
+
+def _kv_features(c, prompt: str, positions: list[int]) -> torch.Tensor:
+    """Every cross-attention layer's keys and values of `prompt` at `positions` (text encoder included)."""
+    from sdstudio.concepts.layerwise import concept_table, cross_attention_layers, encode_layerwise
+
+    cross = cross_attention_layers(c.unet)
+    with torch.no_grad():
+        states = encode_layerwise(c, [prompt], concept_table(c), len(cross))[0]
+        return torch.cat([c.unet.get_submodule(f"{name}.{s}")(states[i, positions]).flatten()
+                          for i, name in enumerate(cross) for s in ("to_k", "to_v")])
 
 
 def _noise_predictions(c, prompt: str, n: int = 16):
