@@ -63,11 +63,14 @@ def test_enospc_stops_cleanly_and_the_run_resumes(unbroken, tmp_path, monkeypatc
     import sdstudio.train.loop as loop
 
     real_fsync = os.fsync
+    # The final LoRA is written in the run's scratch folder of the last step (periodic saves, numbered
+    # name-000002.safetensors, pass through .saving-2/, .saving-4/ first).
+    final = f"/.saving-{_cfg(ds, run).max_steps}/"
 
     def full_fsync(fd):
         path = os.readlink(f"/proc/self/fd/{fd}")
-        if (where == "checkpoint" and "/.step-4." in path) or (where == "lora" and "character-lora.safetensors" in path
-                                                                and "/checkpoints/" not in path):
+        if (where == "checkpoint" and "/.step-4." in path) or (where == "lora" and final in path
+                                                                and "character-lora.safetensors" in path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 

@@ -38,16 +38,17 @@ def app(tmp_path_factory):
 
 def _generate_args(client, prompt: str, seed: int) -> list:
     """The Generate endpoint's inputs: its defaults, with a small fast recipe written over them."""
-    from sdstudio.ui.playground_tab import FORM_FIELDS
+    from sdstudio.ui.playground_tab import PAGE_FIELDS
 
     if not hasattr(client, "_params"):
         client._params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"][
             "parameters"]
     args = [p.get("parameter_default") if p.get("parameter_has_default") else "" for p in client._params]
-    first_form = 3  # fuse, grid x, grid y, then the form in FORM_FIELDS order, then the stack's cards
+    first_form = 3  # fuse, grid x, grid y, then the form in PAGE_FIELDS order (the image editor in place of the
+    # init image and mask), then the Boxes panel and the stack's cards
     for key, value in dict(base_model="tiny", prompt=prompt, sampler="euler", steps=1, cfg=5.0, seed=seed, width=64,
-                           height=64, batch=1).items():
-        args[first_form + FORM_FIELDS.index(key)] = value
+                           height=64, batch=1, editor=None).items():
+        args[first_form + PAGE_FIELDS.index(key)] = value
     return args
 
 
