@@ -104,17 +104,19 @@ def test_rows_follow_the_presets_as_the_wizard_picks_them():
         (None, "character-lora-sd15-8gb"),  # the throughput row (the MFU target) first, at batch 8
         (6, "character-lora-sd15-6gb"), (8, "character-lora-sd15-8gb"), (12, "character-lora-sd15-12gb")]
     assert rows[0].sets == ["batch_size=8"]  # and 24 GB picks the 12 GB preset, as the wizard does: measured once
-    xl = rows_for("sdxl", [8, 12, 24])
-    assert len(xl) == 1 and xl[0].sets == ["resolution=1024"] and "no sdxl preset yet" in xl[0].note
+    xl = rows_for("sdxl", [8, 12, 24])  # SDXL's own ladder (#15), at each preset's own resolution
+    assert [(r.memory_gb, r.preset) for r in xl] == [
+        (8, "character-lora-sdxl-8gb"), (12, "character-lora-sdxl-12gb"), (24, "character-lora-sdxl-24gb")]
+    assert all("no sdxl preset" not in r.note for r in xl)
 
 
 def test_a_refusal_comes_back_as_one_line(tmp_path, dataset, tiny_dir):
-    """SDXL training is refused by the loop today: the child's refusal is the row's error, not a traceback."""
-    from sdstudio.models.tiny import tiny_model_dir
-
-    tiny_model_dir("sdxl")
-    got = measure.run_isolated(_spec("ours", dataset, tmp_path, base="tiny-sdxl"), timeout=300)
-    assert got["error"].startswith("error: SDXL training is not supported yet")
+    """A setting this device cannot run (a CUDA-only attention kernel on the CPU) is refused in the child: the
+    refusal is the row's error, one line, not a traceback."""
+    spec = _spec("ours", dataset, tmp_path, sets=["resolution=64", "batch_size=2", "attention=sdpa_efficient"])
+    got = measure.run_isolated(spec, timeout=300)
+    assert got["error"].startswith("error: attention = sdpa_efficient needs a CUDA GPU"), got
+    assert "\n" not in got["error"] and "Traceback" not in got["error"]
 
 
 def test_runner_skips_past_its_budget(tmp_path, dataset):

@@ -4,7 +4,7 @@ without it.
 
 Rows come from the presets: for each memory size (6, 8, 12, 24 GB) the largest `character-lora-<arch>-<N>gb`
 preset with N <= the size, as the Quick wizard picks them, plus a throughput row (the 8 GB preset at batch 8).
-A family with no such preset yet (SDXL today) runs `FALLBACK_PRESET`'s low-memory settings at its native
+A family with no such preset (none since the SDXL presets landed) runs `FALLBACK_PRESET`'s low-memory settings at its native
 resolution, and says so. Every run is a child process (train/measure.py) so each peak is its own. Figures are
 printed as one table and written as JSON (`--json`) for scripts/gpu_check.sh.
 """
