@@ -12,9 +12,12 @@ from ..errors import UserError
 from .refs import HubId, parse_hub_id
 
 REMBG_RELEASE = "https://github.com/danielgatis/rembg/releases/download/v0.0.0/"
-# What the preprocessors in playground/preprocess.py read from models/annotators (a test keeps them in step).
+# What the detectors in data/detectors.py read from models/annotators (a test keeps them in step): HED, MLSD,
+# MiDaS depth, openpose (body, hand, face), PiDiNet soft edge, the normal (ScanNet) model, lineart realistic
+# (coarse and fine) and anime.
 ANNOTATOR_FILES = ("ControlNetHED.pth", "mlsd_large_512_fp32.pth", "dpt_hybrid-midas-501f0c75.pt",
-                   "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+                   "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth", "table5_pidinet.pth", "scannet.pt",
+                   "sk_model.pth", "sk_model2.pth", "netG.pth")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ CATALOG: tuple[Entry, ...] = (
           convert_bin=True),
     Entry("t2i-depth", "T2I-Adapter depth (SD 1.5)", "t2i_adapter", "TencentARC/t2iadapter_depth_sd15v2", "sd1",
           convert_bin=True),
-    Entry("annotators", "Annotator weights (HED, MLSD, depth, openpose)", "annotators", "lllyasviel/Annotators",
+    Entry("annotators", "Annotator weights (HED, MLSD, depth, openpose, soft edge, normal, lineart)", "annotators", "lllyasviel/Annotators",
           files=ANNOTATOR_FILES, note="for the controlnet-aux preprocessors"),
     Entry("blip", "BLIP captioner (base)", "captioner", "Salesforce/blip-image-captioning-base"),
     Entry("wd14", "WD14 tagger (SwinV2 v3)", "captioner", "SmilingWolf/wd-swinv2-tagger-v3",
