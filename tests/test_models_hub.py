@@ -394,7 +394,7 @@ def test_annotators_t2i_adapter_and_a_plain_url(hub, workspace, tiny_components,
     from sdstudio.playground.session import load_control_model
 
     hub.repos["lllyasviel/Annotators"] = {**{f: f"weights of {f}".encode() for f in ANNOTATOR_FILES},
-                                          "sk_model.pth": b"not needed", "README.md": b"#"}
+                                          "ZoeD_M12_N.pt": b"not needed", "README.md": b"#"}
     torch.manual_seed(0)
     adapter = T2IAdapter(in_channels=3, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8)
     torch.save(adapter.state_dict(), tmp_path / "adapter.bin")
