@@ -328,6 +328,9 @@ def base_resolution(ctx: AppContext, ref: str) -> int | None:
         return None
 
 
+DEFAULT_PRESET = "character-lora-sd15-8gb"
+
+
 # -- the tab --------------------------------------------------------------------------------------------
 
 # A run's page polls once a second: every update walks Gradio's whole component tree in the browser, and on
@@ -350,7 +353,11 @@ def build(ctx: AppContext) -> None:
 
     saved = ctx.settings.load(TAB)
     presets = [(NO_PRESET, NO_PRESET)] + [(p, str(PRESETS_DIR / f"{p}.toml")) for p in list_presets()]
-    preset_value = saved.get("_preset") or (presets[1][1] if len(presets) > 1 else NO_PRESET)
+    # A first visit opens on the everyday preset (a character LoRA for an 8 GB card), not on whichever preset
+    # sorts first (that became AdaLoRA's).
+    default = next((path for name, path in presets if name == DEFAULT_PRESET), presets[1][1] if len(presets) > 1
+                   else NO_PRESET)
+    preset_value = saved.get("_preset") or default
     vals = {**_preset_values(preset_value), **{k: v for k, v in saved.items() if not k.startswith("_")}}
     ui: dict = {}
 
@@ -546,7 +553,8 @@ def build(ctx: AppContext) -> None:
     def on_method(method):
         return [gr.update(visible=name == method) for name in sorted(groups)] + [gr.update(visible=method == "adalora")]
 
-    ui["method"].change(on_method, [ui["method"]], [groups[n] for n in sorted(groups)] + [ada_box])
+    method_views = [groups[n] for n in sorted(groups)] + [ada_box]  # what on_method shows or hides
+    ui["method"].change(on_method, [ui["method"]], method_views)
 
     def note(*args):
         values, preset = collect(args)
@@ -603,13 +611,12 @@ def build(ctx: AppContext) -> None:
             return [gr.skip()] * len(restore_outputs)
         return fill(values, preset)
 
-    load_btn.click(load_run, [run_pick], restore_outputs).then(on_method, [ui["method"]],
-                                                                [groups[n] for n in sorted(groups)])
+    load_btn.click(load_run, [run_pick], restore_outputs).then(on_method, [ui["method"]], method_views)
 
     ctx.components["train._ui"] = {"open_pg": open_pg, "run_pick": run_pick, "timer": timer,
                                    "tick": (on_page_load, tick_outputs),
                                    "method": ui["method"],
-                                   "groups": [groups[n] for n in sorted(groups)], "on_method": on_method,
+                                   "groups": method_views, "on_method": on_method,
                                    "restore": (on_load_settings, restore_outputs),
                                    "load_run": (load_run, restore_outputs)}
 
