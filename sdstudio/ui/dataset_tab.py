@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import html
 import shutil
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -51,8 +52,12 @@ def _settings(ctx: AppContext) -> dict:
     return {**DEFAULTS, **ctx.settings.load(TAB)}
 
 
+_SAVE_LOCK = threading.Lock()  # a read-modify-write: two fields edited at once must not drop one another
+
+
 def _save_settings(ctx: AppContext, values: dict) -> None:
-    ctx.settings.save(TAB, {**_settings(ctx), **values})
+    with _SAVE_LOCK:
+        ctx.settings.save(TAB, {**_settings(ctx), **values})
 
 
 def dataset_dir(ctx: AppContext, name: str) -> Path:
@@ -664,6 +669,11 @@ def build(ctx: AppContext) -> None:
 
     def on_name(name):
         return [gallery_items(ctx, name), summary_markdown(ctx, name), *show_page(name, 0), *show_pairs(name)]
+
+    # Each field is kept as the user sets it (not only when a job starts), so a reload restores what the tab showed.
+    for key, comp in [*((k, ui[k]) for k in FORM), ("reg_count", reg_count), ("reg_steps", reg_steps)]:
+        comp.input(lambda v, key=key: _save_settings(ctx, {key: str(v) if key == "size" else v}), [comp], None,
+                   queue=False, show_progress="hidden")
 
     ui["name"].submit(on_name, [ui["name"]], [gallery, summary, *page_outputs, pairs_box, pairs])
     ui["name"].blur(on_name, [ui["name"]], [gallery, summary, *page_outputs, pairs_box, pairs])
