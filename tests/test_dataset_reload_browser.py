@@ -132,6 +132,9 @@ def test_dataset_manual_crop_is_the_previewed_box_and_reload_restores_every_fiel
     fields = ["ds-name", "ds-source", "ds-size", "ds-crop", "ds-captioner", "ds-trigger", "ds-class", "ds-repeats",
               "ds-rembg", "ds-condition", "ds-caption-model", "ds-gen-th", "ds-char-th", "ds-exclude",
               "ds-underscores", "ds-rembg-model", "ds-min-side", "ds-skip-dupes", "ds-reg-count", "ds-reg-steps"]
+    open_accordions(page, "#tab-dataset", ["Manual crop for the selected image"])  # it was open: now closed
+    open_accordions(page, "#tab-dataset", ["Manual crop for the selected image"])
+    fields += ["ds-manual", "ds-man-x", "ds-man-y", "ds-man-side"]
     before = {f: read(page, f) for f in fields}
     assert before["ds-crop"] == "bucket" and before["ds-reg-count"] == "5" and before["ds-rembg"] is True, before
     assert before["ds-rembg-model"] == "my-rembg.onnx" and before["ds-condition"] == "canny", before
@@ -141,7 +144,8 @@ def test_dataset_manual_crop_is_the_previewed_box_and_reload_restores_every_fiel
     page.get_by_role("tab", name="Dataset").click()
     expect(page.locator("#ds-summary")).to_contain_text("2 training images", timeout=20_000)  # the same dataset
     expect(gallery).to_contain_text("a_pattern.png")
-    open_accordions(page, "#tab-dataset", ["Advanced", "Class images (prior preservation)"])
+    open_accordions(page, "#tab-dataset", ["Advanced", "Class images (prior preservation)",
+                                            "Manual crop for the selected image"])
     diff = {}
     for _ in range(60):
         diff = {f: (read(page, f), v) for f, v in before.items() if not same_value(read(page, f), v)}
@@ -149,4 +153,8 @@ def test_dataset_manual_crop_is_the_previewed_box_and_reload_restores_every_fiel
             break
         page.wait_for_timeout(250)
     assert diff == {}, diff
+    # The selected image's crop preview comes back too, with the same box.
+    expect(page.locator("#ds-crop-note")).to_contain_text("a_pattern.png", timeout=20_000)
+    assert _note_box(page) == shown, (page.locator("#ds-crop-note").inner_text(),
+                                      json.loads((home / "settings" / "dataset.json").read_text())["crop_view"])
     assert console_errors == [], console_errors
