@@ -15,15 +15,10 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from browser_helpers import fill, open_accordions, pick, read, same_value
+from browser_helpers import fill, open_accordions, pick, read, wait_for_same
+from test_playground_browser import single_thread_app_env  # noqa: F401 (a fixture: OMP_NUM_THREADS=1 for the app)
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture
-def single_thread_app_env(monkeypatch):
-    # The app shares a 2-core box: one OpenMP thread avoids spin-wait slowdowns.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def _slider(page, elem_id: str) -> float:
@@ -146,13 +141,7 @@ def test_dataset_manual_crop_is_the_previewed_box_and_reload_restores_every_fiel
     expect(gallery).to_contain_text("a_pattern.png")
     open_accordions(page, "#tab-dataset", ["Advanced", "Class images (prior preservation)",
                                             "Manual crop for the selected image"])
-    diff = {}
-    for _ in range(60):
-        diff = {f: (read(page, f), v) for f, v in before.items() if not same_value(read(page, f), v)}
-        if not diff:
-            break
-        page.wait_for_timeout(250)
-    assert diff == {}, diff
+    assert wait_for_same(page, before) == {}
     # The selected image's crop preview comes back too, with the same box.
     expect(page.locator("#ds-crop-note")).to_contain_text("a_pattern.png", timeout=20_000)
     assert _note_box(page) == shown, (page.locator("#ds-crop-note").inner_text(),

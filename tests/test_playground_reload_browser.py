@@ -9,36 +9,12 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from browser_helpers import fill, open_accordions, pick, read, same_value
+from browser_helpers import fill, open_accordions, pick, read, wait_for_same
+from test_playground_browser import _put_models, single_thread_app_env  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.browser
 
 BLOCKS = "0,1,1,1,1,1,1,1,1,1,1,1,1,0.5,0.5,0.5,0.5"  # 17 values: BASE, IN01..., as A1111's block weights
-
-
-@pytest.fixture
-def single_thread_app_env(monkeypatch):
-    # The app runs the tiny model on a shared 2-core box: one OpenMP thread avoids spin-wait slowdowns.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def _put_loras(home, tiny_components):
-    from safetensors.torch import save_file
-
-    from test_playground_stack import kohya_lora
-
-    (home / "models" / "lora").mkdir(parents=True, exist_ok=True)
-    save_file(kohya_lora(tiny_components, 1, scale=0.1), home / "models" / "lora" / "style.safetensors")
-    save_file(kohya_lora(tiny_components, 2, scale=0.1), home / "models" / "lora" / "detail.safetensors")
-
-
-def _wait_same(page, expected: dict, timeout: float = 20.0) -> dict:
-    end = time.time() + timeout
-    while True:
-        diff = {k: (read(page, k), v) for k, v in expected.items() if not same_value(read(page, k), v)}
-        if not diff or time.time() > end:
-            return diff
-        page.wait_for_timeout(250)
 
 
 ACCORDIONS = ["img2img / inpaint", "Advanced", "X/Y grid"]
@@ -47,7 +23,7 @@ ACCORDIONS = ["img2img / inpaint", "Advanced", "X/Y grid"]
 def test_playground_reload_mid_generation_restores_form_grid_and_stack(single_thread_app_env, app_server, page,
                                                                        tiny_components, console_errors):
     home = app_server.home
-    _put_loras(home, tiny_components)
+    _put_models(home, tiny_components)  # two LoRAs (style, detail) and a ControlNet
     page.goto(app_server.url, wait_until="domcontentloaded")
     page.get_by_role("tab", name="Playground").click()
     page.wait_for_timeout(1500)  # the page-load event (last-used settings) lands before typing
@@ -98,7 +74,7 @@ def test_playground_reload_mid_generation_restores_form_grid_and_stack(single_th
     page.get_by_role("tab", name="Playground").click()
     expect(page.locator("#pg-title-1")).to_contain_text("detail.safetensors", timeout=20_000)
     open_accordions(page, "#tab-playground", ACCORDIONS)
-    assert _wait_same(page, before) == {}
+    assert wait_for_same(page, before) == {}
 
     # The page reconnects to the generation, which finishes with the settings it started with.
     end = time.time() + 180
