@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from browser_helpers import fill, open_accordions, pick, read, wait_for_same
+from browser_helpers import fill, hide_toasts, open_accordions, pick, read, wait_for_same
 from test_playground_browser import single_thread_app_env  # noqa: F401 (a fixture: OMP_NUM_THREADS=1 for the app)
 
 pytestmark = pytest.mark.browser
@@ -54,6 +54,7 @@ def test_dataset_manual_crop_is_the_previewed_box_and_reload_restores_every_fiel
     Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(src_dir / "b_other.png")
 
     page.goto(app_server.url, wait_until="domcontentloaded")
+    hide_toasts(page)  # a toast over the form's column makes each action wait until it fades
     page.get_by_role("tab", name="Dataset").click()
     page.wait_for_selector("#ds-scan")
     page.wait_for_timeout(1500)  # the page-load event (last-used settings) lands before typing
@@ -111,7 +112,7 @@ def test_dataset_manual_crop_is_the_previewed_box_and_reload_restores_every_fiel
 
     # 3. Every field to a value that is not its default, then a check of the images (the tab's work), and a reload
     #    while it runs.
-    open_accordions(page, "#tab-dataset", ["Advanced", "Class images (prior preservation)"])
+    open_accordions(page, "#tab-dataset", ["Advanced", "Class images (prior preservation)"])  # manual crop: open
     page.wait_for_timeout(500)  # freshly mounted inputs take their values before typing
     page.locator("#ds-crop").get_by_label("bucket", exact=True).check()
     page.locator("#ds-captioner").get_by_label("wd14", exact=True).check()
@@ -127,8 +128,6 @@ def test_dataset_manual_crop_is_the_previewed_box_and_reload_restores_every_fiel
     fields = ["ds-name", "ds-source", "ds-size", "ds-crop", "ds-captioner", "ds-trigger", "ds-class", "ds-repeats",
               "ds-rembg", "ds-condition", "ds-caption-model", "ds-gen-th", "ds-char-th", "ds-exclude",
               "ds-underscores", "ds-rembg-model", "ds-min-side", "ds-skip-dupes", "ds-reg-count", "ds-reg-steps"]
-    open_accordions(page, "#tab-dataset", ["Manual crop for the selected image"])  # it was open: now closed
-    open_accordions(page, "#tab-dataset", ["Manual crop for the selected image"])
     fields += ["ds-manual", "ds-man-x", "ds-man-y", "ds-man-side"]
     before = {f: read(page, f) for f in fields}
     assert before["ds-crop"] == "bucket" and before["ds-reg-count"] == "5" and before["ds-rembg"] is True, before
