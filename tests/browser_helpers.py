@@ -55,6 +55,16 @@ def wait_for_values(page, expected: dict, timeout: float = 20.0) -> dict:
         page.wait_for_timeout(250)
 
 
+def wait_for_same(page, expected: dict, timeout: float = 20.0) -> dict:
+    """wait_for_values, comparing as same_value does (a number shown as "0.5" is 0.5)."""
+    end = time.time() + timeout
+    while True:
+        diff = {k: (read(page, k), v) for k, v in expected.items() if not same_value(read(page, k), v)}
+        if not diff or time.time() > end:
+            return diff
+        page.wait_for_timeout(250)
+
+
 def open_accordions(page, container: str, labels) -> None:
     """Open Gradio accordions (their inputs mount only when open)."""
     for label in labels:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import html
 import shutil
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -51,8 +52,16 @@ def _settings(ctx: AppContext) -> dict:
     return {**DEFAULTS, **ctx.settings.load(TAB)}
 
 
-def _save_settings(ctx: AppContext, values: dict) -> None:
-    ctx.settings.save(TAB, {**_settings(ctx), **values})
+_SAVE_LOCK = threading.Lock()  # a read-modify-write: two fields edited at once must not drop one another
+
+
+def _save_settings(ctx: AppContext, values: dict, crop_view: dict | None = None) -> None:
+    """Merge `values` (and `crop_view`, the selected image's manual box) into the tab's saved settings."""
+    with _SAVE_LOCK:
+        cur = _settings(ctx)
+        if crop_view is not None:
+            values = {**values, "crop_view": {**(cur.get("crop_view") or {}), **crop_view}}
+        ctx.settings.save(TAB, {**cur, **values})
 
 
 def dataset_dir(ctx: AppContext, name: str) -> Path:
@@ -595,7 +604,9 @@ def build(ctx: AppContext) -> None:
         show_pairs, [ui["name"]], [pairs_box, pairs], show_progress="hidden")
 
     # 6. Crop preview on the selected image (one image: fast enough to do in the handler).
-    def on_select(evt: gr.SelectData):
+    def on_select(name, evt: gr.SelectData):
+        row = _selected_row(ctx, name, evt.index)
+        _save_settings(ctx, {}, crop_view={"dataset": safe_name(name or ""), "source": row["source"] if row else ""})
         return evt.index
 
     crop_inputs = [ui["name"], selected, ui["crop"], ui["size"], use_manual, man_x, man_y, man_side]
@@ -614,12 +625,20 @@ def build(ctx: AppContext) -> None:
 
     crop_inputs.append(ui["condition"])
     preview_outputs = [crop_before, crop_after, crop_note, cond_after]
-    gallery.select(on_select, None, [selected]).then(on_preview, crop_inputs, preview_outputs)
+    gallery.select(on_select, [ui["name"]], [selected]).then(on_preview, crop_inputs, preview_outputs)
     for comp in (ui["crop"], ui["size"], use_manual, ui["condition"]):
         comp.change(on_preview, crop_inputs, preview_outputs)
     # Every value a slider takes (dragged or typed) redraws the preview, so the box shown is the box kept.
     for comp in (man_x, man_y, man_side):
         comp.change(on_preview, crop_inputs, preview_outputs, trigger_mode="always_last", show_progress="hidden")
+
+    # The manual box as the user leaves it, for a reload (with the image it was set on).
+    # One listener for the four (queued, so one at a time: a late call never writes older values over newer).
+    def keep_view(use, x, y, side):
+        _save_settings(ctx, {}, crop_view={"use": bool(use), "x": x, "y": y, "side": side})
+
+    gr.on([c.change for c in (use_manual, man_x, man_y, man_side)], keep_view, [use_manual, man_x, man_y, man_side],
+          None, show_progress="hidden", trigger_mode="always_last")
 
     def on_keep_manual(name, index, x, y, side, keep: bool):
         row = _selected_row(ctx, name, index)
@@ -665,6 +684,11 @@ def build(ctx: AppContext) -> None:
     def on_name(name):
         return [gallery_items(ctx, name), summary_markdown(ctx, name), *show_page(name, 0), *show_pairs(name)]
 
+    # Each field is kept as the user sets it (not only when a job starts), so a reload restores what the tab showed.
+    for key, comp in [*((k, ui[k]) for k in FORM), ("reg_count", reg_count), ("reg_steps", reg_steps)]:
+        comp.input(lambda v, key=key: _save_settings(ctx, {key: str(v) if key == "size" else v}), [comp], None,
+                   queue=False, show_progress="hidden")
+
     ui["name"].submit(on_name, [ui["name"]], [gallery, summary, *page_outputs, pairs_box, pairs])
     ui["name"].blur(on_name, [ui["name"]], [gallery, summary, *page_outputs, pairs_box, pairs])
 
@@ -676,10 +700,22 @@ def build(ctx: AppContext) -> None:
         values = [str(cur[k]) if k == "size" else cur[k] for k in FORM]
         return [*values, cur["reg_count"], cur["reg_steps"], gr.Timer(active=bool(job and job.running)),
                 gallery_items(ctx, cur["name"]), summary_markdown(ctx, cur["name"]), *show_page(cur["name"], 0),
-                *show_pairs(cur["name"])]
+                *show_pairs(cur["name"]), *crop_view(cur)]
+
+    def crop_view(cur: dict) -> list:
+        """The selected image, its manual box and its crop preview as the user left them."""
+        view = cur.get("crop_view") or {}
+        use, x, y, side = bool(view.get("use")), view.get("x", 0.5), view.get("y", 0.5), view.get("side", 1.0)
+        rows = [r for r in prep.read_scan(dataset_dir(ctx, cur["name"])) if r.get("thumb")]
+        index = next((k for k, r in enumerate(rows) if r["source"] == view.get("source")), None)
+        if view.get("dataset") != safe_name(cur["name"] or "") or index is None:
+            return [gr.skip()] * (5 + len(preview_outputs))
+        shown = on_preview(cur["name"], index, cur["crop"], str(cur["size"]), use, x, y, side, cur["condition"])
+        return [index, use, x, y, side, *shown]
 
     ui["_load"] = (on_load, None, [*form_inputs, reg_count, reg_steps, timer, gallery, summary, *page_outputs,
-                                   pairs_box, pairs])
+                                   pairs_box, pairs, selected, use_manual, man_x, man_y, man_side,
+                                   *preview_outputs])
 
     def open_run(run: str) -> list:
         """The dataset a Quick run made, with the settings that made it (dataset.toml), the captioner that really

@@ -170,7 +170,7 @@ def build(ctx: AppContext) -> None:
                 batch = gr.Slider(1, 16, value=d.batch, step=1, label="Batch (image i uses seed + i)",
                                   elem_id="playground-batch")
                 clip_skip = gr.Slider(1, 4, value=d.clip_skip, step=1, label="CLIP skip", elem_id="playground-clip-skip")
-                fuse = gr.Checkbox(True, label="Fuse the LoRA stack for speed (not with step ranges)",
+                fuse = gr.Checkbox(bool(saved.get("fuse", True)), label="Fuse the LoRA stack for speed (not with step ranges)",
                                    elem_id="playground-fuse")
 
         # 2. Middle: the stack
@@ -430,9 +430,9 @@ def build(ctx: AppContext) -> None:
             gr.Warning(str(exc))
             return items, gr.update(), gr.update(active=False), gr.update(), gr.update()
         # What a reload restores: the form as it ran (seed -1 stays -1 in the form; the drawn seed is in the PNG)
-        # and the stack, grid axes and recipe name.
+        # and the stack, grid axes and the fuse switch.
         ctx.settings.save("playground", {"form": recipe.to_dict(), "items": items, "grid_x": gx or "",
-                                         "grid_y": gy or "", "last_seed": work.recipe.seed})
+                                         "grid_y": gy or "", "fuse": bool(fuse_on), "last_seed": work.recipe.seed})
         return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml(), job.id
 
     run_inputs = [items_state, fuse, grid_x, grid_y]
@@ -571,10 +571,10 @@ def build(ctx: AppContext) -> None:
             page = [gr.skip()] * len(form)
         job = ctx.jobs.latest("generate")
         return (page + [saved.get("grid_x", gr.skip()), saved.get("grid_y", gr.skip()),
-                        gr.update(active=bool(job and job.running))]
+                        bool(saved.get("fuse", True)), gr.update(active=bool(job and job.running))]
                 + draw([it for it in items if isinstance(it, dict) and it.get("kind") in KIND_LABEL]))
 
-    gr.on(None, on_load, None, form + [grid_x, grid_y, timer] + redraw, show_progress="hidden")
+    gr.on(None, on_load, None, form + [grid_x, grid_y, fuse, timer] + redraw, show_progress="hidden")
 
 
 # The form's components in order: FORM_FIELDS with the editor in place of init_image and mask_image.
