@@ -177,20 +177,22 @@ def page(browser):
 class ConsoleErrors(list):
     """Every error the page logs (console.error and uncaught exceptions). `reload()` reloads the page and drops
     only what the old page logs while it is torn down: its open event stream is aborted by the navigation
-    ("BodyStreamBuffer was aborted", then Gradio's "Connection errored out"), which is the browser leaving the
-    page, not an error of the app."""
+    ("BodyStreamBuffer was aborted", then Gradio's "Connection errored out", or a fetch's AbortError that may
+    report a moment after the new page has loaded), which is the browser leaving the page, not an app error."""
 
-    UNLOAD = ("BodyStreamBuffer was aborted", "Connection errored out")
+    UNLOAD = ("BodyStreamBuffer was aborted", "Connection errored out", "AbortError: signal is aborted without reason")
+    SETTLE_S = 3.0  # the old page's aborted fetches may report just after the new page has loaded
 
     def __init__(self, page) -> None:
         super().__init__()
         self.page = page
         self.navigating = False
+        self.settled_at = 0.0
         page.on("console", lambda m: self._add(f"console: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: self._add(f"uncaught: {e}"))
 
     def _add(self, text: str) -> None:
-        if self.navigating and any(u in text for u in self.UNLOAD):
+        if (self.navigating or time.time() < self.settled_at) and any(u in text for u in self.UNLOAD):
             return
         self.append(text)
 
@@ -200,6 +202,7 @@ class ConsoleErrors(list):
             self.page.reload(**kwargs)
         finally:
             self.navigating = False
+            self.settled_at = time.time() + self.SETTLE_S
 
 
 @pytest.fixture
