@@ -39,7 +39,11 @@ def test_stop_and_resume_repeats_the_uninterrupted_run(tmp_path):
 
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 8))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # exact: same data, noise, weights, optimizer
+    # Same data, noise, weights and optimizer: a state the resume failed to restore (an RNG, the optimizer, the
+    # schedule, EMA, the caption shuffle) moves the loss by 1e-2 or more. With these options two identical runs
+    # in one process have been seen to differ by ~1e-6 in a loss on a loaded machine (before any resume, on
+    # wave-1 code too; the cause is not found), so the losses are compared to 1e-5, the steps and lr exactly.
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5, abs=0)
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert all(r2["time"] >= r1["time"] for r1, r2 in zip(b, b[1:]))  # time continues across the resume
 
