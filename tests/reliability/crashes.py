@@ -142,6 +142,7 @@ def campaign(work: Path, ds: Path, ref, kills: list[dict], tally: Tally) -> None
     resumed to the end and compared with `ref` (the unbroken run's folder, or a function that waits for it and
     returns it). Raises AssertionError on any damage."""
     run, home = work / "run", work / "ws"
+    work.mkdir(parents=True, exist_ok=True)  # the children's trace files go here (the soak's soak-N/ is new)
     args = train_args(ds, run)
     mine = 0
     for i, spec in enumerate(kills):
