@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_rounds import _make_dataset, print_table, run_rounds, run_variant
+from .bench_rounds import _make_dataset, print_table, run_rounds, run_variant, time_our_loop
 
 VARIANTS = ("reference", "ours", "ours-cached")
 
@@ -119,32 +119,14 @@ def _reference(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, de
 
 
 def _ours(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, device: str, cached: bool) -> float:
-    import torch
-
-    from ..data.dataset import TrainDataset
-    from ..data.folder import read_dataset
-    from ..jobs import Commands
-    from ..methods.base import RunInfo
-    from ..methods.registry import get_method
-    from ..models.loading import load_base
     from .config import load_config
-    from .loop import _make_accelerator, run_loop
 
     cfg = load_config(None, [f"dataset={ds}", f"base_model={base}", f"output_dir={out}", f"resolution={res}",
                              f"max_steps={steps}", f"batch_size={bs}", "sample_every=0", "save_every=0",
                              "sample_prompts=[]", "lora.rank=4", "lora.alpha=4", "lora.targets=attention",
                              "buckets=false", f"device={device}", "precision=fp32",
                              f"cache_latents={'memory' if cached else 'off'}", f"cache_text={str(cached).lower()}"])
-    layout = read_dataset(ds)
-    data = TrainDataset(layout, cfg)
-    acc, dtype = _make_accelerator(cfg, device)
-    torch.manual_seed(0)
-    c = load_base(base, device=device, dtype=dtype)
-    method = get_method("lora")()
-    method.run = RunInfo(cfg=cfg, run_dir=out, layout=layout)
-    t0 = time.time()
-    run_loop(method, c, data, cfg, lambda e: None, Commands(), acc=acc, run_dir=out)
-    return time.time() - t0
+    return time_our_loop(cfg, ds, out, base, device)
 
 
 def main(argv: list[str]) -> None:

@@ -121,32 +121,15 @@ def _reference(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, de
 
 
 def _ours(ds: Path, out: Path, steps: int, res: int, bs: int, base: str, device: str, cached: bool) -> float:
-    import torch
-
-    from ..data.dataset import TrainDataset
-    from ..data.folder import read_dataset
-    from ..jobs import Commands
-    from ..methods.base import RunInfo
-    from ..methods.registry import get_method
-    from ..models.loading import load_base
+    from .bench_rounds import time_our_loop
     from .config import load_config
-    from .loop import _make_accelerator, run_loop
 
     cfg = load_config(None, ["method=controlnet", f"dataset={ds}", f"base_model={base}", f"output_dir={out}",
                              f"resolution={res}", f"max_steps={steps}", f"batch_size={bs}", "learning_rate=1e-5",
                              "sample_every=0", "save_every=0", "sample_prompts=[]", "buckets=false",
                              f"device={device}", "precision=fp32", f"cache_latents={'memory' if cached else 'off'}",
                              f"cache_text={str(cached).lower()}"])
-    method = get_method("controlnet")()
-    layout = read_dataset(ds)
-    data = TrainDataset(layout, cfg, conditioning=method.conditioning)
-    acc, dtype = _make_accelerator(cfg, device)
-    torch.manual_seed(0)
-    c = load_base(base, device=device, dtype=dtype)
-    method.run = RunInfo(cfg=cfg, run_dir=out, layout=layout)
-    t0 = time.time()
-    run_loop(method, c, data, cfg, lambda e: None, Commands(), acc=acc, run_dir=out)
-    return time.time() - t0
+    return time_our_loop(cfg, ds, out, base, device)
 
 
 def main(argv: list[str]) -> None:

@@ -74,3 +74,30 @@ def _peak_mb(device: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_our_loop(cfg, ds: Path, out: Path, base: str, device: str) -> float:
+    """Seconds our loop takes to train `cfg` (its method) on the dataset `ds`, the base loaded from a fixed seed:
+    the "ours" side of every bench train variant."""
+    import time
+
+    import torch
+
+    from ..data.dataset import TrainDataset
+    from ..data.folder import read_dataset
+    from ..jobs import Commands
+    from ..methods.base import RunInfo
+    from ..methods.registry import get_method
+    from ..models.loading import load_base
+    from .loop import _make_accelerator, run_loop
+
+    method = get_method(cfg.method)()
+    layout = read_dataset(ds)
+    data = TrainDataset(layout, cfg, conditioning=method.conditioning)
+    acc, dtype = _make_accelerator(cfg, device)
+    torch.manual_seed(0)
+    c = load_base(base, device=device, dtype=dtype)
+    method.run = RunInfo(cfg=cfg, run_dir=out, layout=layout)
+    t0 = time.time()
+    run_loop(method, c, data, cfg, lambda e: None, Commands(), acc=acc, run_dir=out)
+    return time.time() - t0
