@@ -64,3 +64,34 @@ def test_unsupported_suffix(tmp_path):
     p.write_bytes(b"x")
     with pytest.raises(UserError, match="unsupported"):
         safe_io.load_state_dict(p)
+
+
+def _build_slowly(folder: str, log: str) -> None:
+    """One process's attempt at a shared cache folder; it records a build and is slow about it."""
+    import time
+    from pathlib import Path
+
+    with safe_io.build_once(Path(folder), "done") as tmp:
+        if tmp is not None:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(0.5)  # a second process arrives while this one builds
+            (tmp / "done").write_text(str(os.getpid()))
+    assert (Path(folder) / "done").exists()
+
+
+def test_build_once_builds_a_shared_folder_once_across_processes(tmp_path):
+    # Two app windows or two test workers asking for the tiny model at once: one builds, the other waits and
+    # reads that folder; before, both built and the second swapped its copy over a folder the first was reading.
+    import multiprocessing
+
+    folder, log = tmp_path / "cache" / "tiny", tmp_path / "builds.log"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_build_slowly, args=(str(folder), str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(log.read_text().split()) == 1
+    assert sorted(f.name for f in folder.parent.iterdir()) == [".tiny.lock", "tiny"]  # no temporaries left over

@@ -186,6 +186,28 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def build_once(final: Path | str, ready: str) -> Iterator[Path | None]:
+    """Build a shared cache folder once across processes (two app windows, parallel test workers): the builder
+    holds an OS lock beside the folder; a process that waited on it finds `final/ready` and gets None (nothing to
+    build) instead of swapping a second copy over a folder the first process is already reading."""
+    final = Path(final)
+    if (final / ready).exists():
+        yield None
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a+") as lock:
+        with contextlib.suppress(ImportError):  # Windows: no flock; atomic_dir alone still never leaves half a folder
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if (final / ready).exists():
+            yield None
+            return
+        with atomic_dir(final) as tmp:
+            yield tmp
+
+
 # What a killed atomic write leaves behind: `.<name>.<8 random>.tmp` (a file from atomic_write_bytes, a folder
 # from atomic_dir, both named by tempfile) and `.<name>.old-<pid>` (atomic_dir's previous folder, mid-swap).
 _TEMPORARY_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\..+\.old-\d+$")

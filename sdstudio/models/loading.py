@@ -114,11 +114,11 @@ def family_config_dir(family: ModelFamily, prediction_type: str | None = None) -
     pred = prediction_type or family.prediction_type
     root = Path(os.environ.get("SDSTUDIO_CACHE", Path.home() / ".cache" / "sdstudio"))
     folder = root / f"configs-d{diffusers.__version__}" / f"{family.name}-{pred}"
-    if (folder / "model_index.json").is_file():
-        return folder
-    from ..formats.safe_io import atomic_dir
+    from ..formats.safe_io import build_once
 
-    with atomic_dir(folder) as tmp:
+    with build_once(folder, "model_index.json") as tmp:
+        if tmp is None:
+            return folder
         index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "scheduler": ["diffusers", family.scheduler[0]]}

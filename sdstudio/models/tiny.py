@@ -254,7 +254,7 @@ def write_tiny_model(out: Path | str, family: str = "sd1", gligen: bool = False)
 def tiny_model_dir(family: str = "sd1") -> Path:
     """The cached tiny model folder, built once per machine (under $SDSTUDIO_CACHE or ~/.cache/sdstudio)."""
     from .. import __version__
-    from ..formats.safe_io import atomic_dir
+    from ..formats.safe_io import build_once
 
     root = Path(os.environ.get("SDSTUDIO_CACHE", Path.home() / ".cache" / "sdstudio"))
     import diffusers
@@ -263,7 +263,7 @@ def tiny_model_dir(family: str = "sd1") -> Path:
     # The folder name carries the library versions: a config written by one version is rebuilt for another.
     name = "tiny" if _check_family(family) == "sd1" else "tiny-sdxl"
     folder = root / f"{name}-{__version__}-d{diffusers.__version__}-t{transformers.__version__}"
-    if not (folder / "model_index.json").exists():
-        with atomic_dir(folder) as tmp:
+    with build_once(folder, "model_index.json") as tmp:
+        if tmp is not None:
             write_tiny_model(tmp, family)
     return folder
