@@ -52,11 +52,28 @@ def test_each_speed_option_trains_the_same_losses(option, dataset, baseline, tmp
 
     monkeypatch.setattr(speed.SpeedOptions, "restore", spy_restore)
     cudnn_before = torch.backends.cudnn.benchmark
+    from torch._dynamo.utils import counters
+
+    from sdstudio.events import Step
+
+    counters.clear()
+    traced = {}  # frames torch.compile had traced when each step ended
+
+    def on_event(ev):
+        if isinstance(ev, Step):
+            traced[ev.step] = counters["frames"]["total"]
+
+    # A first preview (step 0) and a last one (step 3) around three steps.
     outputs = train(load_config(None, fast_sets(dataset, tmp_path, max_steps=3, sample_every=0) + [option]),
-                    lambda e: None)
+                    on_event)
     assert outputs and all(p.exists() for p in outputs)
     assert _losses(tmp_path) == pytest.approx(baseline, rel=1e-4, abs=1e-6)
     assert seen["compiled"] == (option == "compile_unet=true")
+    if option == "compile_unet=true":
+        # The UNet is traced in the first step and never again: not for the previews (run uncompiled), nor for
+        # the adapters' parameter list (made at plan time, not at the first call). Each of those used to trace
+        # the whole UNet again (4 traces in this run; minutes each with CUDA's inductor).
+        assert traced[1] > 0 and traced[3] == traced[1] == counters["frames"]["total"], (traced, dict(counters))
     assert seen["channels_last"] == (option == "channels_last=true")
     assert seen["after"] == (None, True, cudnn_before)  # put back before the files are written
 

@@ -142,15 +142,13 @@ class AdapterLayer(nn.Module):
         # the add (with other adapters present the weight is merged anyway).
         min_tokens = 0 if others or not rank else out_f * in_k * (rank + 1) / (rank * (in_k + out_f))
         in_features = w.shape[1]
-        tensors: list = []  # the adapters' parameters, listed at the first call with autograd on
+        # The adapters' parameters, listed once here: a list filled at the first call would change what a compiled
+        # UNet's guards saw and make torch.compile trace the whole UNet again.
+        tensors = [p for n in names for p in self.adapters[n].parameters()]
 
         def training() -> bool:
             """Autograd on and an adapter here trains (asked per call: pivotal tuning freezes its LoRA by phase)."""
-            if not torch.is_grad_enabled():
-                return False
-            if not tensors:
-                tensors.extend(p for n in names for p in self.adapters[n].parameters())
-            return any(p.requires_grad for p in tensors)
+            return torch.is_grad_enabled() and any(p.requires_grad for p in tensors)
 
         def merged_weight(cast: bool = True) -> torch.Tensor:
             w = base.weight

@@ -423,7 +423,7 @@ def run_loop(method, c, data, cfg: TrainConfig, emit, commands: Commands, *, acc
         if not main:
             return
         emit(Status(f"drawing previews at step {step}", stage="sample"))
-        with (ema.swapped() if ema else contextlib.nullcontext()):
+        with (ema.swapped() if ema else contextlib.nullcontext()), speed.uncompiled():
             ev = render_previews(method, c, cfg, run_dir, step, autocast, conditions=sample_conditions)
         if ev:
             emit(ev)

@@ -81,6 +81,22 @@ class SpeedOptions:
 
         return sdpa_kernel([getattr(SDPBackend, name)])
 
+    @contextlib.contextmanager
+    def uncompiled(self):
+        """Previews run the UNet as it is, not compiled: under no_grad, with guidance's doubled batch and the
+        sampler's own shapes, each would make torch.compile trace (and on CUDA build) the UNet again, minutes
+        for the few images a preview draws."""
+        compiled = self.c.unet._compiled_call_impl if self._compiled else None
+        if compiled is None:
+            yield
+            return
+        self.c.unet._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            if self._compiled:  # (restore() inside the block would have turned compile off for good)
+                self.c.unet._compiled_call_impl = compiled
+
     def restore(self) -> None:
         import torch
 
