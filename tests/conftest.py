@@ -32,6 +32,17 @@ def pytest_configure(config):
     torch.set_num_threads(1)  # in case torch was imported before this file set the variables
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (browser, then slow-marked), the rest in collection order: with `pytest -n`, the
+    workers then end on short tests together, instead of one starting a two-minute browser test while the others
+    sit idle (alphabetically, test_train_browser and test_wizard_browser came last)."""
+    def weight(item) -> int:
+        return 0 if item.get_closest_marker("browser") else 1 if item.get_closest_marker("slow") else 2
+
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (weight(item), order[id(item)]))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The cached tiny model folder (diffusers layout)."""

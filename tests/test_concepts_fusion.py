@@ -39,6 +39,7 @@ def two_concepts(tmp_path_factory):
     return _train_concept(d, "<ann1> <ann2>", "ann", 1), _train_concept(d, "<bob1> <bob2>", "bob", 2)
 
 
+@pytest.mark.slow
 def test_fusion_beats_naive_average(two_concepts, tmp_path):
     from sdstudio.formats.edlora import read_edlora
     from sdstudio.methods.edlora import apply_edlora

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from train_helpers import make_images, make_kohya_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +59,7 @@ def test_unknown_key_exits_2_naming_the_nearest(tmp_path):
     assert r.returncode == 2 and "max_steps" in r.stderr and r.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_two_process_ddp_one_file_and_a_falling_loss(tmp_path):
     ds = make_kohya_dataset(tmp_path / "ds", n=4, repeats=2)
     out = tmp_path / "run"

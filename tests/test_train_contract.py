@@ -31,6 +31,7 @@ def _image(pipe, prompt, **kw):
 BASES = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", sorted(BASES))
 @pytest.mark.parametrize("name", sorted(all_methods()))
 def test_every_method_trains_previews_and_saves_a_loadable_file(name, base, tmp_path, tiny_dir):

@@ -159,6 +159,7 @@ def _shapes_dataset(root: Path, n: int = 8) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,steps,lr,drop", [("controlnet", 80, "1e-3", 0.7), ("t2i_adapter", 150, "3e-3", 0.95)])
 def test_learns_a_synthetic_task_while_the_base_unet_stays_bit_identical(tmp_path, name, steps, lr, drop):
     from sdstudio.data.dataset import TrainDataset

@@ -55,6 +55,7 @@ def test_resume_without_checkpoint_says_so(tmp_path):
         train(cfg, lambda e: None, resume=True)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume(tmp_path):
     ds = make_kohya_dataset(tmp_path / "ds", n=2)
     run = tmp_path / "run"

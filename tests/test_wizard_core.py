@@ -76,6 +76,7 @@ def test_choices_follow_the_class(ws, tmp_path):
     assert wizard.steps_for(15, 1) == 1500 and wizard.steps_for(3, 1) == 800 and wizard.steps_for(40, 2) == 1500
 
 
+@pytest.mark.slow
 def test_whole_run_on_tiny(ws, tmp_path):
     photos = make_photos(tmp_path / "p", 6)
     qc = QuickConfig(photos=[tmp_path / "p"], name="mira", class_word="woman", regularization=True, reg_count=2,
@@ -175,6 +176,7 @@ def test_cli_refuses_before_training_and_exits_2(tmp_path):
     assert not list((home / "runs").glob("*"))
 
 
+@pytest.mark.slow
 def test_sdxl_base_picks_the_sdxl_ladder_and_runs_from_photos_to_a_grid(ws, tmp_path):
     """An SDXL base switches the wizard to the SDXL presets (1024 px, their memory advice); on tiny-sdxl the whole
     run goes from photos to a LoRA in models/lora and a grid, as `sdstudio quick photos/ --base tiny-sdxl` does."""

@@ -23,6 +23,7 @@ def reference(tmp_path_factory):
     return shared_reference(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_kills_in_caching_checkpoint_and_lora_saves_resume_to_the_unbroken_run(reference, tmp_path):
     work, ds = tmp_path, reference.ds
     tally = Tally()

@@ -146,6 +146,7 @@ cp -a "$MNT/run" "$OUT/final"
 """
 
 
+@pytest.mark.slow
 def test_a_real_full_tmpfs(tmp_path, unbroken):
     """12 MB hold the cache, the previews and two 5 MB checkpoints; the third does not fit."""
     if not _can_mount_tmpfs(tmp_path):

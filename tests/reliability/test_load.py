@@ -78,6 +78,7 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+@pytest.mark.slow
 def test_four_clients_queue_twenty_generations_while_training(app, capsys):
     from gradio_client import Client
 
