@@ -260,3 +260,45 @@ def test_sdxl_exact_resume(tmp_path):
     a, b = log(tmp_path / "a"), log(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_large_previews_decode_in_tiles_and_the_estimate_counts_one_tile(tmp_path, monkeypatch):
+    """A 1024 px SDXL preview decoded whole needs ~5 GB (10 with the fp16 VAE upcast), more than the step on a
+    12 GB card: previews above PREVIEW_TILE_PX decode in tiles, and the VAE's own tiling comes back after. Here
+    the tile is 32 px on a 64 px run (the tiny model; the real tile is 512 px)."""
+    from sdstudio.train import preview
+    from sdstudio.train.estimate import estimate
+    from sdstudio.train.loop import train
+
+    vae = load_base("tiny-sdxl").vae
+    z = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = vae.decode(z).sample
+    calls = []
+    real = type(vae).tiled_decode
+    monkeypatch.setattr(type(vae), "tiled_decode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    with preview.tiled_decode(vae, 64):  # at or under the tile size: decoded whole, bit for bit
+        assert torch.equal(vae.decode(z).sample, whole) and not calls
+    with preview.tiled_decode(vae, 64, tile_px=32):
+        tiled = vae.decode(z).sample
+    assert calls and tiled.shape == whole.shape and not torch.equal(tiled, whole)
+    # The first tile is the decode of its own 32 px of latent (4x4), up to where the next tiles blend in (25%).
+    corner = vae.decode(z[:, :, :4, :4]).sample
+    assert torch.allclose(tiled[..., :24, :24], corner[..., :24, :24], atol=1e-5)
+    assert (vae.use_tiling, vae.tile_sample_min_size) == (False, vae.config.sample_size)
+
+    # A training run's previews go through it.
+    calls.clear()
+    monkeypatch.setattr(preview, "PREVIEW_TILE_PX", 32)
+    data = make_kohya_dataset(tmp_path / "ds", n=1)
+    out = tmp_path / "run"
+    train(load_config(None, fast_sets(data, out, base_model="tiny-sdxl", max_steps=1)), lambda e: None)
+    assert calls and sorted(p.name for p in (out / "samples").glob("step-*.png")) == \
+        ["step-000000-0.png", "step-000001-0.png"]
+
+    # The estimate counts one tile: the 12 GB preset fits 12 GB, its peak is the step, not the preview.
+    monkeypatch.setattr(preview, "PREVIEW_TILE_PX", 512)
+    e = estimate(load_config("character-lora-sdxl-12gb"))
+    assert e.fits(12) and "training activations" in e.parts and "preview decode" not in e.parts
+    half = estimate(load_config("character-lora-sdxl-12gb", ["sample_every=0", "gradient_checkpointing=true",
+                                                             "precision=fp16", "resolution=2048"]))
+    assert half.parts.get("preview decode", 0) < 3  # (2048 px whole: 16x a 512 px decode)

@@ -197,7 +197,14 @@ def estimate(cfg, *, gpu: GpuClass | None = None, memory_gb: float = 0, n_images
     act = per_image * pixels * images * fp.activations + (TE_ACTIVATIONS_GB * images if te_trains else 0)
     act *= 1 if half else 2
     # Every family has SD's VAE (SDXL's is the same architecture, retrained): its work scales with pixels alone.
-    transients = {"training activations": act, "preview decode": VAE_DECODE_GB * image_pixels * (1 if half else 2)}
+    # Previews above PREVIEW_TILE_PX decode in tiles of that size (train/preview.py), so they cost one tile; in
+    # fp16 diffusers decodes SDXL's VAE in fp32 (its force_upcast), which doubles it.
+    from .preview import PREVIEW_TILE_PX
+
+    decoded = min(image_pixels, (PREVIEW_TILE_PX / 512) ** 2)
+    upcast = 2 if fam.is_xl and cfg.precision != "bf16" else 1
+    transients = {"training activations": act,
+                  "preview decode": VAE_DECODE_GB * decoded * (upcast if half else 2)}
     if cfg.cache_latents == "off":
         transients["VAE encode"] = VAE_ENCODE_GB * image_pixels * images * (1 if half else 2)
     peak_name = max(transients, key=transients.get)

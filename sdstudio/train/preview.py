@@ -68,6 +68,30 @@ def _control_image(pipe, path: str):
     return im.convert("L") if channels == 1 else im
 
 
+# Previews above this size decode the latents in overlapping tiles of this size: decoding a whole 1024 px SDXL
+# image needs ~5 GB (twice that when diffusers upcasts SDXL's fp16 VAE to fp32), more than the step itself on an
+# 8-12 GB card; one tile needs what a 512 px image does. Training never decodes, so only previews change.
+PREVIEW_TILE_PX = 512
+
+
+@contextlib.contextmanager
+def tiled_decode(vae, resolution: int, tile_px: int | None = None):
+    """Within the block, `vae` decodes images larger than `tile_px` in tiles of `tile_px` (25% overlap, blended),
+    as A1111's and ComfyUI's tiled VAE decode; its own tiling settings come back afterwards."""
+    tile_px = tile_px or PREVIEW_TILE_PX
+    if resolution <= tile_px or not hasattr(vae, "enable_tiling"):
+        yield
+        return
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile_px, tile_px // factor
+    vae.use_tiling = True
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+
+
 def render_previews(method, c, cfg, run_dir: Path, step: int, autocast=contextlib.nullcontext,
                     conditions: list[str] | None = None) -> Preview | None:
     """One image per prompt in cfg.sample_prompts, saved as samples/step-NNNNNN-i.png; with `conditions`, prompt
@@ -84,19 +108,20 @@ def render_previews(method, c, cfg, run_dir: Path, step: int, autocast=contextli
         m.eval()
     paths = []
     try:
-        pipe = hook(method, "preview_pipeline")(c)
-        for i, prompt in enumerate(prompts):
-            # A CPU generator makes the same image on every device for the same seed.
-            gen = torch.Generator("cpu").manual_seed(cfg.sample_seed + i)
-            extra = {"image": _control_image(pipe, conditions[i])} if i < len(conditions) else {}
-            with torch.no_grad(), autocast():
-                image = pipe(prompt, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
-                             height=cfg.resolution, width=cfg.resolution, generator=gen, **extra).images[0]
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            path = Path(run_dir) / "samples" / f"step-{step:06d}-{i}.png"
-            atomic_write_bytes(path, buf.getvalue())
-            paths.append(str(path))
+        with tiled_decode(c.vae, cfg.resolution):
+            pipe = hook(method, "preview_pipeline")(c)
+            for i, prompt in enumerate(prompts):
+                # A CPU generator makes the same image on every device for the same seed.
+                gen = torch.Generator("cpu").manual_seed(cfg.sample_seed + i)
+                extra = {"image": _control_image(pipe, conditions[i])} if i < len(conditions) else {}
+                with torch.no_grad(), autocast():
+                    image = pipe(prompt, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
+                                 height=cfg.resolution, width=cfg.resolution, generator=gen, **extra).images[0]
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                path = Path(run_dir) / "samples" / f"step-{step:06d}-{i}.png"
+                atomic_write_bytes(path, buf.getvalue())
+                paths.append(str(path))
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
