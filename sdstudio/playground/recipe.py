@@ -150,6 +150,7 @@ class Recipe:
     mask_image: str = ""  # inpaint mask (white = repaint); needs init_image
     strength: float = 0.75  # img2img denoising strength
     gligen: str = ""  # a GLIGEN module file applied to the base; empty = the base's own gated layers
+    vae: str = ""  # a VAE file (models/vae) decoding in place of the base's own, as A1111's "SD VAE"; empty = own
     grounding_fraction: float = 0.3  # GLIGEN's scheduled sampling: boxes steer this first part of the steps
     lora: list[LoraItem] = field(default_factory=list)
     embedding: list[EmbeddingItem] = field(default_factory=list)

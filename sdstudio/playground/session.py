@@ -92,6 +92,8 @@ class Playground:
         self._controls: dict[tuple, object] = {}
         self._images: dict[tuple, object] = {}
         self.gligen = ModuleSlot()  # a GLIGEN module file attached to the base (playground/gligen.py)
+        self._vae: tuple | None = None  # (file key, the base's own VAE, the file's VAE): read once per file version
+        self.vae_reads = 0  # VAE file reads, for tests
         self.live_preview = None  # the latest step's cheap preview (PIL), for the UI to poll
         self.live_step = (0, 0)
         self.job_io = (None, None)  # (emit, check) of the job running now: a hub download reports through it
@@ -141,6 +143,7 @@ class Playground:
         self.stack.apply(recipe, fuse=fuse and not any(not (i.start <= 0 and i.end >= 1) for i in recipe.lora))
         self.gligen.apply(comps.unet, self.resolve(recipe.gligen) if recipe.gligen.strip() else base_module(comps),
                           self.allow_pickle)
+        self._apply_vae(comps, recipe.vae.strip())
         out = {"recipe": recipe, "controlnets": [], "control_images": [], "control_weights": [], "control_ranges": [],
                "adapters": [], "adapter_images": [], "adapter_weights": [], "adapter_ranges": []}
         for kind, items, prefix in (("controlnet", recipe.controlnet, "control"),
@@ -158,6 +161,25 @@ class Playground:
         out["init_image"] = self._plain_image(recipe.init_image, recipe.width, recipe.height) if recipe.init_image else None
         out["mask"] = self._plain_image(recipe.mask_image, recipe.width, recipe.height) if recipe.mask_image else None
         return out
+
+    def _apply_vae(self, comps, path_text: str) -> None:
+        """Decode (and encode img2img sources) with the recipe's VAE file, or the base's own when it names none."""
+        own = comps.extra.setdefault("own_vae", comps.vae)
+        if not path_text:
+            comps.vae = own
+            return
+        path = self.resolve(path_text)
+        if not path.is_file():
+            raise UserError(f"The VAE {path.name} does not exist: pick one from models/vae, or Automatic.")
+        key = (str(path), path.stat().st_mtime_ns, id(own))
+        if self._vae is None or self._vae[0] != key:
+            from ..formats.vae import read_vae
+
+            self._vae = None  # a failed read keeps nothing half-loaded, and the base's own VAE decodes
+            comps.vae = own
+            self._vae = (key, own, read_vae(path, own, allow_pickle=self.allow_pickle))
+            self.vae_reads += 1
+        comps.vae = self._vae[2]
 
     def _control(self, kind: str, path_text: str, comps):
         path = self.resolve(path_text)

@@ -37,7 +37,8 @@ DETECTED = {"lora": "lora", "lycoris": "lora", "embedding": "embedding", "contro
 # Per card, the values read back from the page, in this order.
 CARD_FIELDS = ("enabled", "weight", "te_weight", "start", "end", "blocks", "token", "preprocessor")
 FORM_FIELDS = ("base_model", "prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "width", "height",
-               "batch", "clip_skip", "init_image", "mask_image", "strength")
+               "batch", "clip_skip", "vae", "init_image", "mask_image", "strength")
+OWN_VAE = "Automatic (the base model's own)"
 # The image editor stands for init_image + mask_image on the page: its background is the img2img image and what
 # is painted on it is the inpaint mask (white = repaint). FORM_FIELDS keeps the recipe's names.
 EDITOR_FIELDS = ("init_image", "mask_image")
@@ -121,6 +122,11 @@ def model_choices(ctx: AppContext, kind: str) -> list[tuple[str, str]]:
     return out
 
 
+def vae_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """The VAE picker: the base's own, then models/vae (A1111's "SD VAE" setting, per recipe here)."""
+    return [(OWN_VAE, "")] + model_choices(ctx, "vae")
+
+
 # -- the tab ----------------------------------------------------------------------------------------------
 
 def build(ctx: AppContext) -> None:
@@ -170,6 +176,9 @@ def build(ctx: AppContext) -> None:
                 batch = gr.Slider(1, 16, value=d.batch, step=1, label="Batch (image i uses seed + i)",
                                   elem_id="playground-batch")
                 clip_skip = gr.Slider(1, 4, value=d.clip_skip, step=1, label="CLIP skip", elem_id="playground-clip-skip")
+                vae = gr.Dropdown(vae_choices(ctx), value=d.vae, label="VAE", allow_custom_value=True,
+                                  elem_id="playground-vae",
+                                  info="Decodes the image: a file from models/vae (vae-ft-mse-840000, sdxl_vae, ...)")
                 fuse = gr.Checkbox(bool(saved.get("fuse", True)), label="Fuse the LoRA stack for speed (not with step ranges)",
                                    elem_id="playground-fuse")
 
@@ -244,7 +253,7 @@ def build(ctx: AppContext) -> None:
     ctx.components["playground.inbox"] = inbox
     timer = gr.Timer(0.5, active=False)
 
-    form = [base, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip, editor, strength]
+    form = [base, prompt, negative, sampler, steps, cfg, seed, width, height, batch, clip_skip, vae, editor, strength]
     form_in = form + boxes.inputs  # the recipe's fields: the form, then the Boxes panel (grounding_panel.py)
     card_inputs = [cards[i][f] for i in range(MAX_ITEMS) for f in CARD_FIELDS]
     card_outputs = [cards[i][f] for i in range(MAX_ITEMS) for f in
@@ -284,6 +293,7 @@ def build(ctx: AppContext) -> None:
     def form_values(*vals) -> dict:
         f = dict(zip(PAGE_FIELDS, vals))
         f["base_model"] = (f["base_model"] or "tiny").strip()
+        f["vae"] = (f["vae"] or "").strip()
         for k in ("steps", "seed", "width", "height", "batch", "clip_skip"):
             f[k] = int(f[k] or 0)
         for k in ("cfg", "strength"):
@@ -299,6 +309,8 @@ def build(ctx: AppContext) -> None:
                 out.append(recipe.base_model if recipe.base_model in ("tiny", "tiny-sdxl") else ws.relative(recipe.base_model))
             elif name == "editor":
                 out.append(_editor_value(ws, recipe.init_image, recipe.mask_image))
+            elif name == "vae":
+                out.append(ws.relative(recipe.vae) if recipe.vae else "")
             else:
                 out.append(getattr(recipe, name))
         return out
@@ -308,8 +320,9 @@ def build(ctx: AppContext) -> None:
         return gr.update(choices=model_choices(ctx, KINDS[kind_label]), value=None)
 
     add_kind.change(on_kind, [add_kind], [add_file])
-    refresh.click(lambda k: (gr.update(choices=model_choices(ctx, KINDS[k])), gr.update(choices=base_model_choices(ctx))),
-                  [add_kind], [add_file, base])
+    refresh.click(lambda k: (gr.update(choices=model_choices(ctx, KINDS[k])), gr.update(choices=base_model_choices(ctx)),
+                             gr.update(choices=vae_choices(ctx))),
+                  [add_kind], [add_file, base, vae])
 
     def add(items, kind_label, path, *values):
         items = read_items(items, values)
@@ -511,11 +524,12 @@ def build(ctx: AppContext) -> None:
 
     # -- the lists follow the workspace: a LoRA published anywhere shows here without "Refresh files" --------
     def redraw_lists(kind_label):
-        return gr.update(choices=model_choices(ctx, KINDS[kind_label])), gr.update(choices=base_model_choices(ctx))
+        return (gr.update(choices=model_choices(ctx, KINDS[kind_label])), gr.update(choices=base_model_choices(ctx)),
+                gr.update(choices=vae_choices(ctx)))
 
-    ctx.components["workspace.token"].change(redraw_lists, [add_kind], [add_file, base], show_progress="hidden")
+    ctx.components["workspace.token"].change(redraw_lists, [add_kind], [add_file, base, vae], show_progress="hidden")
     if "tab.tab-playground" in ctx.components:
-        ctx.components["tab.tab-playground"].select(redraw_lists, [add_kind], [add_file, base],
+        ctx.components["tab.tab-playground"].select(redraw_lists, [add_kind], [add_file, base, vae],
                                                      show_progress="hidden")
 
     # -- recipes and PNGs ---------------------------------------------------------------------------------
