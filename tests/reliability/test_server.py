@@ -168,6 +168,7 @@ def test_auth_blocks_every_route_without_a_login(server, capsys):
 def test_startup_events_only_from_this_machine():
     """Gradio's launch calls /gradio_api/startup-events itself without a login; anyone else needs one."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from sdstudio.ui.server import AuthGuard
@@ -185,7 +186,10 @@ def test_startup_events_only_from_this_machine():
     for client in (("127.0.0.1", 5000), ("192.168.1.20", 5000), ("::1", 5000)):
         scope = {"type": "http", "method": "GET", "path": "/gradio_api/startup-events", "headers": [], "app": app,
                  "client": client}
-        asyncio.run(AuthGuard(inner)(scope, None, send))
+        # In a thread of its own: a browser test earlier in this worker leaves playwright's event loop running in
+        # the main thread, where asyncio.run refuses to start (pytest -n hands tests out in any order).
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, AuthGuard(inner)(scope, None, send)).result()
     assert sent == ["reached", 401, "reached"]
 
 
