@@ -1,4 +1,5 @@
-"""The Playground in a real browser: a reload in the middle of a generation restores every field the tab shows
+"""The Playground in a real browser: a reload before Generate, and one in the middle of a generation, restore
+every field the tab shows
 (prompt, negative, sampler, steps, CFG, seed, size, batch, CLIP skip, strength, the fuse switch, the grid axes) and
 the stack of cards with each card's switch, weights, step range and block weights; the generation still finishes.
 One test on the tiny model: setting the fields and a reload cost seconds, the app's start is the cost."""
@@ -66,6 +67,13 @@ def test_playground_reload_mid_generation_restores_form_grid_and_stack(single_th
             "pg-enabled-1": False, "pg-te-1": "0.6", "pg-weight-1": "-0.5", "pg-blocks-1": BLOCKS,
             "playground-grid-y": "seed=1,2", "playground-clip-skip": "2", "playground-strength": "0.6"}
     assert {k: before[k] for k in want} == want  # the page took every value (so the reload has something to lose)
+
+    # A reload before Generate keeps every edit too: each is saved as it is made.
+    console_errors.reload(wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Playground").click()
+    expect(page.locator("#pg-title-1")).to_contain_text("detail.safetensors", timeout=20_000)
+    open_accordions(page, "#tab-playground", ACCORDIONS)
+    assert wait_for_same(page, before) == {}
 
     # Generate, and reload while it runs.
     page.click("#playground-generate")

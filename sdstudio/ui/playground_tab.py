@@ -9,6 +9,7 @@ remove / reorder. The work runs through sdstudio.playground (the same code as `s
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -43,6 +44,7 @@ OWN_VAE = "Automatic (the base model's own)"
 # is painted on it is the inpaint mask (white = repaint). FORM_FIELDS keeps the recipe's names.
 EDITOR_FIELDS = ("init_image", "mask_image")
 _SESSIONS: dict[int, Playground] = {}
+_SAVE_LOCK = threading.Lock()  # a read-modify-write of the tab's settings: two edits at once keep both
 
 
 def session_for(ctx: AppContext) -> Playground:
@@ -447,6 +449,34 @@ def build(ctx: AppContext) -> None:
         ctx.settings.save("playground", {"form": recipe.to_dict(), "items": items, "grid_x": gx or "",
                                          "grid_y": gy or "", "fuse": bool(fuse_on), "last_seed": work.recipe.seed})
         return items, f"started: {job.name}", gr.update(active=True), recipe.to_toml(), job.id
+
+    # Every edit is kept as it is made (as the Dataset and Train tabs do), so a reload before Generate loses
+    # nothing either: the form (the image editor is kept when Generate writes its files), the grid, the fuse switch
+    # and the stack with each card's values. A value mid-edit that is not a valid recipe yet is not kept.
+    kept_names = [n for n in PAGE_FIELDS if n != "editor"]
+    kept_form = [c for c, n in zip(form, PAGE_FIELDS) if n != "editor"]
+
+    def remember(items, fuse_on, gx, gy, *vals):
+        form_vals, card_vals = vals[:len(kept_form)], vals[len(kept_form):]
+        try:
+            f = dict(zip(kept_names, form_vals))
+            f["base_model"] = (f["base_model"] or "tiny").strip()
+            f["vae"] = (f["vae"] or "").strip()
+            f.update({k: int(f[k]) for k in ("steps", "seed", "width", "height", "batch", "clip_skip")})
+            f.update({k: float(f[k]) for k in ("cfg", "strength")})
+            items = read_items(items, card_vals)
+            with _SAVE_LOCK:
+                saved = ctx.settings.load("playground")
+                form_d = {**saved.get("form", {}), **f}
+                Recipe.from_dict({k: v for k, v in form_d.items() if k in FORM_FIELDS})  # a valid recipe, or not kept
+                ctx.settings.save("playground", {**saved, "form": form_d, "items": items, "grid_x": gx or "",
+                                                 "grid_y": gy or "", "fuse": bool(fuse_on)})
+        except (UserError, TypeError, ValueError):
+            return
+
+    gr.on([c.input for c in kept_form + [fuse, grid_x, grid_y] + card_inputs] + [items_state.change], remember,
+          [items_state, fuse, grid_x, grid_y] + kept_form + card_inputs, None, show_progress="hidden",
+          trigger_mode="always_last", queue=False)
 
     run_inputs = [items_state, fuse, grid_x, grid_y]
     job_id = gr.State("")  # this browser tab's generation (other tabs queue their own)
