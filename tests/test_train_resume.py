@@ -15,7 +15,7 @@ import pytest
 from sdstudio.errors import UserError
 from sdstudio.train.config import load_config
 from sdstudio.train.loop import train
-from train_helpers import fast_sets, make_kohya_dataset, train_until_stopped
+from train_helpers import fast_sets, make_kohya_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,27 +24,40 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+# Both runs in one fresh process: there, on one torch thread, they are bit-identical (checked under a CPU hog
+# too). In a pytest worker that has run hundreds of tests before, two identical uninterrupted runs were seen to
+# differ by ~1e-5 in a loss from step 3 on (a clean-clone `.ci/run` here; the state behind it was not found: not the
+# resume, and not a test that runs just before this one), which a tolerance would have had to hide.
+_RUNS = """
+import sys
+from pathlib import Path
+from sdstudio.train.config import load_config
+from sdstudio.train.loop import train
+from train_helpers import fast_sets, make_kohya_dataset, train_until_stopped
+
+tmp = Path(sys.argv[1])
+ds = make_kohya_dataset(tmp / "ds", n=3)
+# Every source of state: a schedule with warmup, EMA, caption shuffle/dropout, min-SNR, noise offset, accumulation.
+opts = dict(max_steps=7, lr_scheduler="cosine", warmup_steps=2, ema="true", shuffle_captions="true",
+            caption_dropout=0.3, min_snr_gamma=5, noise_offset=0.05, gradient_accumulation=2)
+train(load_config(None, fast_sets(ds, tmp / "a", **opts)), lambda e: None)
+resumed = load_config(None, fast_sets(ds, tmp / "b", **opts))
+train_until_stopped(resumed, 3)
+assert (tmp / "b" / "checkpoints" / "step-3" / "state.json").is_file()
+train(resumed, lambda e: None, resume=True)
+"""
+
+
 def test_stop_and_resume_repeats_the_uninterrupted_run(tmp_path):
-    ds = make_kohya_dataset(tmp_path / "ds", n=3)
-    # Exercise every source of state: a schedule with warmup, EMA, caption shuffle/dropout, min-SNR, noise offset.
-    opts = dict(max_steps=7, lr_scheduler="cosine", warmup_steps=2, ema="true", shuffle_captions="true",
-                caption_dropout=0.3, min_snr_gamma=5, noise_offset=0.05, gradient_accumulation=2)
-    straight = load_config(None, fast_sets(ds, tmp_path / "a", **opts))
-    train(straight, lambda e: None)
-
-    resumed = load_config(None, fast_sets(ds, tmp_path / "b", **opts))
-    train_until_stopped(resumed, 3)
-    assert (tmp_path / "b" / "checkpoints" / "step-3" / "state.json").is_file()
-    train(resumed, lambda e: None, resume=True)
-
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _RUNS, str(tmp_path)], env=env, cwd=str(ROOT), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 8))
-    # Same data, noise, weights and optimizer: a state the resume failed to restore (an RNG, the optimizer, the
-    # schedule, EMA, the caption shuffle) moves the loss by 1e-2 or more. With these options two identical runs
-    # in one process have been seen to differ by ~1e-6 in a loss on a loaded machine (before any resume, on
-    # wave-1 code too; the cause is not found), so the losses are compared to 1e-5, the steps and lr exactly.
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5, abs=0)
-    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    # Same data, noise, weights, optimizer, schedule, EMA and caption shuffle: bit for bit.
+    assert [(r["loss"], r["lr"]) for r in b] == [(r["loss"], r["lr"]) for r in a]
     assert all(r2["time"] >= r1["time"] for r1, r2 in zip(b, b[1:]))  # time continues across the resume
 
 
