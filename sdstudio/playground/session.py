@@ -92,7 +92,7 @@ class Playground:
         self._controls: dict[tuple, object] = {}
         self._images: dict[tuple, object] = {}
         self.gligen = ModuleSlot()  # a GLIGEN module file attached to the base (playground/gligen.py)
-        self._vae: tuple | None = None  # (file key, the base's own VAE, the file's VAE): read once per file version
+        self._vae: tuple | None = None  # (file key, the file's VAE): read once per file version
         self.vae_reads = 0  # VAE file reads, for tests
         self.live_preview = None  # the latest step's cheap preview (PIL), for the UI to poll
         self.live_step = (0, 0)
@@ -177,9 +177,9 @@ class Playground:
 
             self._vae = None  # a failed read keeps nothing half-loaded, and the base's own VAE decodes
             comps.vae = own
-            self._vae = (key, own, read_vae(path, own, allow_pickle=self.allow_pickle))
+            self._vae = (key, read_vae(path, own, allow_pickle=self.allow_pickle))
             self.vae_reads += 1
-        comps.vae = self._vae[2]
+        comps.vae = self._vae[1]
 
     def _control(self, kind: str, path_text: str, comps):
         path = self.resolve(path_text)
