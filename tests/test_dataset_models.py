@@ -94,6 +94,7 @@ def subject_on_dark(seed=0, size=(200, 160)) -> Image.Image:
 
 
 # -- background removal ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rembg_custom_and_named_model_from_workspace(workspace):
     from sdstudio.data.background import BackgroundRemover, available_models
 
