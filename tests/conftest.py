@@ -39,8 +39,7 @@ def pytest_collection_modifyitems(config, items):
     def weight(item) -> int:
         return 0 if item.get_closest_marker("browser") else 1 if item.get_closest_marker("slow") else 2
 
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (weight(item), order[id(item)]))
+    items.sort(key=weight)  # a stable sort: each group keeps collection order
 
 
 @pytest.fixture(scope="session")

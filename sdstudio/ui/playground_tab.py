@@ -293,13 +293,7 @@ def build(ctx: AppContext) -> None:
         return ups
 
     def form_values(*vals) -> dict:
-        f = dict(zip(PAGE_FIELDS, vals))
-        f["base_model"] = (f["base_model"] or "tiny").strip()
-        f["vae"] = (f["vae"] or "").strip()
-        for k in ("steps", "seed", "width", "height", "batch", "clip_skip"):
-            f[k] = int(f[k] or 0)
-        for k in ("cfg", "strength"):
-            f[k] = float(f[k])
+        f = _typed_form(dict(zip(PAGE_FIELDS, vals)))
         f["init_image"], f["mask_image"] = editor_files(ws, f.pop("editor"), f["width"], f["height"])
         return f
 
@@ -322,9 +316,11 @@ def build(ctx: AppContext) -> None:
         return gr.update(choices=model_choices(ctx, KINDS[kind_label]), value=None)
 
     add_kind.change(on_kind, [add_kind], [add_file])
-    refresh.click(lambda k: (gr.update(choices=model_choices(ctx, KINDS[k])), gr.update(choices=base_model_choices(ctx)),
-                             gr.update(choices=vae_choices(ctx))),
-                  [add_kind], [add_file, base, vae])
+    def redraw_lists(kind_label):
+        return (gr.update(choices=model_choices(ctx, KINDS[kind_label])), gr.update(choices=base_model_choices(ctx)),
+                gr.update(choices=vae_choices(ctx)))
+
+    refresh.click(redraw_lists, [add_kind], [add_file, base, vae])
 
     def add(items, kind_label, path, *values):
         items = read_items(items, values)
@@ -459,11 +455,7 @@ def build(ctx: AppContext) -> None:
     def remember(items, fuse_on, gx, gy, *vals):
         form_vals, card_vals = vals[:len(kept_form)], vals[len(kept_form):]
         try:
-            f = dict(zip(kept_names, form_vals))
-            f["base_model"] = (f["base_model"] or "tiny").strip()
-            f["vae"] = (f["vae"] or "").strip()
-            f.update({k: int(f[k]) for k in ("steps", "seed", "width", "height", "batch", "clip_skip")})
-            f.update({k: float(f[k]) for k in ("cfg", "strength")})
+            f = _typed_form(dict(zip(kept_names, form_vals)))
             items = read_items(items, card_vals)
             with _SAVE_LOCK:
                 saved = ctx.settings.load("playground")
@@ -553,10 +545,6 @@ def build(ctx: AppContext) -> None:
     editor.upload(on_editor_upload, [editor, width, height], [width, height], show_progress="hidden")
 
     # -- the lists follow the workspace: a LoRA published anywhere shows here without "Refresh files" --------
-    def redraw_lists(kind_label):
-        return (gr.update(choices=model_choices(ctx, KINDS[kind_label])), gr.update(choices=base_model_choices(ctx)),
-                gr.update(choices=vae_choices(ctx)))
-
     ctx.components["workspace.token"].change(redraw_lists, [add_kind], [add_file, base, vae], show_progress="hidden")
     if "tab.tab-playground" in ctx.components:
         ctx.components["tab.tab-playground"].select(redraw_lists, [add_kind], [add_file, base, vae],
@@ -623,6 +611,17 @@ def build(ctx: AppContext) -> None:
 
 # The form's components in order: FORM_FIELDS with the editor in place of init_image and mask_image.
 PAGE_FIELDS = tuple("editor" if f == EDITOR_FIELDS[0] else f for f in FORM_FIELDS if f != EDITOR_FIELDS[1])
+
+
+def _typed_form(f: dict) -> dict:
+    """The page's form values as the recipe's types (the editor, when present, is left to editor_files)."""
+    f["base_model"] = (f["base_model"] or "tiny").strip()
+    f["vae"] = (f["vae"] or "").strip()
+    for k in ("steps", "seed", "width", "height", "batch", "clip_skip"):
+        f[k] = int(f[k] or 0)
+    for k in ("cfg", "strength"):
+        f[k] = float(f[k])
+    return f
 
 
 def _round8(v: float) -> int:
